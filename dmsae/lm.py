@@ -1,0 +1,96 @@
+"""Language-model plumbing: load a converted model, capture or replace one layer's residual output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dmsae.errors import UserError
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end the forward pass after the layer we need."""
+
+
+def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: object = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UserError(f"model of type {type(model).__name__} has no recognised list of decoder layers")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def check_layer(model: nn.Module, layer: int) -> None:
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise UserError(f"harvest.layer={layer} is out of range: the model has layers 0..{n - 1}")
+
+
+def _hidden(output: object) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
+
+
+def _replace_hidden(output: object, new: Tensor) -> object:
+    if isinstance(output, Tensor):
+        return new
+    return (new, *output[1:])  # type: ignore[index]
+
+
+@torch.no_grad()
+def residual_upto(model: nn.Module, input_ids: Tensor, layer: int) -> Tensor:
+    """The residual stream after `layer`, running only layers 0..layer."""
+    captured: list[Tensor] = []
+
+    def hook(_mod: nn.Module, _inp: object, output: object) -> None:
+        captured.append(_hidden(output))
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@contextmanager
+def splice(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace the output of `layer` with fn(output) for forwards inside the block."""
+
+    def hook(_mod: nn.Module, _inp: object, output: object) -> object:
+        return _replace_hidden(output, fn(_hidden(output)))
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_losses(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Tensor:
+    """Per-position next-token cross-entropy [B, T-1], zero where the target is masked out."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return nll * target_mask[:, 1:]

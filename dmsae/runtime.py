@@ -1,0 +1,21 @@
+"""Execution settings that do not change a stage's result and so stay out of its key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Runtime:
+    device: str = "cpu"
+    show_progress: bool = True
+    checkpoint_dir: Path | None = None
+    args: dict[str, Any] = field(default_factory=dict)  # stage-specific, e.g. source locations, batch sizes
+    on_progress: Callable[[float, str], None] | None = None  # fraction done, short message
+
+    def report(self, fraction: float, message: str = "") -> None:
+        if self.on_progress is not None:
+            self.on_progress(fraction, message)

@@ -1,0 +1,219 @@
+"""The Matryoshka BatchTopK SAE with a shared core (DESIGN.md section 2).
+
+Latents are ordered [core | non-core]. Core and non-core parameters are separate tensors so a frozen
+transferred core encoder stays bit-identical (it is a buffer, never touched by the optimizer).
+All maths run on activations already scaled so that E||x||^2 = d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def group_ends(n_noncore: int, fractions: list[float]) -> list[int]:
+    """Cumulative ends of the Matryoshka groups over the non-core latents; the last group is the rest."""
+    sizes = [max(1, round(f * n_noncore)) for f in fractions]
+    ends, total = [], 0
+    for s in sizes:
+        total += s
+        ends.append(total)
+    if total >= n_noncore:
+        raise ValueError(f"group fractions {fractions} leave no latents for the last group of {n_noncore}")
+    ends.append(n_noncore)
+    return ends
+
+
+@dataclass
+class ForwardOut:
+    loss: Tensor
+    prefix_losses: Tensor  # [G] mean squared error (sum over d) per Matryoshka prefix
+    aux_loss: Tensor
+    x_hat: Tensor  # full reconstruction
+    f_core: Tensor
+    f_noncore: Tensor
+    k_noncore: int
+
+
+class MatryoshkaSAE(nn.Module):
+    def __init__(
+        self,
+        d: int,
+        width: int,
+        k: int,
+        group_fractions: list[float],
+        core_encoder: Tensor | None = None,
+        l0_mode: str = "dynamic",
+        aux_alpha: float = 1 / 32,
+        dead_after_tokens: int = 100_000,
+        freeze_core_encoder: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        c = 0 if core_encoder is None else core_encoder.shape[1]
+        if c >= width:
+            raise ValueError(f"core size {c} must be smaller than the width {width}")
+        self.d, self.width, self.k, self.core_size = d, width, k, c
+        self.l0_mode, self.aux_alpha, self.dead_after_tokens = l0_mode, aux_alpha, dead_after_tokens
+        self.ends = group_ends(width - c, group_fractions)
+        self.k_aux = d // 2
+
+        # One draw of the full decoder, so arms with equal core size share their non-core init.
+        w = torch.randn(width, d, generator=generator)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.dec_core = nn.Parameter(w[:c].clone())
+        self.dec = nn.Parameter(w[c:].clone())
+        self.enc = nn.Parameter(w[c:].T.clone().contiguous())
+        core_enc = torch.zeros(d, 0) if core_encoder is None else core_encoder.detach().clone().float()
+        if freeze_core_encoder:
+            self.register_buffer("enc_core", core_enc)
+        else:
+            self.enc_core = nn.Parameter(core_enc)
+        self.b_enc_core = nn.Parameter(torch.zeros(c))
+        self.b_enc = nn.Parameter(torch.zeros(width - c))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        # inference thresholds for non-core latents; +inf until a latent has been selected once
+        self.register_buffer("threshold", torch.full((width - c,), float("inf")))
+        self.register_buffer("tokens_since_fired", torch.zeros(width - c, dtype=torch.long))
+
+    # -- encoding -----------------------------------------------------------------------------
+    def pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        xc = x - self.b_dec
+        pre_core = F.relu(xc @ self.enc_core + self.b_enc_core)
+        pre_nc = F.relu(xc @ self.enc + self.b_enc)
+        return pre_core, pre_nc
+
+    def k_noncore(self, pre_core: Tensor) -> int:
+        if self.l0_mode == "fixed" or self.core_size == 0:
+            return self.k
+        core_l0 = (pre_core > 0).sum(dim=1).float().mean().item()
+        return max(1, self.k - round(core_l0))
+
+    @staticmethod
+    def batch_topk(pre: Tensor, k: int) -> Tensor:
+        """Keep the k*B largest entries of the whole batch (BatchTopK); zero the rest."""
+        flat = pre.flatten()
+        n_keep = min(k * pre.shape[0], flat.numel())
+        vals, idx = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference encoding: per-latent thresholds replace BatchTopK, so a token's code is batch-independent."""
+        pre_core, pre_nc = self.pre_acts(x)
+        return pre_core, torch.where(pre_nc > self.threshold, pre_nc, torch.zeros_like(pre_nc))
+
+    # -- decoding -----------------------------------------------------------------------------
+    def prefix_reconstructions(self, f_core: Tensor, f_nc: Tensor) -> Tensor:
+        """[G, B, d]: x_hat_i = b_dec + f_core W_core + f_nc[:, :m_i] W[:m_i], as cumulative sums per group."""
+        base = self.b_dec + f_core @ self.dec_core
+        starts = [0] + self.ends[:-1]
+        parts = torch.stack([f_nc[:, s:e] @ self.dec[s:e] for s, e in zip(starts, self.ends)])
+        return base + parts.cumsum(dim=0)
+
+    def decode(self, f_core: Tensor, f_nc: Tensor) -> Tensor:
+        return self.b_dec + f_core @ self.dec_core + f_nc @ self.dec
+
+    # -- training -----------------------------------------------------------------------------
+    def forward_train(self, x: Tensor) -> ForwardOut:
+        pre_core, pre_nc = self.pre_acts(x)
+        k_nc = self.k_noncore(pre_core)
+        f_nc = self.batch_topk(pre_nc, k_nc)
+        recon = self.prefix_reconstructions(pre_core, f_nc)
+        prefix_losses = (recon - x).pow(2).sum(dim=-1).mean(dim=-1)
+        aux = self.aux_loss(x, recon[-1], pre_nc)
+        loss = prefix_losses.mean() + self.aux_alpha * aux
+        return ForwardOut(loss, prefix_losses.detach(), aux.detach(), recon[-1].detach(), pre_core, f_nc, k_nc)
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre_nc: Tensor) -> Tensor:
+        """AuxK: dead non-core latents reconstruct the residual error (normalised by its variance)."""
+        dead = self.tokens_since_fired >= self.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.aux_alpha == 0:
+            return x.new_zeros(())
+        resid = (x - x_hat).detach()
+        vals, idx = pre_nc[:, dead].topk(min(self.k_aux, n_dead), dim=1)
+        f_aux = torch.zeros(pre_nc.shape[0], n_dead, dtype=x.dtype).scatter(1, idx, vals)
+        err = (resid - f_aux @ self.dec[dead]).pow(2).sum(-1).mean()
+        denom = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return err / denom
+
+    @torch.no_grad()
+    def update_stats(self, f_nc: Tensor, ema: float) -> None:
+        """Dead-latent counters and the EMA of each latent's smallest selected activation."""
+        fired = (f_nc > 0).any(dim=0)
+        self.tokens_since_fired += f_nc.shape[0]
+        self.tokens_since_fired[fired] = 0
+        smallest = torch.where(f_nc > 0, f_nc, torch.full_like(f_nc, float("inf"))).amin(dim=0)
+        seen = torch.isfinite(smallest)
+        first = seen & torch.isinf(self.threshold)
+        again = seen & ~first
+        self.threshold[first] = smallest[first]
+        self.threshold[again] = ema * self.threshold[again] + (1 - ema) * smallest[again]
+
+    def decoder_params(self) -> list[nn.Parameter]:
+        return [self.dec_core, self.dec]
+
+    @torch.no_grad()
+    def project_decoder_grads(self) -> None:
+        """Remove the gradient component parallel to each unit-norm decoder row."""
+        for w in self.decoder_params():
+            if w.grad is not None and w.numel():
+                w.grad -= (w.grad * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        for w in self.decoder_params():
+            if w.numel():
+                w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    def full_tensors(self) -> dict[str, Tensor]:
+        """Flat [core | non-core] tensors, the layout written to disk."""
+        inf_free = torch.where(torch.isinf(self.threshold), torch.full_like(self.threshold, 3.0e38), self.threshold)
+        return {
+            "W_enc": torch.cat([self.enc_core, self.enc], dim=1).detach().contiguous(),
+            "b_enc": torch.cat([self.b_enc_core, self.b_enc]).detach().contiguous(),
+            "W_dec": torch.cat([self.dec_core, self.dec]).detach().contiguous(),
+            "b_dec": self.b_dec.detach().clone(),
+            "threshold": torch.cat([torch.zeros(self.core_size), inf_free]).contiguous(),
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor], core_size: int, k: int, group_fractions: list[float],
+                     l0_mode: str = "dynamic") -> MatryoshkaSAE:
+        d, width = t["W_enc"].shape
+        c = core_size
+        sae = cls(d, width, k, group_fractions, core_encoder=t["W_enc"][:, :c], l0_mode=l0_mode)
+        with torch.no_grad():
+            sae.enc.copy_(t["W_enc"][:, c:])
+            sae.b_enc_core.copy_(t["b_enc"][:c])
+            sae.b_enc.copy_(t["b_enc"][c:])
+            sae.dec_core.copy_(t["W_dec"][:c])
+            sae.dec.copy_(t["W_dec"][c:])
+            sae.b_dec.copy_(t["b_dec"])
+            sae.threshold.copy_(t["threshold"][c:])
+        return sae
+
+
+def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm, in float64 for a stable b_dec init."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() < eps * (1 + y.norm()):
+            y = y_new
+            break
+        y = y_new
+    return y.float()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained, mean-centred."""
+    num = (x - x_hat).pow(2).sum()
+    den = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return float(num / den)

@@ -1,0 +1,146 @@
+"""train stage: fit a Matryoshka BatchTopK SAE, optionally seeded with a transferred core encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from dmsae import activations
+from dmsae.runtime import Runtime
+from dmsae.sae import MatryoshkaSAE, geometric_median
+from dmsae.store import Artifact
+
+NAME = "train"
+VERSION = "1"
+SAE_FILE = "sae.safetensors"
+LINEAGE_FILE = "lineage.safetensors"
+CURVE_FILE = "curve.parquet"
+B_DEC_SAMPLE = 8192
+
+
+def derive_seed(*parts: object) -> int:
+    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8], 16)
+
+
+def lr_at(step: int, n_steps: int, lr: float, warmup_fraction: float, decay_fraction: float) -> float:
+    warm = max(1, int(warmup_fraction * n_steps))
+    decay = int(decay_fraction * n_steps)
+    factor = min(1.0, (step + 1) / warm)
+    if decay and step >= n_steps - decay:
+        factor *= (n_steps - step) / decay
+    return lr * factor
+
+
+def build_sae(sae_params: dict[str, Any], d: int, core_encoder: torch.Tensor | None, seed: int) -> MatryoshkaSAE:
+    return MatryoshkaSAE(
+        d=d, width=sae_params["width"], k=sae_params["k"], group_fractions=sae_params["group_fractions"],
+        core_encoder=core_encoder, l0_mode=sae_params["l0_mode"], aux_alpha=sae_params["aux_alpha"],
+        dead_after_tokens=sae_params["dead_after_tokens"], freeze_core_encoder=sae_params["freeze_core_encoder"],
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_sae(
+    sae: MatryoshkaSAE,
+    batches: Any,
+    n_steps: int,
+    train_params: dict[str, Any],
+    rt: Runtime | None = None,
+) -> list[dict[str, float]]:
+    """The training loop; returns the logged curve. `batches` yields scaled [B, d] tensors."""
+    rt = rt or Runtime(show_progress=False)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=train_params["lr"])
+    curve: list[dict[str, float]] = []
+    log_every = train_params["log_every"]
+    bar = tqdm(total=n_steps, desc="train SAE", unit="step", disable=not rt.show_progress)
+    for step in range(n_steps):
+        x = next(batches)
+        out = sae.forward_train(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.project_decoder_grads()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = lr_at(step, n_steps, train_params["lr"], train_params["warmup_fraction"], train_params["decay_fraction"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        sae.normalize_decoder()
+        sae.update_stats(out.f_noncore.detach(), train_params["threshold_ema"])
+        if step % log_every == 0 or step == n_steps - 1:
+            with torch.no_grad():
+                var = (x - x.mean(0)).pow(2).sum(-1).mean()
+                row = {
+                    "step": step, "tokens": (step + 1) * x.shape[0], "lr": lr,
+                    "loss": float(out.loss.detach()), "aux_loss": float(out.aux_loss),
+                    "fvu": float(out.prefix_losses[-1] / var), "fvu_inner": float(out.prefix_losses[0] / var),
+                    "l0": float((out.f_core > 0).sum(1).float().mean() + (out.f_noncore > 0).sum(1).float().mean()),
+                    "l0_noncore": float((out.f_noncore > 0).sum(1).float().mean()),
+                    "k_noncore": out.k_noncore,
+                    "dead_fraction": float((sae.tokens_since_fired >= sae.dead_after_tokens).float().mean()),
+                }
+            curve.append(row)
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
+        bar.update(1)
+        rt.report((step + 1) / n_steps, f"step {step + 1}/{n_steps}")
+    bar.close()
+    return curve
+
+
+def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
+    harvest = inputs["harvest"]
+    array = activations.open_array(harvest.file(activations.ARRAY))
+    d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
+    cycle = params["cycle"]
+    core_encoder = core_lineage = None
+    if "core" in inputs:
+        core = load_file(str(inputs["core"].file("core.safetensors")))
+        core_encoder, core_lineage = core["encoder"], core["lineage"]
+    seed = derive_seed(params["seed"], "train", cycle)
+    sae = build_sae(params["sae"], d, core_encoder, seed)
+    tp = params["train"]
+    batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
+    sample = array[: min(B_DEC_SAMPLE, n_tokens)] * scale
+    sample_t = torch.from_numpy(sample)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample_t) if params["sae"]["b_dec_init"] == "geometric_median" else sample_t.mean(0))
+    n_steps = max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
+    curve = train_sae(sae, batches, n_steps, tp, rt)
+
+    c = sae.core_size
+    born = torch.stack([torch.full((sae.width - c,), cycle), torch.arange(c, sae.width)], dim=1)
+    lineage = born if core_lineage is None else torch.cat([core_lineage.long(), born])
+    meta = {"core_size": str(c), "k": str(sae.k), "group_ends": json.dumps(sae.ends), "scale": repr(scale),
+            "l0_mode": sae.l0_mode, "d": str(d), "width": str(sae.width)}
+    save_file(sae.full_tensors(), str(out_dir / SAE_FILE), metadata=meta)
+    save_file({"lineage": lineage.long().contiguous()}, str(out_dir / LINEAGE_FILE))
+    pd.DataFrame(curve).to_parquet(out_dir / CURVE_FILE, index=False)
+    tail = curve[-max(1, len(curve) // 10):]
+    return {
+        "cycle": cycle, "core_size": c, "steps": n_steps, "tokens": n_steps * tp["batch_size"],
+        "group_ends": sae.ends, "scale": scale,
+        "train_fvu": sum(r["fvu"] for r in tail) / len(tail),
+        "train_l0": sum(r["l0"] for r in tail) / len(tail),
+        "dead_fraction": curve[-1]["dead_fraction"],
+    }
+
+
+def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
+    """The trained SAE in inference mode, and the activation scale it was trained with."""
+    from safetensors import safe_open
+
+    path = str(artifact.file(SAE_FILE))
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    p = artifact.manifest.params["sae"]
+    sae = MatryoshkaSAE.from_tensors(tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p["l0_mode"])
+    sae.requires_grad_(False)
+    return sae.eval(), float(meta["scale"])
