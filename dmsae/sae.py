@@ -28,6 +28,16 @@ def group_ends(n_noncore: int, fractions: list[float]) -> list[int]:
 
 
 @dataclass
+class StepStats:
+    loss: float
+    prefix_losses: Tensor  # [G]
+    aux_loss: float
+    l0_core: float
+    l0_noncore: float
+    k_noncore: int
+
+
+@dataclass
 class ForwardOut:
     loss: Tensor
     prefix_losses: Tensor  # [G] mean squared error (sum over d) per Matryoshka prefix
@@ -147,11 +157,130 @@ class MatryoshkaSAE(nn.Module):
         self.tokens_since_fired += f_nc.shape[0]
         self.tokens_since_fired[fired] = 0
         smallest = torch.where(f_nc > 0, f_nc, torch.full_like(f_nc, float("inf"))).amin(dim=0)
+        self._update_thresholds(smallest, ema)
+
+    def _update_thresholds(self, smallest: Tensor, ema: float) -> None:
         seen = torch.isfinite(smallest)
         first = seen & torch.isinf(self.threshold)
         again = seen & ~first
         self.threshold[first] = smallest[first]
         self.threshold[again] = ema * self.threshold[again] + (1 - ema) * smallest[again]
+
+    # -- fast training step -------------------------------------------------------------------
+    def select_topk(self, pre_nc: Tensor, k_nc: int) -> tuple[Tensor, Tensor]:
+        """BatchTopK as (flat indices, values): a threshold from a strided sample keeps about twice the
+        k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k."""
+        flat = pre_nc.flatten()
+        n_keep = min(k_nc * pre_nc.shape[0], flat.numel())
+        stride = max(1, flat.numel() // 65536)
+        sample = flat[::stride]
+        q = 1.0 - min(1.0, 2.0 * n_keep / flat.numel())
+        cand = None
+        if q > 0:
+            thr = sample.kthvalue(max(1, int(q * sample.numel()))).values
+            cand = (flat > thr).nonzero().squeeze(1)
+            if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
+                cand = None
+        if cand is None:
+            vals, idx = flat.topk(n_keep, sorted=False)
+            return idx, vals
+        vals, pos = flat[cand].topk(n_keep, sorted=False)
+        return cand[pos], vals
+
+    def train_step(self, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
+        """Loss and gradients (written to .grad) with one dense matmul, the encoder forward.
+
+        The decoder, the Matryoshka prefixes and AuxK read only the active entries through
+        embedding_bag; the encoder gradient is zero off those entries, so it is accumulated from them.
+        Returns the stats and the active (latent index, value) pairs for `update_stats_sparse`."""
+        B, d = x.shape
+        G, m = len(self.ends), self.width - self.core_size
+        with torch.no_grad():
+            xc = x - self.b_dec
+            pre_nc = torch.addmm(self.b_enc, xc, self.enc)
+            pre_core = F.relu(xc @ self.enc_core + self.b_enc_core)
+            k_nc = self.k_noncore(pre_core)
+            flat_idx, vals = self.select_topk(pre_nc, k_nc)
+            rows, cols = flat_idx // m, flat_idx % m
+            group = torch.bucketize(cols, torch.tensor(self.ends[:-1]), right=True)
+            order = torch.sort((group * B + rows) * m + cols).indices
+            rows, cols, vals, group = rows[order], cols[order], vals[order].clamp_min(0), group[order]
+            bag_counts = torch.bincount(group * B + rows, minlength=G * B)
+            offsets = bag_counts.cumsum(0) - bag_counts
+
+        v = vals.clone().requires_grad_(True)
+        f_core = pre_core.clone().requires_grad_(True)
+        # One embedding_bag per group and a running residual: the chain of adds backpropagates without
+        # the [G, B, d] temporaries that a cumsum (or slicing one big bag output) would allocate.
+        group_bounds = (bag_counts.view(G, B).sum(1).cumsum(0)).tolist()
+        resid = (self.b_dec + f_core @ self.dec_core) - x
+        losses = []
+        start = 0
+        for g, end in enumerate(group_bounds):
+            part = F.embedding_bag(cols[start:end], self.dec, offsets[g * B:(g + 1) * B] - start, mode="sum",
+                                   per_sample_weights=v[start:end])
+            start = end
+            resid = resid + part
+            flat = resid.flatten()
+            losses.append(flat.dot(flat) / B)
+        prefix_losses = torch.stack(losses)
+        loss = prefix_losses.mean()
+
+        aux_cols = aux_rows = aux_v = None
+        dead = self.tokens_since_fired >= self.dead_after_tokens
+        n_dead = int(dead.sum())
+        aux = x.new_zeros(())
+        if n_dead and self.aux_alpha:
+            with torch.no_grad():
+                dead_idx = dead.nonzero().squeeze(1)
+                a_vals, a_pos = pre_nc[:, dead_idx].topk(min(self.k_aux, n_dead), dim=1)
+                aux_cols = dead_idx[a_pos].flatten()
+                aux_rows = torch.arange(B).repeat_interleave(a_pos.shape[1])
+                a_vals = a_vals.flatten().clamp_min(0)
+                err = -resid.detach()
+                denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            aux_v = a_vals.requires_grad_(True)
+            e_hat = F.embedding_bag(aux_cols, self.dec, torch.arange(0, aux_cols.numel(), a_pos.shape[1]),
+                                    mode="sum", per_sample_weights=aux_v)
+            aux_err = (err - e_hat).flatten()
+            aux = aux_err.dot(aux_err) / B / denom
+            loss = loss + self.aux_alpha * aux
+        loss.backward()
+
+        with torch.no_grad():  # encoder gradients from the active entries only
+            g = v.grad * (vals > 0)
+            all_rows, all_cols = rows, cols
+            if aux_v is not None:
+                g = torch.cat([g, aux_v.grad * (aux_v > 0)])
+                all_rows, all_cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
+            by_col = torch.sort(all_cols, stable=True).indices
+            col_counts = torch.bincount(all_cols, minlength=m)
+            grad_enc_t = F.embedding_bag(all_rows[by_col], xc, col_counts.cumsum(0) - col_counts, mode="sum",
+                                         per_sample_weights=g[by_col])
+            grad_b_enc = torch.zeros(m, dtype=x.dtype).index_add_(0, all_cols, g)
+            g_core = f_core.grad * (pre_core > 0)
+            self.enc.grad = grad_enc_t.T.contiguous()
+            self.b_enc.grad = grad_b_enc
+            self.b_enc_core.grad = g_core.sum(0)
+            if isinstance(self.enc_core, nn.Parameter):
+                self.enc_core.grad = xc.T @ g_core
+            self.b_dec.grad -= self.enc @ grad_b_enc + self.enc_core @ g_core.sum(0)
+        stats = StepStats(
+            loss=float(loss.detach()), prefix_losses=prefix_losses.detach(), aux_loss=float(aux.detach()),
+            l0_core=float((pre_core > 0).sum()) / B, l0_noncore=float((vals > 0).sum()) / B, k_noncore=k_nc,
+        )
+        return stats, cols, vals
+
+    @torch.no_grad()
+    def update_stats_sparse(self, cols: Tensor, vals: Tensor, batch_tokens: int, ema: float) -> None:
+        """`update_stats` from the active (latent, value) pairs instead of a dense code."""
+        m = self.width - self.core_size
+        active = vals > 0
+        cols, vals = cols[active], vals[active]
+        self.tokens_since_fired += batch_tokens
+        self.tokens_since_fired[cols] = 0
+        smallest = torch.full((m,), float("inf"), dtype=vals.dtype).scatter_reduce(0, cols, vals, "amin")
+        self._update_thresholds(smallest, ema)
 
     def decoder_params(self) -> list[nn.Parameter]:
         return [self.dec_core, self.dec]

@@ -57,15 +57,14 @@ def train_sae(
     """The training loop; returns the logged curve. `batches` yields scaled [B, d] tensors."""
     rt = rt or Runtime(show_progress=False)
     params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=train_params["lr"])
+    opt = torch.optim.Adam(params, lr=train_params["lr"], fused=True)
     curve: list[dict[str, float]] = []
     log_every = train_params["log_every"]
     bar = tqdm(total=n_steps, desc="train SAE", unit="step", disable=not rt.show_progress)
     for step in range(n_steps):
         x = next(batches)
-        out = sae.forward_train(x)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        stats, active_cols, active_vals = sae.train_step(x)
         sae.project_decoder_grads()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = lr_at(step, n_steps, train_params["lr"], train_params["warmup_fraction"], train_params["decay_fraction"])
@@ -73,19 +72,17 @@ def train_sae(
             group["lr"] = lr
         opt.step()
         sae.normalize_decoder()
-        sae.update_stats(out.f_noncore.detach(), train_params["threshold_ema"])
+        sae.update_stats_sparse(active_cols, active_vals, x.shape[0], train_params["threshold_ema"])
         if step % log_every == 0 or step == n_steps - 1:
-            with torch.no_grad():
-                var = (x - x.mean(0)).pow(2).sum(-1).mean()
-                row = {
-                    "step": step, "tokens": (step + 1) * x.shape[0], "lr": lr,
-                    "loss": float(out.loss.detach()), "aux_loss": float(out.aux_loss),
-                    "fvu": float(out.prefix_losses[-1] / var), "fvu_inner": float(out.prefix_losses[0] / var),
-                    "l0": float((out.f_core > 0).sum(1).float().mean() + (out.f_noncore > 0).sum(1).float().mean()),
-                    "l0_noncore": float((out.f_noncore > 0).sum(1).float().mean()),
-                    "k_noncore": out.k_noncore,
-                    "dead_fraction": float((sae.tokens_since_fired >= sae.dead_after_tokens).float().mean()),
-                }
+            var = float((x - x.mean(0)).pow(2).sum(-1).mean())
+            row = {
+                "step": step, "tokens": (step + 1) * x.shape[0], "lr": lr,
+                "loss": stats.loss, "aux_loss": stats.aux_loss,
+                "fvu": float(stats.prefix_losses[-1]) / var, "fvu_inner": float(stats.prefix_losses[0]) / var,
+                "l0": stats.l0_core + stats.l0_noncore, "l0_noncore": stats.l0_noncore,
+                "k_noncore": stats.k_noncore,
+                "dead_fraction": float((sae.tokens_since_fired >= sae.dead_after_tokens).float().mean()),
+            }
             curve.append(row)
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
         bar.update(1)
