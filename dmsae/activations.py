@@ -17,9 +17,9 @@ from zarr.codecs import BloscCodec
 ARRAY = "activations.zarr"
 
 
-def create(path: Path, n_rows: int, d: int, chunk_rows: int) -> zarr.Array:
+def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float32") -> zarr.Array:
     return zarr.create_array(
-        store=str(path), shape=(n_rows, d), chunks=(chunk_rows, d), dtype="float32",
+        store=str(path), shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype,
         compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0.0,
     )
 
@@ -74,7 +74,7 @@ def shuffled_batches(
         order = rng.permutation(n_chunks)
         for g in range(0, n_chunks, shuffle_chunks):
             blocks = [array[c * chunk_rows:min((c + 1) * chunk_rows, n_rows)] for c in order[g:g + shuffle_chunks]]
-            buf = np.concatenate([carry, *blocks])
+            buf = np.concatenate([carry, *(b.astype(np.float32, copy=False) for b in blocks)])
             buf = buf[rng.permutation(buf.shape[0])]
             n_full = (buf.shape[0] // batch_size) * batch_size
             for i in range(0, n_full, batch_size):

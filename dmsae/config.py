@@ -43,6 +43,8 @@ class DataConfig(Strict):
 class HarvestConfig(Strict):
     layer: int = Field(15, ge=0)
     chunk_rows: int = Field(4096, gt=0, description="rows per Zarr chunk; reads and writes are chunk-aligned")
+    store_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the stored activations; float16 halves the disk of large harvests")
 
 
 class SAEConfig(Strict):

@@ -71,7 +71,7 @@ def plan(cfg: Config) -> Plan:
         "eval_tokens": d.eval_tokens, "split_seed": d.split_seed,
     }, {"model": model_node}, args={"location": csrc.location})
     harvest_node = Node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
-                                    "dtype": cfg.model.dtype},
+                                    "store_dtype": cfg.harvest.store_dtype, "dtype": cfg.model.dtype},
                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": d.batch_size})
     train_params = cfg.train.model_dump(exclude={"checkpoint_every"})
     nodes = [model_node, tokens_node, harvest_node]

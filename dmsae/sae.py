@@ -120,7 +120,7 @@ class MatryoshkaSAE(nn.Module):
         """[G, B, d]: x_hat_i = b_dec + f_core W_core + f_nc[:, :m_i] W[:m_i], as cumulative sums per group."""
         base = self.b_dec + f_core @ self.dec_core
         starts = [0] + self.ends[:-1]
-        parts = torch.stack([f_nc[:, s:e] @ self.dec[s:e] for s, e in zip(starts, self.ends)])
+        parts = torch.stack([f_nc[:, s:e] @ self.dec[s:e] for s, e in zip(starts, self.ends, strict=True)])
         return base + parts.cumsum(dim=0)
 
     def decode(self, f_core: Tensor, f_nc: Tensor) -> Tensor:

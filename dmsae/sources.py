@@ -63,7 +63,9 @@ def resolve_model(spec: str) -> ModelSource:
                 h.update(sha256_file(f).encode() if f.suffix == ".json" else str(f.stat().st_size).encode())
         return ModelSource("dir", str(p.resolve()), h.hexdigest())
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model.path: {spec} not found; give a model folder, a .gguf file, 'embedded' or a Hugging Face id")
+        raise UserError(
+            f"model.path: {spec} not found; give a model folder, a .gguf file, 'embedded' or a Hugging Face id"
+        )
     return ModelSource("hub", spec, "hub:" + spec)
 
 
@@ -106,12 +108,15 @@ def resolve_corpus(spec: str) -> CorpusSource:
             raise UserError(f"data.path: file not found: {p}")
         return CorpusSource(p.suffix[1:], str(p.resolve()), sha256_file(p))
     if p.exists() or spec.startswith((".", "/", "~")):
-        raise UserError(f"data.path: {spec} is neither a .txt/.jsonl file, a folder of .txt, 'embedded' nor a dataset id")
+        raise UserError(
+            f"data.path: {spec} is neither a .txt/.jsonl file, a folder of .txt, 'embedded' nor a dataset id"
+        )
     return CorpusSource("hub", spec, "hub:" + spec)
 
 
-def read_documents(src: CorpusSource, field: str, split: str) -> list[str]:
-    """The corpus as a list of non-empty documents, in a stable order."""
+def read_documents(src: CorpusSource, field: str, split: str, max_chars: int | None = None) -> list[str]:
+    """The corpus as a list of non-empty documents, in a stable order. `max_chars` bounds how much of a
+    streamed hub dataset is read; local corpora are read whole so the document split stays the same."""
     if src.kind == "embedded":
         data = json.loads(Path(src.location).read_text())
         docs = [entry.get("extract", "") for entry in data.values()]
@@ -131,20 +136,31 @@ def read_documents(src: CorpusSource, field: str, split: str) -> list[str]:
                 except json.JSONDecodeError:
                     raise UserError(f"data.path: {src.location} line {lineno} is not valid JSON") from None
                 if not isinstance(row, dict) or field not in row:
-                    raise UserError(f"data.field: line {lineno} of {src.location} has no field {field!r}; set data.field")
+                    raise UserError(
+                        f"data.field: line {lineno} of {src.location} has no field {field!r}; set data.field"
+                    )
                 docs.append(str(row[field]))
     else:
         try:
             import datasets  # type: ignore[import-not-found]
         except ImportError:
-            raise UserError(f"data.path={src.location} looks like a Hugging Face dataset id; pip install datasets") from None
-        try:
-            ds = datasets.load_dataset(src.location, split=split)
+            raise UserError(
+                f"data.path={src.location} looks like a Hugging Face dataset id; pip install datasets"
+            ) from None
+        try:  # streamed: a web-scale dataset is read only as far as the requested tokens need
+            ds = datasets.load_dataset(src.location, split=split, streaming=True)
+            docs, chars = [], 0
+            for row in ds:
+                if field not in row:
+                    raise UserError(f"data.field: dataset {src.location} has no column {field!r} (has {list(row)})")
+                docs.append(str(row[field]))
+                chars += len(docs[-1])
+                if max_chars is not None and chars >= max_chars:
+                    break
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing one-liner
             raise UserError(f"data.path: could not load dataset {src.location!r}: {str(e).splitlines()[0]}") from None
-        if field not in ds.column_names:
-            raise UserError(f"data.field: dataset {src.location} has no column {field!r} (has {ds.column_names})")
-        docs = [str(t) for t in ds[field]]
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
         raise UserError(f"data.path: the corpus {src.location} has no non-empty documents")

@@ -98,7 +98,9 @@ class Store:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"store root {self.root} is not writable ({e.strerror}); set `store` to a writable folder") from None
+            raise UserError(
+                f"store root {self.root} is not writable ({e.strerror}); set `store` to a writable folder"
+            ) from None
 
     # -- reading ------------------------------------------------------------------------------
     def has(self, stage: str, key: str) -> bool:

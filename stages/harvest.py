@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -34,7 +33,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     valid = windows != bos
     n_rows = int(valid.sum())
     d = int(model.config.hidden_size)
-    array = activations.create(out_dir / activations.ARRAY, n_rows, d, params["chunk_rows"])
+    array = activations.create(out_dir / activations.ARRAY, n_rows, d, params["chunk_rows"], params["store_dtype"])
     writer = activations.ChunkWriter(array)
     batch = rt.args.get("batch_size", 32)
     sq_norm_sum = 0.0
@@ -47,7 +46,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         if not np.isfinite(rows).all():
             raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; check model.dtype")
         sq_norm_sum += float(np.square(rows, dtype=np.float64).sum())
-        writer.append(rows)
+        writer.append(rows.astype(params["store_dtype"], copy=False))
         bar.update(rows.shape[0])
         rt.report((i + 1) / n_batches, f"harvested {writer.offset + writer.pending_rows}/{n_rows} tokens")
     bar.close()

@@ -35,7 +35,9 @@ def convert(kind: str, location: str, dtype: str, out_dir: Path) -> dict[str, An
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise UserError(f"model.path: {location} did not convert cleanly (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise UserError(
+                f"model.path: {location} did not convert cleanly (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         model.tie_weights()
     else:
         model = loaded

@@ -24,6 +24,7 @@ NAME = "tokens"
 VERSION = "1"
 SPLITS = ("train", "attribution", "eval")
 FILE = "tokens.safetensors"
+HUB_CHARS_PER_TOKEN = 8  # generous: English runs about 4-5 characters per token
 
 
 def bos_id(tokenizer: Any) -> int:
@@ -51,7 +52,8 @@ def split_documents(
             if pos >= len(order):
                 raise UserError(
                     f"data: too few tokens: the corpus has about {available} tokens in {len(doc_tokens)} documents, "
-                    f"the splits need about {needed}; lower data.train_tokens/attribution_tokens/eval_tokens or add documents"
+                    f"the splits need about {needed}; lower data.train_tokens/attribution_tokens/eval_tokens "
+                    "or add documents"
                 )
             doc = int(order[pos])
             pos += 1
@@ -72,7 +74,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
 
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"].path))
     src = CorpusSource(params["kind"], rt.args["location"], params["fingerprint"])
-    docs = read_documents(src, params["field"], params["split"])
+    wanted = sum(params[f"{s}_tokens"] for s in SPLITS)
+    docs = read_documents(src, params["field"], params["split"], max_chars=HUB_CHARS_PER_TOKEN * wanted)
     doc_tokens = tokenizer(docs, add_special_tokens=False)["input_ids"]
     bos = bos_id(tokenizer)
     sizes = {s: params[f"{s}_tokens"] for s in SPLITS}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,10 +105,11 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     sae = build_sae(params["sae"], d, core_encoder, seed)
     tp = params["train"]
     batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
-    sample = array[: min(B_DEC_SAMPLE, n_tokens)] * scale
+    sample = array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale
     sample_t = torch.from_numpy(sample)
+    use_median = params["sae"]["b_dec_init"] == "geometric_median"
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample_t) if params["sae"]["b_dec_init"] == "geometric_median" else sample_t.mean(0))
+        sae.b_dec.copy_(geometric_median(sample_t) if use_median else sample_t.mean(0))
     n_steps = max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
     curve = train_sae(sae, batches, n_steps, tp, rt)
 
@@ -138,6 +140,8 @@ def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
         meta = f.metadata()
     tensors = load_file(path)
     p = artifact.manifest.params["sae"]
-    sae = MatryoshkaSAE.from_tensors(tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p["l0_mode"])
+    sae = MatryoshkaSAE.from_tensors(
+        tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p["l0_mode"]
+    )
     sae.requires_grad_(False)
     return sae.eval(), float(meta["scale"])

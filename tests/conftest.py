@@ -1,0 +1,166 @@
+"""Shared fixtures: a tiny randomly initialised Llama with a word-level tokenizer, a generated corpus,
+and configs sized so a whole two-cycle distillation runs in seconds on a CPU.
+
+Nothing here downloads anything: the model and tokenizer are built from scratch and saved with
+`save_pretrained`, so the real loading path runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings when first imported (test_flow imports it at collection time, after this
+# module): a private PREFECT_HOME and no telemetry, so tests never touch ~/.prefect or the network.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="dmsae-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+
+WORDS = [f"w{i:02d}" for i in range(100)]
+SPECIALS = ["<unk>", "<s>", "</s>"]
+BOS_ID = 1
+VOCAB_SIZE = 112  # covers the 103 tokenizer entries
+N_DOCS = 300
+D_MODEL = 64
+N_LAYERS = 4
+
+# A tiny run: 4096 training tokens (64 SAE steps of 64), 256 attribution and 256 eval tokens.
+TINY_OVERRIDES = [
+    "name=tiny",
+    "data.context=32",
+    "data.train_tokens=4096",
+    "data.attribution_tokens=256",
+    "data.eval_tokens=256",
+    "data.batch_size=16",
+    "harvest.layer=1",
+    "harvest.chunk_rows=256",
+    "sae.width=128",
+    "sae.k=6",
+    "sae.group_fractions=[0.125, 0.25]",
+    "sae.dead_after_tokens=1024",
+    "train.batch_size=64",
+    "train.epochs=1",
+    "train.lr=0.001",
+    "train.shuffle_chunks=4",
+    "train.log_every=8",
+    "attribution.batch_size=4",
+    "cycles=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers folder: random 4-layer Llama (d=64) + word-level fast tokenizer with BOS."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.bos_token_id == BOS_ID
+    assert len(tokenizer) <= VOCAB_SIZE
+    tokenizer.save_pretrained(path)
+
+    config = LlamaConfig(
+        hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=128,
+        bos_token_id=BOS_ID, eos_token_id=2, initializer_range=0.1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JSONL corpus of N_DOCS short documents with a Zipf-like word distribution."""
+    rng = random.Random(7)
+    weights = [1.0 / (i + 1) for i in range(len(WORDS))]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(N_DOCS):
+            n = rng.randint(4, 40)
+            f.write(json.dumps({"text": " ".join(rng.choices(WORDS, weights, k=n))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def documents(corpus_path: Path) -> list[str]:
+    """The corpus documents, read back independently of dmsae.sources."""
+    return [json.loads(line)["text"] for line in corpus_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_model_dir: Path, corpus_path: Path) -> Callable[..., object]:
+    """make_config(store_root, *overrides) -> dmsae.config.Config for the tiny setup."""
+    from dmsae.config import load_config
+
+    def make(store: Path | str, *overrides: str):
+        return load_config(None, [f"store={store}", f"model.path={tiny_model_dir}", f"data.path={corpus_path}",
+                                  *TINY_OVERRIDES, *overrides])
+
+    return make
+
+
+@dataclass
+class PipelineRun:
+    cfg: object  # dmsae.config.Config
+    plan: object  # dmsae.pipeline.Plan
+    store: object  # dmsae.store.Store
+    computed: dict[str, bool]
+
+    def artifact(self, stage: str, cycle: int | None = None):
+        node = self.plan.find(stage, cycle)
+        return self.store.load(node.stage, node.key)
+
+
+def run_pipeline(cfg) -> PipelineRun:
+    """Run every node of the plan without Prefect, in dependency order."""
+    from dmsae.pipeline import materialize, plan
+    from dmsae.runtime import Runtime
+    from dmsae.store import Store
+
+    p = plan(cfg)
+    store = Store(cfg.store)
+    computed = {}
+    for node in p.nodes:
+        _, computed[node.label] = materialize(store, node, Runtime(show_progress=False))
+    return PipelineRun(cfg, p, store, computed)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(make_config, tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """The tiny config run once through dmsae.pipeline (no Prefect), shared by several test files."""
+    cfg = make_config(tmp_path_factory.mktemp("store-a"))
+    return run_pipeline(cfg)
+
+
+@pytest.fixture(scope="session")
+def pipeline_runner() -> Callable[..., PipelineRun]:
+    return run_pipeline
+
+
+@pytest.fixture(scope="session")
+def vocab() -> dict[str, int]:
+    """The tokenizer's word -> id map, known independently of the saved tokenizer."""
+    return {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
