@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(_cycle_table(cfg, store, p))
     final = p.last_core()
     print(f"final core: {store.artifact_dir(final.stage, final.key)}")
+    print(f"report: {Path(cfg.report_dir) / cfg.name / 'summary.md'}")
     return 0
 
 
@@ -118,6 +119,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from dmsae.report import write_report
+
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.store)
+    p = plan(cfg)
+    missing = [n.label for n in p.nodes if not store.has(n.stage, n.key)]
+    if len(missing) == len(p.nodes):
+        raise UserError(
+            f"nothing of run '{cfg.name}' is in the store {cfg.store}; run it first: dmsae run {args.config}"
+        )
+    if any(n.stage in ("train", "attribute", "select") for n in p.nodes if n.label in missing):
+        raise UserError(f"run '{cfg.name}' is incomplete ({len(missing)} stages missing, e.g. {missing[0]}); "
+                        f"finish it with: dmsae run {args.config}")
+    out = Path(args.out) if args.out else Path(cfg.report_dir) / cfg.name
+    summary = write_report(cfg, store, p, out)
+    print(f"report written to {summary.parent}/ (summary.md and plots)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmsae", description="Distilled Matryoshka SAEs as a cached pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(status, required=False)
     status.add_argument("--store", default="artifacts", help="store root to list runs from (without CONFIG)")
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser("report", help="write the markdown summary, metrics table and plots of a finished run")
+    _config_args(report, required=True)
+    report.add_argument("--out", help="output folder (default: <report_dir>/<name>)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -93,10 +93,30 @@ class SelectionConfig(Strict):
     tau: float = Field(0.9, gt=0, le=1)
 
 
+class ReuseConfig(Strict):
+    k: list[int] = Field(default_factory=list, description="k of the reuse SAEs; empty: no reuse stage")
+    consistency_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2,
+                                         description="two seeds trained at k=sae.k for seed consistency")
+    random_core_seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("every reuse k must be positive")
+        return sorted(set(v))
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(8, gt=0)
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="firing frequency above which a latent is dense")
+
+
 class Config(Strict):
     name: str = "run"
     seed: int = 0
     store: str = "artifacts"
+    report_dir: str = Field("reports", description="where `dmsae report` and each run write <report_dir>/<name>/")
     device: str = "cpu"
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
     cycles: int = Field(3, gt=0)
@@ -107,6 +127,15 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    reuse: ReuseConfig = Field(default_factory=ReuseConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _reuse_k_below_width(self) -> Config:
+        too_big = [k for k in self.reuse.k if k >= self.sae.width]
+        if too_big:
+            raise ValueError(f"reuse.k {too_big} must be smaller than sae.width ({self.sae.width})")
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -89,8 +89,9 @@ def splice(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iter
         handle.remove()
 
 
-def token_losses(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> Tensor:
-    """Per-position next-token cross-entropy [B, T-1], zero where the target is masked out."""
+def token_losses(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Per-position next-token cross-entropy [B, T-1]: entry t is the loss of predicting token t+1
+    from position t, zeroed where mask[:, t] is 0 (the mask is indexed by source position)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return nll * target_mask[:, 1:]
+    return nll * mask[:, :-1]

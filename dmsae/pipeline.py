@@ -17,9 +17,11 @@ from dmsae.config import Config
 from dmsae.runtime import Runtime
 from dmsae.sources import resolve_corpus, resolve_model
 from dmsae.store import Artifact, Store, compute_key
-from stages import attribute, harvest, model, select, tokens, train
+from stages import attribute, baseline, evaluate, harvest, model, random_core, reuse, select, tokens, train
 
-STAGES: dict[str, ModuleType] = {m.NAME: m for m in (model, tokens, harvest, train, attribute, select)}
+STAGES: dict[str, ModuleType] = {
+    m.NAME: m for m in (model, tokens, harvest, train, attribute, select, random_core, reuse, baseline, evaluate)
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Node:
     inputs: dict[str, Node]
     cycle: int | None = None
     args: dict[str, Any] = field(default_factory=dict, compare=False)  # runtime-only, not in the key
+    tag: str | None = None  # label suffix for nodes that are not per cycle
 
     @property
     def version(self) -> str:
@@ -40,7 +43,8 @@ class Node:
 
     @property
     def label(self) -> str:
-        return self.stage if self.cycle is None else f"{self.stage}[{self.cycle}]"
+        suffix = self.tag if self.tag is not None else self.cycle
+        return self.stage if suffix is None else f"{self.stage}[{suffix}]"
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Plan:
 
     def last_core(self) -> Node:
         return [n for n in self.nodes if n.stage == "select"][-1]
+
+    def of_stage(self, stage: str) -> list[Node]:
+        return [n for n in self.nodes if n.stage == stage]
 
 
 def plan(cfg: Config) -> Plan:
@@ -90,7 +97,57 @@ def plan(cfg: Config) -> Plan:
         core = Node("select", {"cycle": cycle, "tau": cfg.selection.tau},
                     {"attribute": attr_node, "train": train_node}, cycle)
         nodes += [train_node, attr_node, core]
+    if cfg.reuse.k and core is not None:
+        nodes += _reuse_nodes(cfg, model_node, tokens_node, harvest_node, core, train_params)
     return Plan(nodes)
+
+
+def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node: Node, core: Node,
+                 train_params: dict[str, Any]) -> list[Node]:
+    """Reuse SAEs in three arms at every k (plus a second seed at k=sae.k), and their evaluations."""
+    cycle_saes = [n for n in _ancestors(core) if n.stage == "train"]
+    cycle0 = next(n for n in cycle_saes if n.cycle == 0)
+    rand = Node("random_core", {"seed": cfg.reuse.random_core_seed}, {"cycle0": cycle0, "core": core},
+                tag="seed=" + str(cfg.reuse.random_core_seed))
+    cores: dict[str, Node | None] = {"distilled": core, "random": rand, "none": None}
+    runs = [(k, cfg.seed) for k in cfg.reuse.k]
+    consistency_k = cfg.sae.k if cfg.sae.k in cfg.reuse.k else cfg.reuse.k[len(cfg.reuse.k) // 2]
+    runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
+    baseline_node = Node("baseline", {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype},
+                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": cfg.evaluation.batch_size})
+    nodes = [rand, baseline_node]
+    eval_params = {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype,
+                   "dense_threshold": cfg.evaluation.dense_threshold}
+    eval_inputs = {"model": model_node, "tokens": tokens_node, "baseline": baseline_node}
+    eval_args = {"batch_size": cfg.evaluation.batch_size}
+    for n in cycle_saes:
+        nodes.append(Node("evaluate", eval_params, {**eval_inputs, "sae": n}, n.cycle, args=eval_args,
+                          tag=f"cycle={n.cycle}"))
+    for k, seed in runs:
+        for arm, arm_core in cores.items():
+            inputs: dict[str, Node] = {"harvest": harvest_node}
+            if arm_core is not None:
+                inputs["core"] = arm_core
+            tag = f"{arm},k={k},seed={seed}"
+            r = Node("reuse", {"arm": arm, "seed": seed, "sae": {**cfg.sae.model_dump(), "k": k},
+                               "train": train_params}, inputs, tag=tag,
+                     args={"checkpoint_every": cfg.train.checkpoint_every})
+            nodes += [r, Node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
+    return nodes
+
+
+def _ancestors(node: Node) -> list[Node]:
+    """Every upstream node, each once, in dependency order."""
+    seen: dict[str, Node] = {}
+
+    def visit(n: Node) -> None:
+        for parent in n.inputs.values():
+            if parent.key not in seen:
+                visit(parent)
+                seen[parent.key] = parent
+
+    visit(node)
+    return list(seen.values())
 
 
 def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:

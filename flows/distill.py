@@ -8,16 +8,23 @@ one-line message, without a traceback and without retries.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from dmsae.config import Config
 from dmsae.errors import UserError
-from dmsae.pipeline import Node, Plan, materialize, plan
+from dmsae.pipeline import Node, materialize, plan
+from dmsae.report import results_table, write_report
 from dmsae.runtime import Runtime
 from dmsae.store import Store
 
@@ -28,7 +35,7 @@ INVALID_INPUT = "InvalidInput"  # state name of a run stopped by a user mistake
 def _progress_reporter(node: Node) -> Any:
     """A callback that mirrors a stage's progress into a Prefect progress artifact, throttled."""
     artifact_id = create_progress_artifact(
-        progress=0.0, key=f"progress-{node.stage}", description=f"{node.label} {node.key}"
+        progress=0.0, key=f"progress-{node.stage.replace('_', '-')}", description=f"{node.label} {node.key}"
     )
     last = [0.0]
 
@@ -56,22 +63,6 @@ def run_stage(store_root: str, node: Node, device: str, show_progress: bool) -> 
     return Completed(data=node.key, message=f"{node.label} {node.key} computed")
 
 
-def summary_markdown(cfg: Config, p: Plan, store: Store) -> str:
-    lines = [f"# dmsae run `{cfg.name}`", "", "| cycle | train FVU | attribution FVU | core size |",
-             "|---|---|---|---|"]
-    for node in p.nodes:
-        if node.stage != "select":
-            continue
-        c = node.cycle
-        train_m = store.manifest("train", p.find("train", c).key).metrics
-        attr_m = store.manifest("attribute", p.find("attribute", c).key).metrics
-        sel_m = store.manifest("select", node.key).metrics
-        lines.append(f"| {c} | {train_m['train_fvu']:.3f} | {attr_m['fvu']:.3f} | {sel_m['core_size']} |")
-    final = p.last_core()
-    lines += ["", f"Final core: `{store.artifact_dir(final.stage, final.key)}`"]
-    return "\n".join(lines)
-
-
 @flow(name="dmsae-distill", log_prints=True)
 def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str]:
     """Run every stage of the plan in order; returns {stage label: key}."""
@@ -89,6 +80,10 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str
             return Failed(name=name, message=state.message or f"{node.label} failed")  # type: ignore[return-value]
         keys[node.label] = node.key
     store.write_run(cfg.name, {"name": cfg.name, "config": cfg.model_dump(mode="json"), "keys": keys})
-    create_markdown_artifact(markdown=summary_markdown(cfg, p, store), key="dmsae-summary",
-                             description=f"dmsae run {cfg.name}")
+    summary = write_report(cfg, store, p, Path(cfg.report_dir) / cfg.name)
+    create_markdown_artifact(markdown=summary.read_text(), key="dmsae-summary", description=f"dmsae run {cfg.name}")
+    table = results_table(store, p)
+    if not table.empty:
+        create_table_artifact(table=table.round(4).astype(object).where(table.notna(), None).to_dict("records"),
+                              key="dmsae-metrics", description=f"SAEs of {cfg.name} on held-out eval tokens")
     return keys

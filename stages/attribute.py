@@ -24,7 +24,7 @@ from stages import tokens as tokens_stage
 from stages import train as train_stage
 
 NAME = "attribute"
-VERSION = "1"
+VERSION = "2"
 FILE = "scores.safetensors"
 
 

@@ -19,7 +19,7 @@ from stages import train as train_stage
 
 NAME = "select"
 VERSION = "1"
-FILE = "core.safetensors"
+FILE = train_stage.CORE_FILE
 
 
 def select_prefix(scores: np.ndarray, tau: float) -> tuple[np.ndarray, int, np.ndarray]:

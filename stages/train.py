@@ -19,11 +19,12 @@ from dmsae.sae import MatryoshkaSAE, geometric_median
 from dmsae.store import Artifact
 
 NAME = "train"
-VERSION = "1"
+VERSION = "2"
 SAE_FILE = "sae.safetensors"
 LINEAGE_FILE = "lineage.safetensors"
 CURVE_FILE = "curve.parquet"
 B_DEC_SAMPLE = 8192
+META_KEY = "dmsae"
 
 
 def derive_seed(*parts: object) -> int:
@@ -92,43 +93,59 @@ def train_sae(
     return curve
 
 
-def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    harvest = inputs["harvest"]
+CORE_FILE = "core.safetensors"  # written by the select and random_core stages: encoder [d, c], lineage [c, 2]
+
+
+def fit(
+    out_dir: Path,
+    harvest: Artifact,
+    core: Artifact | None,
+    sae_params: dict[str, Any],
+    tp: dict[str, Any],
+    seed: int,
+    born_cycle: int,
+    rt: Runtime,
+) -> dict[str, Any]:
+    """Train one SAE on the harvested activations and write its weights, lineage and curve."""
     array = activations.open_array(harvest.file(activations.ARRAY))
     d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
-    cycle = params["cycle"]
     core_encoder = core_lineage = None
-    if "core" in inputs:
-        core = load_file(str(inputs["core"].file("core.safetensors")))
-        core_encoder, core_lineage = core["encoder"], core["lineage"]
-    seed = derive_seed(params["seed"], "train", cycle)
-    sae = build_sae(params["sae"], d, core_encoder, seed)
-    tp = params["train"]
+    if core is not None:
+        tensors = load_file(str(core.file(CORE_FILE)))
+        core_encoder, core_lineage = tensors["encoder"], tensors["lineage"]
+    sae = build_sae(sae_params, d, core_encoder, seed)
     batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
-    sample = array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale
-    sample_t = torch.from_numpy(sample)
-    use_median = params["sae"]["b_dec_init"] == "geometric_median"
+    sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale)
+    use_median = sae_params["b_dec_init"] == "geometric_median"
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample_t) if use_median else sample_t.mean(0))
+        sae.b_dec.copy_(geometric_median(sample) if use_median else sample.mean(0))
     n_steps = max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
     curve = train_sae(sae, batches, n_steps, tp, rt)
 
     c = sae.core_size
-    born = torch.stack([torch.full((sae.width - c,), cycle), torch.arange(c, sae.width)], dim=1)
+    born = torch.stack([torch.full((sae.width - c,), born_cycle), torch.arange(c, sae.width)], dim=1)
     lineage = born if core_lineage is None else torch.cat([core_lineage.long(), born])
-    meta = {"core_size": str(c), "k": str(sae.k), "group_ends": json.dumps(sae.ends), "scale": repr(scale),
-            "l0_mode": sae.l0_mode, "d": str(d), "width": str(sae.width)}
-    save_file(sae.full_tensors(), str(out_dir / SAE_FILE), metadata=meta)
+    meta = {"core_size": c, "k": sae.k, "group_ends": sae.ends, "scale": scale, "l0_mode": sae.l0_mode,
+            "d": d, "width": sae.width}
+    # one sorted JSON string: safetensors writes a metadata dict in arbitrary order, breaking byte determinism
+    save_file(sae.full_tensors(), str(out_dir / SAE_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     save_file({"lineage": lineage.long().contiguous()}, str(out_dir / LINEAGE_FILE))
     pd.DataFrame(curve).to_parquet(out_dir / CURVE_FILE, index=False)
     tail = curve[-max(1, len(curve) // 10):]
     return {
-        "cycle": cycle, "core_size": c, "steps": n_steps, "tokens": n_steps * tp["batch_size"],
+        "core_size": c, "k": sae.k, "steps": n_steps, "tokens": n_steps * tp["batch_size"],
         "group_ends": sae.ends, "scale": scale,
         "train_fvu": sum(r["fvu"] for r in tail) / len(tail),
         "train_l0": sum(r["l0"] for r in tail) / len(tail),
         "dead_fraction": curve[-1]["dead_fraction"],
     }
+
+
+def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
+    cycle = params["cycle"]
+    seed = derive_seed(params["seed"], "train", cycle)
+    metrics = fit(out_dir, inputs["harvest"], inputs.get("core"), params["sae"], params["train"], seed, cycle, rt)
+    return {"cycle": cycle, **metrics}
 
 
 def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
@@ -137,7 +154,7 @@ def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
 
     path = str(artifact.file(SAE_FILE))
     with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
+        meta = json.loads(f.metadata()[META_KEY])
     tensors = load_file(path)
     p = artifact.manifest.params["sae"]
     sae = MatryoshkaSAE.from_tensors(

@@ -25,6 +25,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="dmsae-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+# INFO logs would include the exit-time "Stopping temporary server", written to an already closed stderr
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -164,3 +166,13 @@ def pipeline_runner() -> Callable[..., PipelineRun]:
 def vocab() -> dict[str, int]:
     """The tokenizer's word -> id map, known independently of the saved tokenizer."""
     return {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+
+
+@pytest.fixture(scope="session")
+def bos_id() -> int:
+    return BOS_ID
+
+
+@pytest.fixture(scope="session")
+def d_model() -> int:
+    return D_MODEL

@@ -225,11 +225,15 @@ def _reference_loss(sae: MatryoshkaSAE, x: torch.Tensor, l0_mode: str) -> tuple[
     return loss.detach(), aux.detach(), p
 
 
-@pytest.mark.parametrize("c,freeze,with_dead", [(0, True, False), (5, True, False), (5, True, True),
-                                                (5, False, True), (0, True, True)])
-def test_train_step_gradients_match_autograd(c, freeze, with_dead):
+@pytest.mark.parametrize("c,freeze,with_dead,b_enc_shift", [
+    (0, True, False, 0.0), (5, True, False, 0.0), (5, True, True, 0.0), (5, False, True, 0.0), (0, True, True, 0.0),
+    (5, True, False, -6.0),  # fewer than k*B positive pre-activations: only the positive ones count
+])
+def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
     """train_step writes hand-accumulated gradients; they must equal autograd of the dense loss."""
     sae, _ = make_sae(c=c, k=6, freeze=freeze, dead_after=1000, aux_alpha=0.5)
+    with torch.no_grad():
+        sae.b_enc.add_(b_enc_shift)
     if with_dead:
         with torch.no_grad():
             sae.tokens_since_fired[::3] = 1000  # every third non-core latent is dead
@@ -239,6 +243,13 @@ def test_train_step_gradients_match_autograd(c, freeze, with_dead):
     stats, _, _ = sae.train_step(x)
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
     assert stats.aux_loss == pytest.approx(float(aux_ref), rel=1e-4, abs=1e-7)
+    if b_enc_shift:
+        t = ref_tensors(sae)
+        n_pos = int((ref_pre(t, x)[:, c:] > 0).sum())
+        assert 0 < n_pos < stats.k_noncore * B  # the case is really exercised
+        assert stats.l0_noncore == pytest.approx(n_pos / B)
+        fwd = sae.forward_train(x)
+        assert int((fwd.f_noncore > 0).sum()) == n_pos
     if with_dead:
         assert float(aux_ref) > 0
         fwd = sae.forward_train(x)

@@ -51,7 +51,7 @@ def test_select_prefix_property(scores, tau):
     total = float(cumulative[-1])  # the running sum; np.sum (pairwise) may differ in the last bit
     assert total == pytest.approx(float(np.sum(s)), rel=1e-12)
     # descending, ties broken by the lower index first
-    for a, b in zip(order[:-1], order[1:]):
+    for a, b in zip(order[:-1], order[1:], strict=True):
         assert s[a] > s[b] or (s[a] == s[b] and a < b)
     if total > 0:
         assert 1 <= n_keep <= s.size

@@ -1,0 +1,239 @@
+"""Results of a run: the metrics table, consistency measures, plots and a markdown summary.
+
+Everything here reads finished artifacts through the store; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from dmsae.config import Config  # noqa: E402
+from dmsae.pipeline import Node, Plan  # noqa: E402
+from dmsae.store import Store  # noqa: E402
+from stages import select as select_stage  # noqa: E402
+from stages import train as train_stage  # noqa: E402
+
+ARM_COLORS = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
+TABLE_COLUMNS = ["sae", "arm", "cycle", "k", "seed", "core_size", "l0", "l0_noncore", "explained_variance", "mse",
+                 "cosine", "ce_loss_score", "kl_score", "dead_fraction", "dense_fraction"]
+
+
+def _sae_node(ev: Node) -> Node:
+    return ev.inputs["sae"]
+
+
+def results_table(store: Store, p: Plan) -> pd.DataFrame:
+    """One row per evaluated SAE (cycle SAEs and reuse arms)."""
+    rows: list[dict[str, Any]] = []
+    for ev in p.of_stage("evaluate"):
+        if not store.has("evaluate", ev.key):
+            continue
+        sae = _sae_node(ev)
+        m = store.manifest("evaluate", ev.key).metrics
+        rows.append({
+            "sae": sae.label,
+            "arm": sae.params["arm"] if sae.stage == "reuse" else "cycle",
+            "cycle": sae.cycle if sae.stage == "train" else None,
+            "k": m["k"], "seed": sae.params["seed"], "core_size": m["core_size"],
+            **{c: m[c] for c in TABLE_COLUMNS[6:]},
+        })
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def core_overlap(store: Store, p: Plan) -> pd.DataFrame:
+    """Jaccard overlap of the lineage ids of consecutive cycles' cores."""
+    cores = [_lineage_ids(store, n) for n in p.of_stage("select") if store.has("select", n.key)]
+    rows = []
+    for c in range(1, len(cores)):
+        a, b = cores[c - 1], cores[c]
+        rows.append({"cycles": f"{c - 1}->{c}", "jaccard": len(a & b) / max(1, len(a | b)),
+                     "kept": len(a & b), "size_before": len(a), "size_after": len(b)})
+    return pd.DataFrame(rows)
+
+
+def _lineage_ids(store: Store, select_node: Node) -> set[tuple[int, int]]:
+    lineage = load_file(str(store.artifact_dir("select", select_node.key) / select_stage.FILE))["lineage"]
+    return {(int(a), int(b)) for a, b in lineage.tolist()}
+
+
+def mean_best_cosine(dec_a: torch.Tensor, dec_b: torch.Tensor) -> float:
+    """Mean over A's latents of the best cosine similarity with any of B's decoder rows."""
+    a = torch.nn.functional.normalize(dec_a.double(), dim=1)
+    b = torch.nn.functional.normalize(dec_b.double(), dim=1)
+    return float((a @ b.T).max(dim=1).values.mean())
+
+
+def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+    """Per arm, the mean best decoder-cosine match between the two consistency seeds' SAEs."""
+    by_arm: dict[str, list[Node]] = {}
+    for n in p.of_stage("reuse"):
+        if n.params["seed"] in cfg.reuse.consistency_seeds[:2] and store.has("reuse", n.key):
+            by_arm.setdefault(n.params["arm"], []).append(n)
+    rows = []
+    for arm, nodes in by_arm.items():
+        ks = {n.params["sae"]["k"] for n in nodes if n.params["seed"] != cfg.seed}
+        pair = [n for n in nodes if n.params["sae"]["k"] in ks]
+        if len(pair) != 2:
+            continue
+        decs = [load_file(str(store.artifact_dir("reuse", n.key) / train_stage.SAE_FILE))["W_dec"] for n in pair]
+        rows.append({"arm": arm, "k": pair[0].params["sae"]["k"], "seeds": f"{pair[0].params['seed']},"
+                     f"{pair[1].params['seed']}", "mean_best_cosine": mean_best_cosine(decs[0], decs[1])})
+    return pd.DataFrame(rows)
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in p.of_stage("select"):
+        t = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))
+        cum = t["cumulative"].numpy()
+        if cum.size == 0 or cum[-1] <= 0:
+            continue
+        size = store.manifest("select", n.key).metrics["core_size"]
+        line = ax.plot(np.arange(1, cum.size + 1), cum / cum[-1], label=f"cycle {n.cycle}: core {size}")[0]
+        ax.axvline(size, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latents, by descending attribution score")
+    ax.set_ylabel("cumulative fraction of attribution")
+    ax.set_title("Cumulative attribution per cycle")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
+    selects = p.of_stage("select")
+    counts = np.zeros((len(selects), len(selects)))
+    for i, n in enumerate(selects):
+        lineage = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))["lineage"]
+        for born in lineage[:, 0].tolist():
+            counts[i, born] += 1
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bottom = np.zeros(len(selects))
+    for born in range(len(selects)):
+        if counts[:, born].any():
+            ax.bar(range(len(selects)), counts[:, born], bottom=bottom, label=f"born in cycle {born}")
+            bottom += counts[:, born]
+    ax.set_xticks(range(len(selects)))
+    ax.set_xlabel("core selected after cycle")
+    ax.set_ylabel("core latents")
+    ax.set_title("Core latent origins")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_arms(table: pd.DataFrame, seed: int, path: Path) -> None:
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    metrics = [("ce_loss_score", "CE-loss score"), ("explained_variance", "explained variance"), ("l0", "L0")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (col, title) in zip(axes, metrics, strict=True):
+        for arm, color in ARM_COLORS.items():
+            rows = arms[arms.arm == arm].sort_values("k")
+            if len(rows):
+                ax.plot(rows.k, rows[col], marker="o", color=color, label=f"{arm} core")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Distilled vs random vs no core")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for n in p.of_stage("train"):
+        curve = pd.read_parquet(store.artifact_dir("train", n.key) / train_stage.CURVE_FILE)
+        axes[0].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), label=f"cycle {n.cycle}")
+    for n in p.of_stage("reuse"):
+        if n.params["seed"] != p.of_stage("reuse")[0].params["seed"]:
+            continue
+        curve = pd.read_parquet(store.artifact_dir("reuse", n.key) / train_stage.CURVE_FILE)
+        arm = n.params["arm"]
+        axes[1].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), color=ARM_COLORS[arm],
+                     alpha=0.4 + 0.6 * (n.params["sae"]["k"] / max(1, max(x.params["sae"]["k"]
+                                                                          for x in p.of_stage("reuse")))),
+                     label=f"{arm}, k={n.params['sae']['k']}")
+    for ax, title in zip(axes, ["distillation cycles", "reuse SAEs"], strict=True):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("FVU (batch, smoothed)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the report ---------------------------------------------------------------------------------------
+def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    if df.empty:
+        return "(none)"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float) and not np.isnan(v) else
+                 ("" if isinstance(v, float) else str(v)) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
+    rows = []
+    for n in p.of_stage("select"):
+        if not store.has("select", n.key):
+            continue
+        tr = store.manifest("train", n.inputs["train"].key).metrics
+        at = store.manifest("attribute", n.inputs["attribute"].key).metrics
+        se = store.manifest("select", n.key).metrics
+        rows.append({"cycle": n.cycle, "core_in": tr["core_size"], "train_fvu": tr["train_fvu"],
+                     "heldout_fvu": at["fvu"], "l0": at["l0"], "core_out": se["core_size"]})
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str]) -> str:
+    final = p.last_core()
+    parts = [f"# dmsae run `{cfg.name}`", "",
+             f"Model `{cfg.model.path}`, layer {cfg.harvest.layer}, width {cfg.sae.width}, k {cfg.sae.k}, "
+             f"tau {cfg.selection.tau}, {cfg.cycles} cycles. Final core: `{store.artifact_dir('select', final.key)}`.",
+             "", "## Distillation cycles", "", _md_table(cycle_table(store, p)),
+             "", "## Core overlap between cycles", "", _md_table(core_overlap(store, p))]
+    if not table.empty:
+        parts += ["", "## SAEs on held-out eval tokens", "", _md_table(table),
+                  "", "## Seed consistency (mean best decoder cosine)", "", _md_table(seed_consistency(store, p, cfg))]
+    parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
+    """Write summary.md, metrics.parquet and the PNG plots; returns the summary's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = results_table(store, p)
+    figures = ["cumulative_attribution.png", "core_origins.png", "training_curves.png"]
+    plot_cumulative_attribution(store, p, cfg.selection.tau, out_dir / figures[0])
+    plot_core_origins(store, p, out_dir / figures[1])
+    plot_training_curves(store, p, out_dir / figures[2])
+    if not table.empty:
+        figures.append("arms.png")
+        plot_arms(table, cfg.seed, out_dir / "arms.png")
+        table.to_parquet(out_dir / "metrics.parquet", index=False)
+    summary = out_dir / "summary.md"
+    summary.write_text(summary_markdown(cfg, store, p, table, figures))
+    return summary

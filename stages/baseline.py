@@ -1,0 +1,37 @@
+"""baseline stage: clean and zero-ablation losses on the eval tokens, shared by every evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from dmsae import lm
+from dmsae.runtime import Runtime
+from dmsae.store import Artifact
+from stages import tokens as tokens_stage
+from stages.evaluate import lm_divergences
+
+NAME = "baseline"
+VERSION = "1"
+
+
+def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
+    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
+    lm.check_layer(model, params["layer"])
+    windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
+    bos = inputs["tokens"].metrics["bos_id"]
+    batch = rt.args.get("batch_size", 8)
+    sums = {"ce_clean": 0.0, "ce_patched": 0.0, "kl": 0.0, "count": 0.0}
+    n_batches = math.ceil(windows.shape[0] / batch)
+    for i in tqdm(range(n_batches), desc="baseline", unit="batch", disable=not rt.show_progress):
+        ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
+        for key, value in lm_divergences(model, params["layer"], ids, bos, torch.zeros_like).items():
+            sums[key] += value
+    n = sums["count"]
+    return {"ce_orig": sums["ce_clean"] / n, "ce_zero": sums["ce_patched"] / n, "kl_zero": sums["kl"] / n,
+            "n_positions": int(n)}
