@@ -139,6 +139,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dmsae.export import export_saelens
+
+    cfg = load_config(args.config, args.set)
+    store = Store(cfg.store)
+    p = plan(cfg)
+    saes = [n for n in p.nodes if n.stage in ("train", "reuse")]
+    if args.sae:
+        chosen = [n for n in saes if n.label == args.sae]
+        if not chosen:
+            raise UserError(f"--sae {args.sae}: no such SAE in run '{cfg.name}'; one of: "
+                            + ", ".join(n.label for n in saes))
+        node = chosen[0]
+    else:  # the distilled-core reuse SAE at the config's k, else the last cycle's SAE
+        preferred = [n for n in saes if n.label == f"reuse[distilled,k={cfg.sae.k},seed={cfg.seed}]"]
+        node = preferred[0] if preferred else [n for n in saes if n.stage == "train"][-1]
+    if not store.has(node.stage, node.key):
+        raise UserError(f"{node.label} is not in the store yet; run it first: dmsae run {args.config}")
+    out = Path(args.out) if args.out else Path(cfg.report_dir) / cfg.name / "saelens" / node.label
+    export_saelens(store.load(node.stage, node.key), out, model_name=cfg.model.path, layer=cfg.harvest.layer,
+                   context=cfg.data.context, dataset=cfg.data.path, label=node.label)
+    print(f"exported {node.label} to {out}/ (cfg.json, sae_weights.safetensors; load with SAE.load_from_disk)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmsae", description="Distilled Matryoshka SAEs as a cached pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(report, required=True)
     report.add_argument("--out", help="output folder (default: <report_dir>/<name>)")
     report.set_defaults(func=cmd_report)
+    export = sub.add_parser("export", help="write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)")
+    _config_args(export, required=True)
+    export.add_argument("--sae", help="which SAE, e.g. 'train[2]' or 'reuse[distilled,k=32,seed=0]' "
+                        "(default: the distilled-core reuse SAE at sae.k, else the last cycle's)")
+    export.add_argument("--out", help="output folder (default: <report_dir>/<name>/saelens/<sae>)")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -48,7 +48,8 @@ def results_table(store: Store, p: Plan) -> pd.DataFrame:
             "k": m["k"], "seed": sae.params["seed"], "core_size": m["core_size"],
             **{c: m[c] for c in TABLE_COLUMNS[6:]},
         })
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return table.astype({"cycle": "Int64"})
 
 
 def core_overlap(store: Store, p: Plan) -> pd.DataFrame:
@@ -96,6 +97,8 @@ def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
 def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for n in p.of_stage("select"):
+        if not store.has("select", n.key):
+            continue
         t = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))
         cum = t["cumulative"].numpy()
         if cum.size == 0 or cum[-1] <= 0:
@@ -118,6 +121,8 @@ def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
     selects = p.of_stage("select")
     counts = np.zeros((len(selects), len(selects)))
     for i, n in enumerate(selects):
+        if not store.has("select", n.key):
+            continue
         lineage = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))["lineage"]
         for born in lineage[:, 0].tolist():
             counts[i, born] += 1
@@ -159,10 +164,12 @@ def plot_arms(table: pd.DataFrame, seed: int, path: Path) -> None:
 def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for n in p.of_stage("train"):
+        if not store.has("train", n.key):
+            continue
         curve = pd.read_parquet(store.artifact_dir("train", n.key) / train_stage.CURVE_FILE)
         axes[0].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), label=f"cycle {n.cycle}")
     for n in p.of_stage("reuse"):
-        if n.params["seed"] != p.of_stage("reuse")[0].params["seed"]:
+        if n.params["seed"] != p.of_stage("reuse")[0].params["seed"] or not store.has("reuse", n.key):
             continue
         curve = pd.read_parquet(store.artifact_dir("reuse", n.key) / train_stage.CURVE_FILE)
         arm = n.params["arm"]
@@ -188,9 +195,8 @@ def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
         return "(none)"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, float) and not np.isnan(v) else
-                 ("" if isinstance(v, float) else str(v)) for v in row]
+    for row in df.itertuples(index=False):  # itertuples keeps each column's type; iterrows upcasts ints
+        cells = ["" if pd.isna(v) else floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -137,6 +137,9 @@ def fit(
         "group_ends": sae.ends, "scale": scale,
         "train_fvu": sum(r["fvu"] for r in tail) / len(tail),
         "train_l0": sum(r["l0"] for r in tail) / len(tail),
+        # a core that fires on more than k latents per token leaves the non-core one latent (k_nc clipped at 1)
+        "core_l0": sum(r["l0"] - r["l0_noncore"] for r in tail) / len(tail),
+        "k_noncore": tail[-1]["k_noncore"],
         "dead_fraction": curve[-1]["dead_fraction"],
     }
 
