@@ -214,6 +214,19 @@ def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def core_budget_warnings(store: Store, p: Plan) -> list[str]:
+    """SAEs whose core alone fires on about k latents per token, so dynamic L0 clipped the non-core k to 1."""
+    notes = []
+    for n in p.nodes:
+        if n.stage not in ("train", "reuse") or not store.has(n.stage, n.key):
+            continue
+        m = store.manifest(n.stage, n.key).metrics
+        if m.get("core_size") and m.get("k_noncore") == 1 and m.get("core_l0", 0) >= m["k"] - 1:
+            notes.append(f"- `{n.label}`: the core fires on {m['core_l0']:.1f} latents per token against k={m['k']}, "
+                         f"so the non-core keeps 1 latent and the total L0 is {m['train_l0']:.1f}, not k.")
+    return notes
+
+
 def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str]) -> str:
     final = p.last_core()
     parts = [f"# dmsae run `{cfg.name}`", "",
@@ -221,6 +234,9 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
              f"tau {cfg.selection.tau}, {cfg.cycles} cycles. Final core: `{store.artifact_dir('select', final.key)}`.",
              "", "## Distillation cycles", "", _md_table(cycle_table(store, p)),
              "", "## Core overlap between cycles", "", _md_table(core_overlap(store, p))]
+    warnings = core_budget_warnings(store, p)
+    if warnings:
+        parts += ["", "## Core larger than the L0 budget", ""] + warnings
     if not table.empty:
         parts += ["", "## SAEs on held-out eval tokens", "", _md_table(table),
                   "", "## Seed consistency (mean best decoder cosine)", "", _md_table(seed_consistency(store, p, cfg))]

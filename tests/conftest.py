@@ -13,7 +13,8 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,18 @@ class PipelineRun:
         node = self.plan.find(stage, cycle)
         return self.store.load(node.stage, node.key)
 
+    def node(self, label: str):
+        """The plan node with this label, e.g. 'reuse[distilled,k=8,seed=0]' or 'evaluate[cycle=0]'."""
+        found = [n for n in self.plan.nodes if n.label == label]
+        if len(found) != 1:
+            raise KeyError(f"{label}: {len(found)} nodes; labels: {[n.label for n in self.plan.nodes]}")
+        return found[0]
+
+    def load(self, label: str):
+        """The artifact of the node with this label."""
+        node = self.node(label)
+        return self.store.load(node.stage, node.key)
+
 
 def run_pipeline(cfg) -> PipelineRun:
     """Run every node of the plan without Prefect, in dependency order."""
@@ -176,3 +189,50 @@ def bos_id() -> int:
 @pytest.fixture(scope="session")
 def d_model() -> int:
     return D_MODEL
+
+
+# Reuse arms: k below sae.width=128 and sae.k=6 not in the list, so the consistency seed runs at k=8.
+REUSE_OVERRIDES = ["reuse.k=[4, 8]", "reuse.consistency_seeds=[0, 1]"]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads. On a busy 2-core machine the tiny SAE trainings
+    are 10x faster with one thread than with two (two OpenMP threads wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def reuse_run(pipeline_run, make_config, tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
+    """The tiny config with reuse arms (k=4, 8; seed 1 at k=8), run without Prefect on one torch thread.
+
+    It starts from a copy of `pipeline_run`'s store, so only the reuse part (random core, baseline,
+    reuse SAEs, evaluations) is computed here, and `pipeline_run`'s store is left as it was."""
+    store = tmp_path_factory.mktemp("store-reuse")
+    shutil.copytree(pipeline_run.cfg.store, store, dirs_exist_ok=True)
+    with torch_threads(1):
+        return run_pipeline(make_config(store, *REUSE_OVERRIDES))
+
+
+@pytest.fixture(scope="session")
+def single_thread() -> Callable[[], AbstractContextManager[None]]:
+    """`with single_thread():` runs a block on one torch thread, as `reuse_run` was computed."""
+    return lambda: torch_threads(1)
+
+
+@pytest.fixture(scope="session")
+def reuse_config_yaml(reuse_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`reuse_run`'s config as a YAML preset, for the command line."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("reuse-config") / "tiny-reuse.yaml"
+    path.write_text(yaml.safe_dump(reuse_run.cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
