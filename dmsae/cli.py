@@ -119,12 +119,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
+    cfg = load_config(args.config, args.set)
+    return cfg, Store(cfg.store), plan(cfg)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dmsae.report import write_report
 
-    cfg = load_config(args.config, args.set)
-    store = Store(cfg.store)
-    p = plan(cfg)
+    cfg, store, p = _load(args)
     missing = [n.label for n in p.nodes if not store.has(n.stage, n.key)]
     if len(missing) == len(p.nodes):
         raise UserError(
@@ -142,9 +145,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dmsae.export import export_saelens
 
-    cfg = load_config(args.config, args.set)
-    store = Store(cfg.store)
-    p = plan(cfg)
+    cfg, store, p = _load(args)
     saes = [n for n in p.nodes if n.stage in ("train", "reuse")]
     if args.sae:
         chosen = [n for n in saes if n.label == args.sae]
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dmsae: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit, so Python's flush cannot fail
+        return 0
 
 
 if __name__ == "__main__":
