@@ -142,17 +142,23 @@ def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
     plt.close(fig)
 
 
+ARM_LABELS = {"distilled": "distilled core", "random": "random core", "none": "no core"}
+
+
 def plot_arms(table: pd.DataFrame, seed: int, path: Path) -> None:
+    """The three arms across k, and CE-loss score against L0: arms with a dense core reach a higher L0
+    at the same k, so the last panel is the comparison at equal sparsity."""
     arms = table[(table.arm != "cycle") & (table.seed == seed)]
-    metrics = [("ce_loss_score", "CE-loss score"), ("explained_variance", "explained variance"), ("l0", "L0")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, (col, title) in zip(axes, metrics, strict=True):
+    panels = [("k", "ce_loss_score", "CE-loss score"), ("k", "explained_variance", "explained variance"),
+              ("k", "l0", "L0"), ("l0", "ce_loss_score", "CE-loss score vs L0")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (x, y, title) in zip(axes, panels, strict=True):
         for arm, color in ARM_COLORS.items():
             rows = arms[arms.arm == arm].sort_values("k")
             if len(rows):
-                ax.plot(rows.k, rows[col], marker="o", color=color, label=f"{arm} core")
+                ax.plot(rows[x], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
+        ax.set_xlabel("k" if x == "k" else "L0 (total, eval tokens)")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     fig.suptitle("Distilled vs random vs no core")
@@ -176,7 +182,7 @@ def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
         axes[1].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), color=ARM_COLORS[arm],
                      alpha=0.4 + 0.6 * (n.params["sae"]["k"] / max(1, max(x.params["sae"]["k"]
                                                                           for x in p.of_stage("reuse")))),
-                     label=f"{arm}, k={n.params['sae']['k']}")
+                     label=f"{ARM_LABELS[arm]}, k={n.params['sae']['k']}")
     for ax, title in zip(axes, ["distillation cycles", "reuse SAEs"], strict=True):
         ax.set_xlabel("training tokens")
         ax.set_ylabel("FVU (batch, smoothed)")
