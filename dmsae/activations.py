@@ -54,11 +54,14 @@ class ChunkWriter:
         self.offset = end
 
     def close(self) -> int:
+        """Flush, and shrink the array to the rows written (it may be created for an upper bound)."""
         if self.pending_rows:
             self._write(np.concatenate(self.pending))
             self.pending, self.pending_rows = [], 0
-        if self.offset != self.array.shape[0]:
+        if self.offset > self.array.shape[0]:
             raise RuntimeError(f"wrote {self.offset} rows into an array of {self.array.shape[0]}")
+        if self.offset < self.array.shape[0]:
+            self.array.resize((self.offset, self.array.shape[1]))
         return self.offset
 
 

@@ -43,6 +43,9 @@ class DataConfig(Strict):
 class HarvestConfig(Strict):
     layer: int = Field(15, ge=0)
     chunk_rows: int = Field(4096, gt=0, description="rows per Zarr chunk; reads and writes are chunk-aligned")
+    outlier_factor: float | None = Field(
+        10.0, gt=1, description="exclude massive-activation tokens whose norm exceeds this many times the median "
+        "norm (like BOS: not stored, not spliced); null keeps them")
     store_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the stored activations; float16 halves the disk of large harvests")
 

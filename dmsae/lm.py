@@ -89,6 +89,13 @@ def splice(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iter
         handle.remove()
 
 
+def kept_positions(h: Tensor, ids: Tensor, bos: int, norm_threshold: float) -> Tensor:
+    """Positions whose residual the SAE models: not BOS, and not a massive-activation outlier whose
+    norm exceeds `norm_threshold` (the harvest stage's factor x median norm). Everywhere else the
+    model keeps its own activation: in harvest, attribution and evaluation alike."""
+    return (ids != bos) & (h.float().norm(dim=-1) <= norm_threshold)
+
+
 def token_losses(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     """Per-position next-token cross-entropy [B, T-1]: entry t is the loss of predicting token t+1
     from position t, zeroed where mask[:, t] is 0 (the mask is indexed by source position)."""

@@ -78,7 +78,8 @@ def plan(cfg: Config) -> Plan:
         "eval_tokens": d.eval_tokens, "split_seed": d.split_seed,
     }, {"model": model_node}, args={"location": csrc.location})
     harvest_node = Node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
-                                    "store_dtype": cfg.harvest.store_dtype, "dtype": cfg.model.dtype},
+                                    "store_dtype": cfg.harvest.store_dtype, "dtype": cfg.model.dtype,
+                                    "outlier_factor": cfg.harvest.outlier_factor},
                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": d.batch_size})
     train_params = cfg.train.model_dump(exclude={"checkpoint_every"})
     nodes = [model_node, tokens_node, harvest_node]
@@ -92,7 +93,8 @@ def plan(cfg: Config) -> Plan:
                           args={"checkpoint_every": cfg.train.checkpoint_every})
         attr_node = Node("attribute", {"layer": cfg.harvest.layer, "score": cfg.attribution.score,
                                        "q": cfg.attribution.q, "dtype": cfg.model.dtype},
-                         {"model": model_node, "tokens": tokens_node, "train": train_node}, cycle,
+                         {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "train": train_node},
+                         cycle,
                          args={"batch_size": cfg.attribution.batch_size})
         core = Node("select", {"cycle": cycle, "tau": cfg.selection.tau},
                     {"attribute": attr_node, "train": train_node}, cycle)
@@ -114,11 +116,12 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     consistency_k = cfg.sae.k if cfg.sae.k in cfg.reuse.k else cfg.reuse.k[len(cfg.reuse.k) // 2]
     runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
     baseline_node = Node("baseline", {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype},
-                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": cfg.evaluation.batch_size})
+                         {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
+                         args={"batch_size": cfg.evaluation.batch_size})
     nodes = [rand, baseline_node]
     eval_params = {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype,
                    "dense_threshold": cfg.evaluation.dense_threshold}
-    eval_inputs = {"model": model_node, "tokens": tokens_node, "baseline": baseline_node}
+    eval_inputs = {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "baseline": baseline_node}
     eval_args = {"batch_size": cfg.evaluation.batch_size}
     for n in cycle_saes:
         nodes.append(Node("evaluate", eval_params, {**eval_inputs, "sae": n}, n.cycle, args=eval_args,

@@ -24,8 +24,14 @@ from stages import tokens as tokens_stage
 from stages import train as train_stage
 
 NAME = "attribute"
-VERSION = "2"
+VERSION = "3"
 FILE = "scores.safetensors"
+
+
+def norm_threshold_of(harvest: Artifact) -> float:
+    """The harvest's outlier threshold (raw norm), inf when outliers are kept."""
+    value = harvest.metrics.get("norm_threshold")
+    return math.inf if value is None else float(value)
 
 
 def loss_mask(ids: Tensor, bos: int) -> Tensor:
@@ -37,15 +43,16 @@ def loss_mask(ids: Tensor, bos: int) -> Tensor:
 
 
 def attribution_batch(
-    model: nn.Module, sae: MatryoshkaSAE, layer: int, scale: float, ids: Tensor, bos: int
+    model: nn.Module, sae: MatryoshkaSAE, layer: int, scale: float, ids: Tensor, bos: int,
+    norm_threshold: float = math.inf,
 ) -> dict[str, Tensor]:
     """|A| for the spliced positions of one batch, plus what the metrics need."""
     n_inner = sae.core_size + sae.ends[0]
     w_inner = torch.cat([sae.dec_core, sae.dec[: sae.ends[0]]])
-    spliced = ids != bos
     held: dict[str, Tensor] = {}
 
     def replace(h: Tensor) -> Tensor:
+        spliced = lm.kept_positions(h, ids, bos, norm_threshold)
         x = h[spliced].float() * scale
         f_core, f_nc = sae.encode(x)
         f = torch.cat([f_core, f_nc[:, : sae.ends[0]]], dim=1).detach().requires_grad_(True)
@@ -76,6 +83,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     sae.to(rt.device)
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["attribution"]
     bos = inputs["tokens"].metrics["bos_id"]
+    threshold = norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 8)
     n_inner = sae.core_size + sae.ends[0]
     abs_sum = torch.zeros(n_inner, dtype=torch.float64)
@@ -89,7 +97,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     n_batches = math.ceil(windows.shape[0] / batch)
     for i in tqdm(range(n_batches), desc="attribute", unit="batch", disable=not rt.show_progress):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
-        r = attribution_batch(model, sae, params["layer"], scale, ids, bos)
+        r = attribution_batch(model, sae, params["layer"], scale, ids, bos, threshold)
         a = r["abs_attr"].double().cpu()
         abs_sum += a.sum(0)
         if params["score"] == "quantile":

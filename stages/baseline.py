@@ -14,10 +14,11 @@ from dmsae import lm
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
 from stages import tokens as tokens_stage
+from stages.attribute import norm_threshold_of
 from stages.evaluate import lm_divergences
 
 NAME = "baseline"
-VERSION = "1"
+VERSION = "2"
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
@@ -25,12 +26,13 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     lm.check_layer(model, params["layer"])
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
     bos = inputs["tokens"].metrics["bos_id"]
+    threshold = norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 8)
     sums = {"ce_clean": 0.0, "ce_patched": 0.0, "kl": 0.0, "count": 0.0}
     n_batches = math.ceil(windows.shape[0] / batch)
     for i in tqdm(range(n_batches), desc="baseline", unit="batch", disable=not rt.show_progress):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
-        for key, value in lm_divergences(model, params["layer"], ids, bos, torch.zeros_like).items():
+        for key, value in lm_divergences(model, params["layer"], ids, bos, torch.zeros_like, threshold).items():
             sums[key] += value
     n = sums["count"]
     return {"ce_orig": sums["ce_clean"] / n, "ce_zero": sums["ce_patched"] / n, "kl_zero": sums["kl"] / n,

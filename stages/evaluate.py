@@ -23,28 +23,28 @@ from dmsae.runtime import Runtime
 from dmsae.store import Artifact
 from stages import tokens as tokens_stage
 from stages import train as train_stage
-from stages.attribute import loss_mask
+from stages.attribute import loss_mask, norm_threshold_of
 
 NAME = "evaluate"
-VERSION = "1"
+VERSION = "2"
 FREQ_FILE = "frequencies.safetensors"
 
 
 @torch.no_grad()
 def lm_divergences(
-    model: nn.Module, layer: int, ids: Tensor, bos: int, replace: Callable[[Tensor], Tensor] | None
+    model: nn.Module, layer: int, ids: Tensor, bos: int, replace: Callable[[Tensor], Tensor] | None,
+    norm_threshold: float = math.inf,
 ) -> dict[str, float]:
     """Summed next-token CE of the clean and the patched model, and KL(clean || patched), over the
-    positions of `loss_mask`. `replace` maps the layer-L residual at non-BOS positions [N, d] to its
-    substitute; None compares the clean model with itself."""
+    positions of `loss_mask`. `replace` maps the layer-L residual at the kept positions [N, d] (not BOS,
+    not an outlier above `norm_threshold`) to its substitute; None compares the clean model with itself."""
     mask = loss_mask(ids, bos)
     clean_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     if replace is None:
         patched_logp = clean_logp
     else:
-        spliced = ids != bos
-
         def patch(h: Tensor) -> Tensor:
+            spliced = lm.kept_positions(h, ids, bos, norm_threshold)
             out = h.clone()
             out[spliced] = replace(h[spliced].float()).to(h.dtype)
             return out
@@ -86,6 +86,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     sae.to(rt.device)
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
     bos = inputs["tokens"].metrics["bos_id"]
+    threshold = norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 8)
     xs, xhats = [], []
     fires = torch.zeros(sae.width, dtype=torch.long)
@@ -108,7 +109,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     n_batches = math.ceil(windows.shape[0] / batch)
     for i in tqdm(range(n_batches), desc="evaluate", unit="batch", disable=not rt.show_progress):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
-        for key, value in lm_divergences(model, params["layer"], ids, bos, reconstruct).items():
+        for key, value in lm_divergences(model, params["layer"], ids, bos, reconstruct, threshold).items():
             sums[key] += value
         rt.report((i + 1) / n_batches, f"batch {i + 1}/{n_batches}")
     x, x_hat = torch.cat(xs), torch.cat(xhats)

@@ -225,7 +225,7 @@ def test_evaluate_stage_on_a_hand_made_sae(reuse_run, eval_residuals, tmp_path):
                "b_dec": torch.from_numpy(x_scaled.mean(0)).float(), "threshold": threshold}
     sae_art = write_sae_artifact(tmp_path, tensors, c, 6, scale, [0.125, 0.25])
     inputs = {"model": reuse_run.artifact("model"), "tokens": reuse_run.artifact("tokens"),
-              "baseline": reuse_run.load("baseline"), "sae": sae_art}
+              "harvest": reuse_run.artifact("harvest"), "baseline": reuse_run.load("baseline"), "sae": sae_art}
     out = tmp_path / "out"
     out.mkdir()
     params = {"layer": LAYER, "dtype": "float32", "dense_threshold": 0.1}
