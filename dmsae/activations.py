@@ -6,8 +6,8 @@ whole chunks, mix a few of them in memory and cut batches from that buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,19 +24,22 @@ def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float
     )
 
 
-def open_array(path: Path) -> zarr.Array:
-    return zarr.open_array(str(path), mode="r")
+def open_array(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array:
+    return zarr.open_array(str(path), mode=mode)
 
 
 class ChunkWriter:
     """Buffers rows and writes them to the array in whole chunks, in order."""
 
-    def __init__(self, array: zarr.Array):
+    def __init__(self, array: zarr.Array, offset: int = 0, pending: np.ndarray | None = None):
+        """`offset` and `pending` continue an interrupted write: rows before `offset` are on disk."""
         self.array = array
         self.chunk_rows = array.chunks[0]
-        self.offset = 0
-        self.pending: list[np.ndarray] = []
-        self.pending_rows = 0
+        if offset % self.chunk_rows:
+            raise ValueError(f"offset {offset} is not chunk-aligned ({self.chunk_rows} rows per chunk)")
+        self.offset = offset
+        self.pending: list[np.ndarray] = [pending] if pending is not None and pending.shape[0] else []
+        self.pending_rows = sum(p.shape[0] for p in self.pending)
 
     def append(self, rows: np.ndarray) -> None:
         self.pending.append(rows)
@@ -65,21 +68,77 @@ class ChunkWriter:
         return self.offset
 
 
+class ShuffledBatches:
+    """Endless stream of shuffled [batch_size, d] float32 batches, scaled; reproducible from `seed`.
+
+    Each epoch visits the chunks in a random order, `shuffle_chunks` at a time: those chunks (plus the
+    rows left over from the previous group) are permuted in memory and cut into batches. `state()` and
+    `restore()` capture the position between two batches, so a resumed training run sees exactly the
+    batches an uninterrupted one would have seen.
+    """
+
+    def __init__(self, array: zarr.Array, batch_size: int, shuffle_chunks: int, seed: int, scale: float):
+        self.array, self.batch_size, self.shuffle_chunks, self.scale = array, batch_size, shuffle_chunks, scale
+        self.n_rows, self.chunk_rows = array.shape[0], array.chunks[0]
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self.rng = np.random.default_rng(seed)
+        self.order: np.ndarray | None = None
+        self.group_start = 0  # index into `order` of the group in the buffer
+        self.carry = np.empty((0, array.shape[1]), dtype=np.float32)  # rows the buffer was built on top of
+        self.group_rng_state: dict[str, Any] = {}
+        self.buf: np.ndarray | None = None
+        self.pos = self.n_full = 0
+
+    def __iter__(self) -> ShuffledBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while self.buf is None or self.pos >= self.n_full:
+            self._next_group()
+        batch = torch.from_numpy(self.buf[self.pos:self.pos + self.batch_size]) * self.scale
+        self.pos += self.batch_size
+        return batch
+
+    def _next_group(self) -> None:
+        if self.buf is not None:
+            self.carry = self.buf[self.n_full:]
+            self.group_start += self.shuffle_chunks
+        if self.order is None or self.group_start >= self.n_chunks:
+            self.order = self.rng.permutation(self.n_chunks)
+            self.group_start = 0
+        self.group_rng_state = self.rng.bit_generator.state
+        self._fill()
+        self.pos = 0
+
+    def _fill(self) -> None:
+        assert self.order is not None
+        r = self.chunk_rows
+        chunks = self.order[self.group_start:self.group_start + self.shuffle_chunks]
+        blocks = [self.array[c * r:min((c + 1) * r, self.n_rows)].astype(np.float32, copy=False) for c in chunks]
+        buf = np.concatenate([self.carry, *blocks])
+        self.buf = buf[self.rng.permutation(buf.shape[0])]
+        self.n_full = (self.buf.shape[0] // self.batch_size) * self.batch_size
+
+    def state(self) -> tuple[dict[str, Any], np.ndarray]:
+        """(JSON-able position, leftover rows under the current buffer)."""
+        if self.buf is None:
+            return {"started": False}, self.carry
+        assert self.order is not None
+        return ({"started": True, "order": self.order.tolist(), "group_start": self.group_start, "pos": self.pos,
+                 "rng": self.group_rng_state}, self.carry)
+
+    def restore(self, state: dict[str, Any], carry: np.ndarray) -> None:
+        if not state["started"]:
+            return
+        self.order = np.asarray(state["order"], dtype=np.int64)
+        self.group_start, self.carry = state["group_start"], carry.astype(np.float32, copy=False)
+        self.rng.bit_generator.state = state["rng"]
+        self.group_rng_state = state["rng"]
+        self._fill()
+        self.pos = state["pos"]
+
+
 def shuffled_batches(
     array: zarr.Array, batch_size: int, shuffle_chunks: int, seed: int, scale: float
-) -> Iterator[torch.Tensor]:
-    """Endless stream of shuffled [batch_size, d] float32 batches, scaled; reproducible from `seed`."""
-    rng = np.random.default_rng(seed)
-    n_rows, chunk_rows = array.shape[0], array.chunks[0]
-    n_chunks = -(-n_rows // chunk_rows)
-    carry = np.empty((0, array.shape[1]), dtype=np.float32)
-    while True:
-        order = rng.permutation(n_chunks)
-        for g in range(0, n_chunks, shuffle_chunks):
-            blocks = [array[c * chunk_rows:min((c + 1) * chunk_rows, n_rows)] for c in order[g:g + shuffle_chunks]]
-            buf = np.concatenate([carry, *(b.astype(np.float32, copy=False) for b in blocks)])
-            buf = buf[rng.permutation(buf.shape[0])]
-            n_full = (buf.shape[0] // batch_size) * batch_size
-            for i in range(0, n_full, batch_size):
-                yield torch.from_numpy(buf[i:i + batch_size]) * scale
-            carry = buf[n_full:]
+) -> ShuffledBatches:
+    return ShuffledBatches(array, batch_size, shuffle_chunks, seed, scale)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from dmsae.config import Config, load_config
+from dmsae.config import Config, apply_overrides, load_config
 from dmsae.errors import UserError
-from dmsae.pipeline import Plan, plan
-from dmsae.store import Store
+from dmsae.pipeline import Plan, plan, run_record
+from dmsae.store import RunRecord, Store
 
 EXIT_USER_ERROR = 2
 
@@ -33,13 +33,30 @@ def _setup_torch(cfg: Config) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="YAML preset, e.g. configs/quickstart.yaml")
+    p.add_argument("config", nargs=None if required else "?",
+                   help="YAML preset (e.g. configs/quickstart.yaml) or the name of a run recorded in --store")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set selection.tau=0.8 (repeatable)")
+    p.add_argument("--store", default="artifacts", help="store root where a run name is looked up")
+
+
+def resolve_config(config: str, overrides: list[str], store_root: str) -> Config:
+    """A YAML preset, or a run recorded in the store (e.g. one made by `dmsae branch`)."""
+    if Path(config).is_file() or config.endswith((".yaml", ".yml")) or "/" in config:
+        return load_config(config, overrides)
+    store = Store(store_root)
+    if not store.run_path(config).is_file():
+        raise UserError(f"{config}: neither a config file nor a run recorded in the store {store_root}; "
+                        "pass a YAML preset such as configs/quickstart.yaml (or --store for another store)")
+    data = apply_overrides(store.read_run(config).config, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValueError as e:
+        raise UserError(f"run {config}: {str(e).splitlines()[0]}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = resolve_config(args.config, args.set, args.store)
     _setup_torch(cfg)
     store = Store(cfg.store)
     store.ensure_writable()
@@ -96,31 +113,128 @@ def _status_rows(cfg: Config) -> list[dict[str, str]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.config is None:
-        root = Path(args.store)
-        records = sorted((root / "runs").glob("*.json")) if (root / "runs").is_dir() else []
-        if not records:
-            print(f"no runs recorded in {root}; pass a config: dmsae status configs/quickstart.yaml")
-            return 0
-        configs = []
-        for r in records:
-            try:
-                configs.append(Config.model_validate(json.loads(r.read_text())["config"]))
-            except (ValueError, KeyError):
-                print(f"skipping unreadable run record {r}", file=sys.stderr)
-    else:
-        configs = [load_config(args.config, args.set)]
-    for cfg in configs:
+    if args.config is not None:
+        cfg = resolve_config(args.config, args.set, args.store)
         rows = _status_rows(cfg)
         done = sum(r["state"] == "done" for r in rows)
         print(f"run '{cfg.name}' (store {cfg.store}): {done}/{len(rows)} stages done")
         for r in rows:
-            print(f"  {r['stage']:<14} {r['state']:<8} {r['key']}  {r['detail']}")
+            print(f"  {r['stage']:<32} {r['state']:<8} {r['key']}  {r['detail']}")
+        return 0
+    store = Store(args.store)
+    records = store.read_runs()
+    if not records:
+        print(f"no runs recorded in {args.store}; run one (dmsae run configs/quickstart.yaml) "
+              "or pass a config: dmsae status configs/quickstart.yaml")
+        return 0
+    print(f"store {args.store}: {len(records)} runs")
+    print("\n".join(run_tree(store, records)))
     return 0
 
 
+def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
+    """Runs as a tree (branches under the run they came from), each with its stages done and, for a
+    branch, the stages it shares with its parent."""
+    by_name = {r.name: r for r in records}
+    children: dict[str | None, list[RunRecord]] = {}
+    for r in records:
+        children.setdefault(r.parent if r.parent in by_name else None, []).append(r)
+    lines: list[str] = []
+
+    def describe(r: RunRecord) -> str:
+        done = sum(store.has(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items())
+        text = f"{r.name}  [{r.status}]  {done}/{len(r.keys)} stages done"
+        if r.parent in by_name:
+            parent_keys = set(by_name[r.parent].keys.values())
+            shared = [label for label, key in r.keys.items() if key in parent_keys]
+            text += f"; shares {len(shared)} with {r.parent} ({_abbreviate(shared)}), {len(r.keys) - len(shared)} own"
+        return text
+
+    def visit(r: RunRecord, prefix: str, last: bool, root: bool) -> None:
+        lines.append(("" if root else prefix + ("`-- " if last else "|-- ")) + describe(r))
+        kids = children.get(r.name, [])
+        for i, kid in enumerate(kids):
+            visit(kid, "" if root else prefix + ("    " if last else "|   "), i == len(kids) - 1, False)
+
+    for r in children.get(None, []):
+        visit(r, "", True, True)
+    return lines
+
+
+def _abbreviate(labels: list[str], n: int = 5) -> str:
+    return ", ".join(labels[:n]) + (f", ... {len(labels) - n} more" if len(labels) > n else "") if labels else "none"
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    """Record a new run from a recorded one with some keys changed; it shares every upstream key."""
+    store = Store(args.store)
+    parent = store.read_run(args.run)
+    if not args.set:
+        raise UserError("branch: give at least one --set KEY=VALUE, e.g. --set selection.tau=0.8")
+    name = args.name or f"{parent.name}-branch"
+    if store.run_path(name).is_file():
+        raise UserError(f"--name {name}: a run with this name is already recorded; choose another name")
+    data = apply_overrides(dict(parent.config), [*args.set, f"name={name}"])
+    try:
+        cfg = Config.model_validate(data)
+    except ValueError as e:
+        raise UserError(f"branch {name}: {str(e).splitlines()[0]}") from None
+    if Path(cfg.store).resolve() != store.root.resolve():
+        raise UserError("branch: a branch lives in its parent's store; drop the --set store=... override")
+    p = plan(cfg)
+    store.write_run(run_record(cfg, p, "planned", parent=parent.name))
+    parent_keys = set(parent.keys.values())
+    shared = [n.label for n in p.nodes if n.key in parent_keys]
+    todo = [n.label for n in p.nodes if not store.has(n.stage, n.key)]
+    print(f"branch '{name}' of '{parent.name}' recorded: shares {len(shared)} of {len(p.nodes)} stages "
+          f"({_abbreviate(shared)}); {len(todo)} to compute ({_abbreviate(todo)})")
+    if args.run_now:
+        return cmd_run(argparse.Namespace(config=name, set=[], store=args.store, no_progress=args.no_progress))
+    print(f"run it with: dmsae run {name}" + (f" --store {args.store}" if args.store != "artifacts" else ""))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove artifacts no recorded run references (and leftovers of killed or damaged work)."""
+    store = Store(args.store)
+    if not store.root.is_dir():
+        raise UserError(f"--store {args.store}: no such store folder")
+    referenced: set[tuple[str, str]] = set()
+    for r in store.read_runs():
+        referenced |= {(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items()}
+        try:  # keys of the current code too, in case a stage version changed since the run was recorded
+            referenced |= {(n.stage, n.key) for n in plan(Config.model_validate(r.config)).nodes}
+        except (UserError, ValueError):
+            pass
+    garbage = [(f"{stage}/{key}", store.artifact_dir(stage, key), (stage, key))
+               for stage in store.stages() for key in store.keys(stage) if (stage, key) not in referenced]
+    garbage += [(f"{p.relative_to(store.root)}", p, None) for p in store.leftovers(referenced)]
+    if not garbage:
+        print(f"nothing to remove in {args.store}: every artifact belongs to a recorded run")
+        return 0
+    total = 0
+    for label, path, stage_key in garbage:
+        size = _size(path)
+        total += size
+        if args.yes:
+            if stage_key is not None and store.is_locked(*stage_key):
+                print(f"  kept {label} (being written by a running process)")
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        print(f"  {'removed' if args.yes else 'would remove'} {label}  {size / 1e6:.1f} MB")
+    verb = "removed" if args.yes else "would free"
+    print(f"{verb} {total / 1e6:.1f} MB in {len(garbage)} entries" + ("" if args.yes else "; run with --yes to delete"))
+    return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
-    cfg = load_config(args.config, args.set)
+    cfg = resolve_config(args.config, args.set, args.store)
     return cfg, Store(cfg.store), plan(cfg)
 
 
@@ -174,8 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="show which stages of a config (or of every recorded run) are done")
     _config_args(status, required=False)
-    status.add_argument("--store", default="artifacts", help="store root to list runs from (without CONFIG)")
     status.set_defaults(func=cmd_status)
+    branch = sub.add_parser("branch", help="record a new run from a recorded one with changed keys; "
+                            "it shares every stage upstream of the change")
+    branch.add_argument("run", help="name of the recorded run to branch from (see dmsae status)")
+    branch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="what changes (repeatable)")
+    branch.add_argument("--name", help="name of the new run (default: <run>-branch)")
+    branch.add_argument("--store", default="artifacts", help="store root holding the run")
+    branch.add_argument("--run", dest="run_now", action="store_true", help="run the branch right away")
+    branch.add_argument("--no-progress", action="store_true", help="hide progress bars (with --run)")
+    branch.set_defaults(func=cmd_branch)
+    gc = sub.add_parser("gc", help="remove artifacts that no recorded run references (dry run unless --yes)")
+    gc.add_argument("--store", default="artifacts", help="store root")
+    gc.add_argument("--yes", action="store_true", help="really delete")
+    gc.set_defaults(func=cmd_gc)
     report = sub.add_parser("report", help="write the markdown summary, metrics table and plots of a finished run")
     _config_args(report, required=True)
     report.add_argument("--out", help="output folder (default: <report_dir>/<name>)")

@@ -123,6 +123,8 @@ class Config(Strict):
     device: str = "cpu"
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
     cycles: int = Field(3, gt=0)
+    retries: int = Field(2, ge=0, description="retries of a stage after a transient failure (never a user error)")
+    retry_delay_seconds: float = Field(10.0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)

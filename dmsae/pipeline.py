@@ -7,6 +7,7 @@ its artifact is already there.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,9 +15,10 @@ from types import ModuleType
 from typing import Any
 
 from dmsae.config import Config
+from dmsae.errors import UserError
 from dmsae.runtime import Runtime
 from dmsae.sources import resolve_corpus, resolve_model
-from dmsae.store import Artifact, Store, compute_key
+from dmsae.store import Artifact, RunRecord, Store, compute_key
 from stages import attribute, baseline, evaluate, harvest, model, random_core, reuse, select, tokens, train
 
 STAGES: dict[str, ModuleType] = {
@@ -154,16 +156,39 @@ def _ancestors(node: Node) -> list[Node]:
 
 
 def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
-    """Ensure `node`'s artifact exists; returns it and whether it was computed now."""
-    if store.has(node.stage, node.key):
-        return store.load(node.stage, node.key), False
-    inputs = {name: store.load(n.stage, n.key) for name, n in node.inputs.items()}
-    stage_rt = Runtime(device=rt.device, show_progress=rt.show_progress, on_progress=rt.on_progress,
-                       checkpoint_dir=store.partial_dir(node.stage, node.key), args=dict(node.args))
-    start = time.perf_counter()
-    with store.writer(node.stage, node.key) as tmp:
-        metrics = STAGES[node.stage].run(tmp, node.params, inputs, stage_rt)
-        store.finalize(tmp, key=node.key, stage=node.stage, version=node.version, params=node.params,
-                       inputs={k: n.key for k, n in node.inputs.items()},
-                       timings={"seconds": time.perf_counter() - start}, metrics=metrics)
-    return store.load(node.stage, node.key), True
+    """Ensure `node`'s artifact exists and is intact; returns it and whether it was computed now.
+
+    Under the key's lock: two processes never compute the same artifact, and the one that waited
+    finds it done. A damaged artifact is moved aside and recomputed; a killed computation resumes
+    from the checkpoints in its partial folder."""
+    def waiting() -> None:
+        print(f"dmsae: {node.label} {node.key} is being computed by another process; waiting for it",
+              file=sys.stderr, flush=True)
+
+    with store.lock(node.stage, node.key, on_wait=waiting):
+        done = store.load_intact(node.stage, node.key)
+        if done is not None:
+            return done, False
+        inputs = {name: store.load(n.stage, n.key) for name, n in node.inputs.items()}
+        stage_rt = Runtime(device=rt.device, show_progress=rt.show_progress, on_progress=rt.on_progress,
+                           checkpoint_dir=store.partial_dir(node.stage, node.key), args=dict(node.args),
+                           label=node.label)
+        start = time.perf_counter()
+        try:
+            with store.writer(node.stage, node.key) as tmp:
+                metrics = STAGES[node.stage].run(tmp, node.params, inputs, stage_rt)
+                store.finalize(tmp, key=node.key, stage=node.stage, version=node.version, params=node.params,
+                               inputs={k: n.key for k, n in node.inputs.items()},
+                               timings={"seconds": time.perf_counter() - start}, metrics=metrics)
+        except UserError:  # bad input: rerunning the same way cannot help, so keep nothing of it
+            store.clear_partial(node.stage, node.key)
+            raise
+        store.clear_partial(node.stage, node.key)
+        return store.load(node.stage, node.key), True
+
+
+def run_record(cfg: Config, p: Plan, status: str, parent: str | None = None, created: str = "") -> RunRecord:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return RunRecord(name=cfg.name, config=cfg.model_dump(mode="json"), keys={n.label: n.key for n in p.nodes},
+                     stages={n.label: n.stage for n in p.nodes}, parent=parent, status=status,
+                     created=created or now, updated=now)

@@ -13,6 +13,7 @@ class Runtime:
     device: str = "cpu"
     show_progress: bool = True
     checkpoint_dir: Path | None = None
+    label: str = ""  # the plan node being computed, e.g. "train[1]"
     args: dict[str, Any] = field(default_factory=dict)  # stage-specific, e.g. source locations, batch sizes
     on_progress: Callable[[float, str], None] | None = None  # fraction done, short message
 

@@ -6,7 +6,10 @@ Layout under the store root:
     <root>/<stage>/<key>/...             files listed in the manifest with their sha256
     <root>/.tmp/<stage>-<key>-<rand>/    an artifact being written; renamed into place when whole
     <root>/.partial/<stage>/<key>/       checkpoints of an unfinished stage, for resuming
-    <root>/runs/<name>.json              run records: a run's config and stage keys
+    <root>/.locks/<stage>/<key>.lock     held (flock) by the one process computing that artifact
+    <root>/.corrupt/<stage>/<key>-<time>/ damaged artifacts, moved aside before recomputing
+    <root>/runs/<name>.json              run records: a run's config, stage keys and parent run
+    <root>/dmsae-store.json              the layout format of this store
 
 A key is the hash of the stage name, its code version, the parameters it reads and its input keys,
 so equal work gets equal keys and anything that changes the result changes the key.
@@ -14,13 +17,15 @@ so equal work gets equal keys and anything that changes the result changes the k
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +33,33 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from dmsae import faults
 from dmsae.errors import IntegrityError, UserError
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 20
+FORMAT_FILE = "dmsae-store.json"
+STORE_FORMAT = 1  # bump when the layout or the manifest schema changes incompatibly
+TMP, PARTIAL, LOCKS, CORRUPT, RUNS = ".tmp", ".partial", ".locks", ".corrupt", "runs"
+
+# artifacts whose checksums this process has verified, by path and the size and mtime of every file:
+# a long-lived process (a served deployment) rehashes an artifact only when a file of it changed
+_verified: set[tuple[str, tuple[tuple[int, int], ...]]] = set()
+
+
+def _file_stamp(path: Path, manifest: Manifest) -> tuple[str, tuple[tuple[int, int], ...]]:
+    stats = []
+    for rel in [MANIFEST, *manifest.files]:
+        try:
+            st = (path / rel).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((-1, -1))
+    return str(path), tuple(stats)
+
+
+def warn(message: str) -> None:
+    print(f"dmsae: warning: {message}", file=sys.stderr, flush=True)
 
 
 def canonical_json(obj: Any) -> str:
@@ -79,35 +107,70 @@ class Artifact:
 class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._verified: set[Path] = set()
 
     # -- layout -------------------------------------------------------------------------------
     def artifact_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def partial_dir(self, stage: str, key: str) -> Path:
-        return self.root / ".partial" / stage / key
+        return self.root / PARTIAL / stage / key
 
     def runs_dir(self) -> Path:
-        return self.root / "runs"
+        return self.root / RUNS
+
+    def stages(self) -> list[str]:
+        """Stage folders present in the store."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and p.name != RUNS)
+
+    def keys(self, stage: str) -> list[str]:
+        d = self.root / stage
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
     def ensure_writable(self) -> None:
+        """Create the root if needed, check it is writable and of this dmsae's format."""
+        self.check_format()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{uuid.uuid4().hex}"
             probe.write_text("ok")
             probe.unlink()
+            marker = self.root / FORMAT_FILE
+            if not marker.exists():
+                tmp = marker.with_suffix(f".{uuid.uuid4().hex[:8]}")
+                tmp.write_text(json.dumps({"format": STORE_FORMAT}))
+                os.replace(tmp, marker)
         except OSError as e:
             raise UserError(
                 f"store root {self.root} is not writable ({e.strerror}); set `store` to a writable folder"
             ) from None
+
+    def check_format(self) -> None:
+        marker = self.root / FORMAT_FILE
+        if not marker.is_file():
+            return
+        try:
+            found = json.loads(marker.read_text()).get("format")
+        except (ValueError, AttributeError, OSError):
+            found = None
+        if found != STORE_FORMAT:
+            raise UserError(
+                f"store {self.root} has layout format {found!r} ({marker}), this dmsae reads format {STORE_FORMAT}; "
+                "point `store` at a new folder (--set store=...) and rerun: artifacts are recomputed there"
+            )
 
     # -- reading ------------------------------------------------------------------------------
     def has(self, stage: str, key: str) -> bool:
         return (self.artifact_dir(stage, key) / MANIFEST).is_file()
 
     def manifest(self, stage: str, key: str) -> Manifest:
-        return Manifest.model_validate_json((self.artifact_dir(stage, key) / MANIFEST).read_text())
+        path = self.artifact_dir(stage, key) / MANIFEST
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except ValueError:
+            raise IntegrityError(f"{stage}/{key}: {MANIFEST} is unreadable (truncated or corrupted)") from None
 
     def load(self, stage: str, key: str, verify: bool = True) -> Artifact:
         """Open a complete artifact, checking every file against its manifest checksum."""
@@ -115,21 +178,102 @@ class Store:
         if not (path / MANIFEST).is_file():
             raise KeyError(f"{stage}/{key} is not in the store {self.root}")
         manifest = self.manifest(stage, key)
-        if verify and path not in self._verified:
-            for rel, digest in manifest.files.items():
-                f = path / rel
-                if not f.is_file() or sha256_file(f) != digest:
-                    raise IntegrityError(f"{stage}/{key}: file {rel} is missing or corrupted (checksum mismatch)")
-            self._verified.add(path)
+        if manifest.key != key or manifest.stage != stage:
+            raise IntegrityError(f"{stage}/{key}: its manifest describes {manifest.stage}/{manifest.key}")
+        if verify:
+            stamp = _file_stamp(path, manifest)
+            if stamp not in _verified:
+                for rel, digest in manifest.files.items():
+                    f = path / rel
+                    if not f.is_file() or sha256_file(f) != digest:
+                        raise IntegrityError(f"{stage}/{key}: file {rel} is missing or corrupted (checksum mismatch)")
+                _verified.add(stamp)
         return Artifact(path, manifest)
+
+    def load_intact(self, stage: str, key: str) -> Artifact | None:
+        """The artifact if it is complete and intact, else None; a damaged one is moved aside with a
+        one-line warning so that it gets recomputed. Call it holding the key's lock."""
+        if not self.has(stage, key):
+            return None
+        try:
+            return self.load(stage, key)
+        except IntegrityError as e:
+            dest = self.move_aside(stage, key)
+            warn(f"{e}; moved it to {dest} and recomputing it")
+            return None
+
+    def move_aside(self, stage: str, key: str) -> Path:
+        dest = self.root / CORRUPT / stage / f"{key}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.artifact_dir(stage, key), dest)
+        return dest
+
+    # -- locking ------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, stage: str, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the key's lock: one process computes an artifact, the others wait and then reuse it.
+        An flock dies with its process, so a killed run never leaves a stale lock."""
+        path = self.root / LOCKS / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def is_locked(self, stage: str, key: str) -> bool:
+        path = self.root / LOCKS / stage / f"{key}.lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def leftovers(self, referenced: set[tuple[str, str]]) -> list[Path]:
+        """What `gc` may remove besides unreferenced artifacts: damaged artifacts moved aside,
+        checkpoints of unreferenced keys, and temporary folders no running process holds."""
+        found: list[Path] = []
+        corrupt = self.root / CORRUPT
+        if corrupt.is_dir():
+            found += sorted(p for stage in corrupt.iterdir() if stage.is_dir() for p in stage.iterdir())
+        partial = self.root / PARTIAL
+        if partial.is_dir():
+            found += sorted(p for stage in partial.iterdir() if stage.is_dir() for p in stage.iterdir()
+                            if (stage.name, p.name) not in referenced)
+        tmp = self.root / TMP
+        if tmp.is_dir():
+            for p in sorted(tmp.iterdir()):
+                stage, _, rest = p.name.partition("-")
+                if not self.is_locked(stage, rest.rsplit("-", 1)[0]):
+                    found.append(p)
+        return found
+
+    def clear_partial(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.partial_dir(stage, key), ignore_errors=True)
 
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
     def writer(self, stage: str, key: str) -> Iterator[Path]:
         """Yield a temporary directory; on success it becomes the artifact `<stage>/<key>` atomically.
 
-        The manifest is written by `finalize`, which the caller invokes inside the block."""
-        tmp = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        The manifest is written by `finalize`, which the caller invokes inside the block. Call it
+        holding the key's lock: leftovers of killed writers of this key are removed first."""
+        tmp_root = self.root / TMP
+        if tmp_root.is_dir():
+            for stale in tmp_root.glob(f"{stage}-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = tmp_root / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             yield tmp
@@ -137,11 +281,12 @@ class Store:
                 raise RuntimeError(f"{stage}/{key}: writer closed without a manifest")
             final = self.artifact_dir(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # another writer won the race; its artifact has the same key and content
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, final)
-                _fsync_dir(final.parent)
+            if final.exists():  # a folder without a manifest is never complete: keep it aside, don't trust it
+                warn(f"{stage}/{key}: found an incomplete folder; moved it to {self.move_aside(stage, key)}")
+            _fsync_tree(tmp)
+            faults.point(f"write:{stage}")  # complete in .tmp, not yet published
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -172,13 +317,59 @@ class Store:
         return manifest
 
     # -- runs ---------------------------------------------------------------------------------
-    def write_run(self, name: str, record: dict[str, Any]) -> Path:
+    def run_path(self, name: str) -> Path:
+        return self.runs_dir() / f"{name}.json"
+
+    def write_run(self, record: RunRecord) -> Path:
         self.runs_dir().mkdir(parents=True, exist_ok=True)
-        path = self.runs_dir() / f"{name}.json"
+        path = self.run_path(record.name)
         tmp = path.with_suffix(f".json.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.write_text(record.model_dump_json(indent=2))
         os.replace(tmp, path)
         return path
+
+    def read_run(self, name: str) -> RunRecord:
+        path = self.run_path(name)
+        if not path.is_file():
+            known = ", ".join(r.name for r in self.read_runs()) or "none"
+            raise UserError(f"no run named {name!r} in the store {self.root} (recorded runs: {known})")
+        try:
+            return RunRecord.model_validate_json(path.read_text())
+        except ValueError:
+            raise UserError(f"run record {path} is unreadable; delete it or rerun that config") from None
+
+    def read_runs(self) -> list[RunRecord]:
+        records = []
+        for path in sorted(self.runs_dir().glob("*.json")) if self.runs_dir().is_dir() else []:
+            try:
+                records.append(RunRecord.model_validate_json(path.read_text()))
+            except ValueError:
+                warn(f"skipping unreadable run record {path}")
+        return records
+
+
+class RunRecord(BaseModel):
+    """A named run: its config, the key of every stage, and the run it was branched from."""
+
+    name: str
+    config: dict[str, Any]
+    keys: dict[str, str] = Field(description="stage label -> key, in plan order")
+    stages: dict[str, str] = Field(default_factory=dict, description="stage label -> stage name")
+    parent: str | None = None
+    status: str = "planned"  # planned | running | complete | failed
+    created: str = ""
+    updated: str = ""
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush the artifact's files to disk before the rename publishes it."""
+    for p in path.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

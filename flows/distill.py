@@ -23,7 +23,7 @@ from prefect.states import Completed, Failed, State
 
 from dmsae.config import Config
 from dmsae.errors import UserError
-from dmsae.pipeline import Node, materialize, plan
+from dmsae.pipeline import Node, materialize, plan, run_record
 from dmsae.report import results_table, write_report
 from dmsae.runtime import Runtime
 from dmsae.store import Store
@@ -48,38 +48,58 @@ def _progress_reporter(node: Node) -> Any:
     return report
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
+def retry_unless_user_error(_task: Any, _task_run: Any, state: State) -> bool:
+    """Retry transient failures (I/O, a lost server connection), never a user's mistake: it would fail
+    the same way again."""
+    return state.name != INVALID_INPUT and not isinstance(state.data, UserError)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_user_error)
 def run_stage(store_root: str, node: Node, device: str, show_progress: bool) -> State:
     store = Store(store_root)
-    if store.has(node.stage, node.key):
-        return Completed(data=node.key, name="Cached", message=f"{node.label} {node.key} already in the store")
-    rt = Runtime(device=device, show_progress=show_progress, on_progress=_progress_reporter(node))
+    # the progress artifact only for work that runs: a cached stage is checked and returned at once
+    rt = Runtime(device=device, show_progress=show_progress,
+                 on_progress=None if store.has(node.stage, node.key) else _progress_reporter(node))
     try:
         _, computed = materialize(store, node, rt)
     except UserError as e:
-        return Failed(message=str(e), data=e)
-    if not computed:  # another process finished it while we waited
-        return Completed(data=node.key, name="Cached", message=f"{node.label} computed by another run")
+        return Failed(name=INVALID_INPUT, message=str(e), data=e)
+    if not computed:
+        return Completed(data=node.key, name="Cached", message=f"{node.label} {node.key} already in the store")
     return Completed(data=node.key, message=f"{node.label} {node.key} computed")
 
 
 @flow(name="dmsae-distill", log_prints=True)
 def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str]:
     """Run every stage of the plan in order; returns {stage label: key}."""
-    cfg = Config.model_validate(config)
+    try:
+        cfg = Config.model_validate(config)
+    except ValueError as e:  # a deployment's parameters edited in the UI land here
+        return Failed(name=INVALID_INPUT, message=f"config: {str(e).splitlines()[0]}")  # type: ignore[return-value]
     p = plan(cfg)
     store = Store(cfg.store)
+    try:
+        store.ensure_writable()
+        previous = store.read_run(cfg.name) if store.run_path(cfg.name).is_file() else None
+    except UserError as e:
+        return Failed(name=INVALID_INPUT, message=str(e))  # type: ignore[return-value]
+    parent = previous.parent if previous is not None else None
+    created = previous.created if previous is not None else ""
+    # recorded before anything runs, so `dmsae gc` keeps what a running pipeline is about to use
+    store.write_run(run_record(cfg, p, "running", parent, created))
+    stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
     keys: dict[str, str] = {}
     for node in p.nodes:
-        state = run_stage.with_options(task_run_name=node.label)(
+        state = stage_task.with_options(task_run_name=node.label)(
             str(store.root), node, cfg.device, show_progress, return_state=True
         )
         if state.is_failed():
-            error = state.result(raise_on_failure=False)
-            name = INVALID_INPUT if isinstance(error, UserError) else "Failed"
+            store.write_run(run_record(cfg, p, "failed", parent, created))
+            user_error = state.name == INVALID_INPUT or isinstance(state.result(raise_on_failure=False), UserError)
+            name = INVALID_INPUT if user_error else "Failed"
             return Failed(name=name, message=state.message or f"{node.label} failed")  # type: ignore[return-value]
         keys[node.label] = node.key
-    store.write_run(cfg.name, {"name": cfg.name, "config": cfg.model_dump(mode="json"), "keys": keys})
+    store.write_run(run_record(cfg, p, "complete", parent, created))
     summary = write_report(cfg, store, p, Path(cfg.report_dir) / cfg.name)
     create_markdown_artifact(markdown=summary.read_text(), key="dmsae-summary", description=f"dmsae run {cfg.name}")
     table = results_table(store, p)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dmsae import lm
+from dmsae import faults, lm
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE
 from dmsae.store import Artifact
@@ -98,6 +98,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     for i in tqdm(range(n_batches), desc="attribute", unit="batch", disable=not rt.show_progress):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
         r = attribution_batch(model, sae, params["layer"], scale, ids, bos, threshold)
+        faults.point(f"{rt.label}:batch:{i + 1}")
         a = r["abs_attr"].double().cpu()
         abs_sum += a.sum(0)
         if params["score"] == "quantile":

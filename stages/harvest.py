@@ -1,21 +1,26 @@
 """harvest stage: run layers 0..L over the training windows and stream layer-L residuals to Zarr.
 
-BOS positions are excluded (attention-sink outliers, not text). The activation scale that makes
-E||x||^2 = d is measured on the way and stored in the manifest.
+BOS positions are excluded (attention-sink outliers, not text), and so are massive-activation tokens
+whose norm exceeds `outlier_factor` x the median norm. The activation scale that makes E||x||^2 = d is
+measured on the way and stored in the manifest. After every batch the write position is saved, so
+a killed harvest continues from its last complete block.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dmsae import activations, lm
+from dmsae import activations, faults, lm
 from dmsae.errors import UserError
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
@@ -30,6 +35,31 @@ def norm_threshold(first_norms: torch.Tensor, factor: float | None) -> float:
     return math.inf if factor is None else factor * float(first_norms.float().median())
 
 
+STATE_FILE = "harvest-state.safetensors"
+
+
+def _save_state(path: Path, next_batch: int, writer: activations.ChunkWriter, threshold: float,
+                sq_norm_sum: float) -> None:
+    """The position after a batch: rows up to `writer.offset` are in the Zarr array, the rest pending.
+    One file, written whole and renamed, so it always matches chunks that are already on disk."""
+    pending = np.concatenate(writer.pending) if writer.pending else np.empty((0, writer.array.shape[1]), np.float32)
+    state = {"next_batch": next_batch, "offset": writer.offset, "threshold": threshold, "sq_norm_sum": sq_norm_sum}
+    tmp = path.with_suffix(".tmp")
+    save_file({"pending": torch.from_numpy(np.ascontiguousarray(pending))}, str(tmp),
+              metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["state"]), f.get_tensor("pending").numpy()
+    except Exception:  # noqa: BLE001 - an unreadable state only costs the batches it held
+        return None
+
+
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
     layer = params["layer"]
@@ -38,28 +68,50 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     bos = inputs["tokens"].metrics["bos_id"]
     max_rows = int((windows != bos).sum())
     d = int(model.config.hidden_size)
-    # sized for every non-BOS position, shrunk to the rows kept once the outliers are known
-    array = activations.create(out_dir / activations.ARRAY, max_rows, d, params["chunk_rows"], params["store_dtype"])
-    writer = activations.ChunkWriter(array)
+    # Written where a killed run can find it again (the stage's partial folder), moved into the
+    # artifact when complete. The array is sized for every non-BOS position and shrunk at the end.
+    work = rt.checkpoint_dir if rt.checkpoint_dir is not None else out_dir
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / STATE_FILE
+    resumed = _load_state(state_path) if (work / activations.ARRAY).exists() else None
+    if resumed is None:
+        array = activations.create(work / activations.ARRAY, max_rows, d, params["chunk_rows"], params["store_dtype"])
+        writer = activations.ChunkWriter(array)
+        first_batch, sq_norm_sum, threshold = 0, 0.0, math.inf
+    else:
+        state, pending = resumed
+        array = activations.open_array(work / activations.ARRAY, mode="r+")
+        writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending)
+        first_batch, sq_norm_sum, threshold = state["next_batch"], state["sq_norm_sum"], state["threshold"]
     batch = rt.args.get("batch_size", 32)
-    sq_norm_sum = 0.0
-    threshold = math.inf
     n_batches = math.ceil(windows.shape[0] / batch)
-    bar = tqdm(total=max_rows, desc=f"harvest layer {layer}", unit="tok", disable=not rt.show_progress)
-    for i in range(n_batches):
+    real = windows != bos
+    bar = tqdm(total=max_rows, initial=int(real[:first_batch * batch].sum()), desc=f"harvest layer {layer}",
+               unit="tok", disable=not rt.show_progress)
+    for i in range(first_batch, n_batches):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
         h = lm.residual_upto(model, ids, layer)
+        if not torch.isfinite(h[ids != bos]).all():
+            raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; "
+                            "check model.dtype (float32 is safest) and the model weights")
         if i == 0:  # the median of the first batch fixes the outlier threshold for the whole harvest
             threshold = norm_threshold(h[ids != bos].norm(dim=-1), params["outlier_factor"])
         rows = h[lm.kept_positions(h, ids, bos, threshold)].float().cpu().numpy()
-        if not np.isfinite(rows).all():
-            raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; check model.dtype")
         sq_norm_sum += float(np.square(rows, dtype=np.float64).sum())
         writer.append(rows.astype(params["store_dtype"], copy=False))
-        bar.update(int((ids != bos).sum()))
+        if rt.checkpoint_dir is not None:
+            _save_state(state_path, i + 1, writer, threshold, sq_norm_sum)
+        faults.point(f"{rt.label}:batch:{i + 1}")
+        bar.update(int(real[i * batch:(i + 1) * batch].sum()))
         rt.report((i + 1) / n_batches, f"harvested {writer.offset + writer.pending_rows} tokens")
     bar.close()
     n_rows = writer.close()
+    if n_rows == 0:
+        raise UserError("harvest: no training tokens left after excluding BOS and outliers; "
+                        "raise data.train_tokens or harvest.outlier_factor")
+    if work != out_dir:
+        os.replace(work / activations.ARRAY, out_dir / activations.ARRAY)
+        state_path.unlink(missing_ok=True)
     mean_sq_norm = sq_norm_sum / n_rows
     return {
         "n_tokens": n_rows, "d": d, "layer": layer, "n_outliers": max_rows - n_rows,

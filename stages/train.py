@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dmsae import activations
+from dmsae import activations, faults
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE, geometric_median
 from dmsae.store import Artifact
 
+CHECKPOINT_FILE = "train.ckpt"
 NAME = "train"
 VERSION = "2"
 SAE_FILE = "sae.safetensors"
@@ -62,8 +65,15 @@ def train_sae(
     opt = torch.optim.Adam(params, lr=train_params["lr"], fused=True)
     curve: list[dict[str, float]] = []
     log_every = train_params["log_every"]
-    bar = tqdm(total=n_steps, desc="train SAE", unit="step", disable=not rt.show_progress)
-    for step in range(n_steps):
+    every = rt.args.get("checkpoint_every")
+    ckpt = rt.checkpoint_dir / CHECKPOINT_FILE if rt.checkpoint_dir is not None and every else None
+    if not isinstance(batches, activations.ShuffledBatches):
+        ckpt = None  # only a stream with a restorable position can resume
+    first = 0
+    if ckpt is not None:
+        first, curve = load_checkpoint(ckpt, sae, opt, batches)
+    bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
+    for step in range(first, n_steps):
         x = next(batches)
         opt.zero_grad(set_to_none=True)
         stats, active_cols, active_vals = sae.train_step(x)
@@ -89,8 +99,43 @@ def train_sae(
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
         bar.update(1)
         rt.report((step + 1) / n_steps, f"step {step + 1}/{n_steps}")
+        if ckpt is not None and (step + 1) % every == 0 and step + 1 < n_steps:
+            save_checkpoint(ckpt, step + 1, sae, opt, batches, curve)
+        faults.point(f"{rt.label}:step:{step + 1}")
     bar.close()
     return curve
+
+
+def save_checkpoint(path: Path, steps_done: int, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
+                    batches: activations.ShuffledBatches, curve: list[dict[str, float]]) -> None:
+    """Everything the next step depends on: weights and statistics, Adam moments, the data position
+    and the RNG; written whole to a temporary file and renamed, so a kill never leaves half a checkpoint."""
+    stream_state, carry = batches.state()
+    payload = {"steps_done": steps_done, "sae": sae.state_dict(), "opt": opt.state_dict(), "curve": curve,
+               "stream": stream_state, "carry": torch.from_numpy(np.ascontiguousarray(carry)),
+               "torch_rng": torch.get_rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
+                    batches: activations.ShuffledBatches) -> tuple[int, list[dict[str, float]]]:
+    """Restore a checkpoint if there is a readable one; returns the steps already done and the curve."""
+    if not path.is_file():
+        return 0, []
+    try:
+        payload = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint only costs the steps it held
+        print(f"dmsae: warning: ignoring unreadable checkpoint {path} ({type(e).__name__}); training from step 0",
+              file=sys.stderr)
+        return 0, []
+    sae.load_state_dict(payload["sae"])
+    opt.load_state_dict(payload["opt"])
+    batches.restore(payload["stream"], payload["carry"].numpy())
+    torch.set_rng_state(payload["torch_rng"])
+    return int(payload["steps_done"]), payload["curve"]
 
 
 CORE_FILE = "core.safetensors"  # written by the select and random_core stages: encoder [d, c], lineage [c, 2]

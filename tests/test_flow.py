@@ -178,9 +178,12 @@ def test_cli_missing_config_exits_2(tmp_path, capsys):
 
 
 def test_cli_status_lists_recorded_runs(flow_runs, capsys):
-    """Without a config, `status --store` reads the run records the flow wrote."""
+    """Without a config, `status --store` lists the runs the flow recorded; with a run name, its stages."""
     capsys.readouterr()
     assert main(["status", "--store", str(flow_runs["store"])]) == 0
+    out = capsys.readouterr().out
+    assert f"tiny  [complete]  {len(ALL_LABELS)}/{len(ALL_LABELS)} stages done" in out
+    assert main(["status", "tiny", "--store", str(flow_runs["store"])]) == 0
     out = capsys.readouterr().out
     assert "run 'tiny'" in out
     rows = status_rows(out)
