@@ -72,6 +72,8 @@ def train_sae(
     first = 0
     if ckpt is not None:
         first, curve = load_checkpoint(ckpt, sae, opt, batches)
+        if first:
+            print(f"dmsae: resuming {rt.label or 'training'} at step {first}/{n_steps}", file=sys.stderr, flush=True)
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
     for step in range(first, n_steps):
         x = next(batches)
