@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dmsae.config import Config, apply_overrides, load_config
 from dmsae.errors import UserError
-from dmsae.pipeline import Plan, plan, run_record
+from dmsae.pipeline import Plan, plan, preflight, run_record
 from dmsae.store import RunRecord, Store
 
 EXIT_USER_ERROR = 2
@@ -59,9 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set, args.store)
     _setup_torch(cfg)
     store = Store(cfg.store)
-    store.ensure_writable()
     p = plan(cfg)
-    before = {n.label for n in p.nodes if store.has(n.stage, n.key)}
+    preflight(cfg, p, store)
+    store.ensure_writable()
     _quiet_prefect()
     from flows.distill import INVALID_INPUT, distill
 
@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if state.is_failed():
         print(f"dmsae: error: {state.message}", file=sys.stderr)
         return EXIT_USER_ERROR if state.name == INVALID_INPUT else 1
-    computed = [n.label for n in p.nodes if n.label not in before]
+    computed = state.result()["computed"]
     print(f"\ndmsae run '{cfg.name}' finished in {wall:.1f} s; computed {len(computed)} of {len(p.nodes)} stages"
           + (f" ({', '.join(computed)})" if computed else " (everything was cached)"))
     print(_cycle_table(cfg, store, p))
@@ -279,6 +279,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the config's flow as a Prefect deployment on a cron schedule; runs until interrupted."""
+    cfg = resolve_config(args.config, args.set, args.store)
+    _setup_torch(cfg)
+    Store(cfg.store).ensure_writable()
+    _quiet_prefect()
+    from flows.serve import serve_config
+
+    serve_config(cfg, args.cron, args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmsae", description="Distilled Matryoshka SAEs as a cached pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the distilled-core reuse SAE at sae.k, else the last cycle's)")
     export.add_argument("--out", help="output folder (default: <report_dir>/<name>/saelens/<sae>)")
     export.set_defaults(func=cmd_export)
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule "
+                           "(needs a Prefect server, PREFECT_API_URL)")
+    _config_args(serve, required=True)
+    serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: '0 3 * * *', daily at 03:00)")
+    serve.add_argument("--name", help="deployment name (default: the config's name)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

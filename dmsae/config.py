@@ -98,6 +98,7 @@ class SelectionConfig(Strict):
 
 class ReuseConfig(Strict):
     k: list[int] = Field(default_factory=list, description="k of the reuse SAEs; empty: no reuse stage")
+    width: int | None = Field(None, gt=1, description="width of the reuse SAEs; default sae.width")
     consistency_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2,
                                          description="two seeds trained at k=sae.k for seed consistency")
     random_core_seed: int = 0
@@ -137,9 +138,10 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _reuse_k_below_width(self) -> Config:
-        too_big = [k for k in self.reuse.k if k >= self.sae.width]
+        width = self.reuse.width or self.sae.width
+        too_big = [k for k in self.reuse.k if k >= width]
         if too_big:
-            raise ValueError(f"reuse.k {too_big} must be smaller than sae.width ({self.sae.width})")
+            raise ValueError(f"reuse.k {too_big} must be smaller than the reuse width ({width})")
         return self
 
 

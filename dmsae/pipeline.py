@@ -7,10 +7,12 @@ its artifact is already there.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -134,7 +136,8 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
             if arm_core is not None:
                 inputs["core"] = arm_core
             tag = f"{arm},k={k},seed={seed}"
-            r = Node("reuse", {"arm": arm, "seed": seed, "sae": {**cfg.sae.model_dump(), "k": k},
+            sae = {**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width}
+            r = Node("reuse", {"arm": arm, "seed": seed, "sae": sae,
                                "train": train_params}, inputs, tag=tag,
                      args={"checkpoint_every": cfg.train.checkpoint_every})
             nodes += [r, Node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
@@ -185,6 +188,37 @@ def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
             raise
         store.clear_partial(node.stage, node.key)
         return store.load(node.stage, node.key), True
+
+
+def model_num_layers(kind: str, location: str) -> int | None:
+    """The model's decoder layers from its config or GGUF header, without loading weights; None when
+    that needs the network (a hub id)."""
+    if kind == "dir":
+        data = json.loads((Path(location) / "config.json").read_text())
+        n = data.get("text_config", data).get("num_hidden_layers")
+        return int(n) if n is not None else None
+    if kind == "gguf":
+        from gguf import GGUFReader
+
+        try:
+            fields = GGUFReader(location).fields
+            arch = fields["general.architecture"].contents()
+            return int(fields[f"{arch}.block_count"].contents())
+        except (KeyError, ValueError, OSError):
+            raise UserError(f"model.path: {location} has no readable GGUF header; point it at a real .gguf") from None
+    return None
+
+
+def preflight(cfg: Config, p: Plan, store: Store) -> None:
+    """Checks that need the model or the store, run before any stage so a mistake writes nothing."""
+    store.check_format()
+    model = p.find("model")
+    if store.has("model", model.key):
+        n_layers: int | None = store.manifest("model", model.key).metrics["num_layers"]
+    else:
+        n_layers = model_num_layers(model.params["kind"], model.args["location"])
+    if n_layers is not None and not 0 <= cfg.harvest.layer < n_layers:
+        raise UserError(f"harvest.layer={cfg.harvest.layer} is out of range: the model has layers 0..{n_layers - 1}")
 
 
 def run_record(cfg: Config, p: Plan, status: str, parent: str | None = None, created: str = "") -> RunRecord:

@@ -23,7 +23,7 @@ from prefect.states import Completed, Failed, State
 
 from dmsae.config import Config
 from dmsae.errors import UserError
-from dmsae.pipeline import Node, materialize, plan, run_record
+from dmsae.pipeline import Node, materialize, plan, preflight, run_record
 from dmsae.report import results_table, write_report
 from dmsae.runtime import Runtime
 from dmsae.store import Store
@@ -70,15 +70,17 @@ def run_stage(store_root: str, node: Node, device: str, show_progress: bool) -> 
 
 
 @flow(name="dmsae-distill", log_prints=True)
-def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str]:
-    """Run every stage of the plan in order; returns {stage label: key}."""
+def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, Any]:
+    """Run every stage of the plan in order; returns {"keys": {stage label: key}, "computed": [labels
+    this run computed, as opposed to found in the store]}."""
     try:
         cfg = Config.model_validate(config)
     except ValueError as e:  # a deployment's parameters edited in the UI land here
         return Failed(name=INVALID_INPUT, message=f"config: {str(e).splitlines()[0]}")  # type: ignore[return-value]
-    p = plan(cfg)
     store = Store(cfg.store)
     try:
+        p = plan(cfg)
+        preflight(cfg, p, store)
         store.ensure_writable()
         previous = store.read_run(cfg.name) if store.run_path(cfg.name).is_file() else None
     except UserError as e:
@@ -89,6 +91,7 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str
     store.write_run(run_record(cfg, p, "running", parent, created))
     stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
     keys: dict[str, str] = {}
+    computed: list[str] = []
     for node in p.nodes:
         state = stage_task.with_options(task_run_name=node.label)(
             str(store.root), node, cfg.device, show_progress, return_state=True
@@ -99,6 +102,8 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str
             name = INVALID_INPUT if user_error else "Failed"
             return Failed(name=name, message=state.message or f"{node.label} failed")  # type: ignore[return-value]
         keys[node.label] = node.key
+        if state.name != "Cached":
+            computed.append(node.label)
     store.write_run(run_record(cfg, p, "complete", parent, created))
     summary = write_report(cfg, store, p, Path(cfg.report_dir) / cfg.name)
     create_markdown_artifact(markdown=summary.read_text(), key="dmsae-summary", description=f"dmsae run {cfg.name}")
@@ -106,4 +111,4 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, str
     if not table.empty:
         create_table_artifact(table=table.round(4).astype(object).where(table.notna(), None).to_dict("records"),
                               key="dmsae-metrics", description=f"SAEs of {cfg.name} on held-out eval tokens")
-    return keys
+    return {"keys": keys, "computed": computed}

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dmsae import activations, faults
+from dmsae.errors import UserError
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE, geometric_median
 from dmsae.store import Artifact
@@ -160,6 +161,11 @@ def fit(
     if core is not None:
         tensors = load_file(str(core.file(CORE_FILE)))
         core_encoder, core_lineage = tensors["encoder"], tensors["lineage"]
+        c, width, k = core_encoder.shape[1], sae_params["width"], sae_params["k"]
+        if width - c < k:
+            raise UserError(f"the core has {c} latents, too many for an SAE of width {width} at k={k} "
+                            f"(only {width - c} non-core latents left); raise the width (sae.width or reuse.width) "
+                            "or lower selection.tau")
     sae = build_sae(sae_params, d, core_encoder, seed)
     batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
     sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale)

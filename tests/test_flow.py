@@ -68,7 +68,8 @@ def plan_keys(cfg) -> dict[str, str]:
 def test_first_run_computes_every_stage(flow_runs, pipeline_run):
     state = flow_runs["first"]
     assert state.is_completed(), state.message
-    keys = state.result()
+    keys = state.result()["keys"]
+    assert state.result()["computed"] == ALL_LABELS
     assert keys == plan_keys(flow_runs["cfg"])
     # the same keys as the run without Prefect into another store
     assert keys == {n.label: n.key for n in pipeline_run.plan.nodes}
@@ -83,7 +84,7 @@ def test_first_run_computes_every_stage(flow_runs, pipeline_run):
 def test_second_run_executes_no_stage(flow_runs):
     state = flow_runs["second"]
     assert state.is_completed(), state.message
-    assert state.result() == flow_runs["first"].result()
+    assert state.result() == {"keys": flow_runs["first"].result()["keys"], "computed": []}
     states = task_states(state.state_details.flow_run_id)
     assert set(states) == set(ALL_LABELS)
     assert all(s == ("Cached", "COMPLETED") for s in states.values()), states
@@ -94,7 +95,8 @@ def test_second_run_executes_no_stage(flow_runs):
 def test_changed_tau_recomputes_only_select0_and_downstream(flow_runs):
     state = flow_runs["third"]
     assert state.is_completed(), state.message
-    assert state.result() == plan_keys(flow_runs["cfg_tau"])
+    assert state.result()["keys"] == plan_keys(flow_runs["cfg_tau"])
+    assert set(state.result()["computed"]) == AFTER_SELECT0
     states = task_states(state.state_details.flow_run_id)
     assert set(states) == set(ALL_LABELS)
     computed = {label for label, (name, _) in states.items() if name == "Completed"}
