@@ -219,6 +219,16 @@ def preflight(cfg: Config, p: Plan, store: Store) -> None:
         n_layers = model_num_layers(model.params["kind"], model.args["location"])
     if n_layers is not None and not 0 <= cfg.harvest.layer < n_layers:
         raise UserError(f"harvest.layer={cfg.harvest.layer} is out of range: the model has layers 0..{n_layers - 1}")
+    corpus = p.find("tokens")
+    if corpus.params["kind"] in ("txt", "jsonl") and Path(corpus.args["location"]).stat().st_size == 0:
+        raise UserError(f"data.path: {corpus.args['location']} is empty; give a corpus with some text")
+    final = p.last_core()
+    if cfg.reuse.k and store.has(final.stage, final.key):  # else the reuse stage checks it once the core exists
+        core_size = store.manifest(final.stage, final.key).metrics["core_size"]
+        width = cfg.reuse.width or cfg.sae.width
+        if width - core_size < max(cfg.reuse.k):
+            raise UserError(f"the distilled core has {core_size} latents, too many for reuse SAEs of width {width} "
+                            f"at k={max(cfg.reuse.k)}; raise reuse.width or lower reuse.k")
 
 
 def run_record(cfg: Config, p: Plan, status: str, parent: str | None = None, created: str = "") -> RunRecord:
