@@ -58,9 +58,9 @@ def resolve_model(spec: str) -> ModelSource:
             raise UserError(f"model.path: {p} has no config.json; point it at a transformers model folder")
         h = hashlib.sha256()
         for f in sorted(p.iterdir()):
-            if f.is_file():  # weights are fingerprinted by name and size: hashing GBs on every run is too slow
+            if f.is_file():  # every byte: a fine-tuned copy with the same file sizes is another model (~1 s/GB)
                 h.update(f.name.encode())
-                h.update(sha256_file(f).encode() if f.suffix == ".json" else str(f.stat().st_size).encode())
+                h.update(sha256_file(f).encode())
         return ModelSource("dir", str(p.resolve()), h.hexdigest())
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(

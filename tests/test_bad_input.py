@@ -1,0 +1,160 @@
+"""Bad input: every case gives exit code 2 and one line naming the problem and what to do, no
+traceback, and leaves the store as it was: no new artifact, no temporary or partial files, every
+existing file byte-identical.
+
+Each case runs the real CLI in this process against a private copy of the tiny run's store; the
+output is captured at the file-descriptor level, so Prefect's own logging is checked too."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dmsae.cli import main
+
+
+@dataclass
+class Case:
+    args: Callable[[Path, Path], list[str]]  # (config file, work dir) -> CLI arguments
+    expect: str  # a fragment of the one-line message
+    setup: Callable[[Path, Path], None] = lambda config, work: None
+    may_add: set[str] = field(default_factory=set)  # stages a valid upstream part may add (new inputs)
+
+
+def write_yaml(path: Path, **changes: object) -> None:
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data))
+
+
+def nan_model(config: Path, work: Path) -> None:
+    """A copy of the tiny model whose layer-0 MLP weights are NaN."""
+    from safetensors.torch import load_file, save_file
+
+    src = Path(yaml.safe_load(config.read_text())["model"]["path"])
+    dst = work / "nan-model"
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if "layers.0.mlp.down_proj" in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    write_yaml(config, **{"model.path": str(dst)})
+
+
+def run_args(*sets: str) -> Callable[[Path, Path], list[str]]:
+    return lambda config, work: ["run", str(config), "--no-progress", *[x for s in sets for x in ("--set", s)]]
+
+
+CASES: dict[str, Case] = {
+    "unknown config key": Case(run_args("sae.widht=64"), "sae.widht: unknown key"),
+    "wrong type": Case(run_args("sae.k=many"), "sae.k:"),
+    "tau above 1": Case(run_args("selection.tau=1.5"), "selection.tau:"),
+    "tau zero": Case(run_args("selection.tau=0"), "selection.tau:"),
+    "layer out of range (model in the store)": Case(run_args("harvest.layer=9"), "harvest.layer=9 is out of range"),
+    "layer out of range (new model, read from config.json)": Case(
+        run_args("harvest.layer=4"), "the model has layers 0..3",
+        setup=lambda c, w: write_yaml(c, **{"model.path": str(shutil.copytree(
+            yaml.safe_load(c.read_text())["model"]["path"], w / "model-copy"))})),
+    "k not below width": Case(run_args("sae.k=128"), "k (128) must be smaller than width (128)"),
+    "reuse k not below reuse width": Case(run_args("reuse.k=[8]", "reuse.width=8"), "reuse width"),
+    "core larger than the reuse width": Case(run_args("reuse.k=[6]", "reuse.width=12"),
+                                             "too many for reuse SAEs of width 12"),
+    "group fractions sum to 1": Case(run_args("sae.group_fractions=[0.5, 0.5]"), "sae.group_fractions"),
+    "empty corpus file": Case(run_args(), "is empty", setup=lambda c, w: (
+        (w / "empty.txt").write_text(""), write_yaml(c, **{"data.path": str(w / "empty.txt")}))),
+    "corpus of blank documents": Case(run_args(), "no non-empty documents", setup=lambda c, w: (
+        (w / "blank.jsonl").write_text('{"text": "  "}\n{"text": ""}\n'),
+        write_yaml(c, **{"data.path": str(w / "blank.jsonl")}))),
+    "corpus field missing": Case(run_args("data.field=body"), "has no field 'body'"),
+    "missing corpus file": Case(run_args("data.path=/nonexistent/corpus.jsonl"), "data.path: file not found"),
+    "missing model path": Case(run_args("model.path=/nonexistent/model"), "model.path: /nonexistent/model not found"),
+    "file that claims to be GGUF": Case(run_args(), "is not a GGUF file", setup=lambda c, w: (
+        (w / "fake.gguf").write_bytes(b"PK\x03\x04 this is a zip, not a model"),
+        write_yaml(c, **{"model.path": str(w / "fake.gguf")}))),
+    "unwritable store root": Case(lambda c, w: ["run", str(c), "--set", f"store={w / 'a-file' / 'store'}"],
+                                  "is not writable", setup=lambda c, w: (w / "a-file").write_text("x")),
+    "NaN in the activations": Case(run_args(), "NaN or inf activations", setup=nan_model,
+                                   may_add={"model", "tokens"}),
+    "too few tokens for the splits": Case(run_args("data.train_tokens=10000000"), "data.train_tokens"),
+    "store of an older format": Case(run_args(), "layout format 0", setup=lambda c, w: (
+        Path(yaml.safe_load(c.read_text())["store"], "dmsae-store.json").write_text('{"format": 0}'))),
+    "config file not found": Case(lambda c, w: ["run", str(w / "nope.yaml")], "config file not found"),
+    "config not valid YAML": Case(lambda c, w: ["run", str(w / "bad.yaml")], "not valid YAML",
+                                  setup=lambda c, w: (w / "bad.yaml").write_text("sae: [unclosed\n")),
+    "override without =": Case(run_args("selection.tau"), "expected dotted.key=value"),
+    "unknown run name": Case(lambda c, w: ["run", "nosuchrun", "--store", str(w)], "nosuchrun: neither"),
+    "cuda without a GPU": Case(run_args("device=cuda"), "no CUDA device",
+                               setup=lambda c, w: None if not torch.cuda.is_available() else pytest.skip("GPU")),
+    "export of an unknown SAE": Case(lambda c, w: ["export", str(c), "--sae", "train[9]"],
+                                     "--sae train[9]: no such SAE"),
+}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts}
+
+
+def published(root: Path) -> set[tuple[str, str]]:
+    return {(p.parent.parent.name, p.parent.name) for p in root.glob("*/*/manifest.json")
+            if not p.parent.parent.name.startswith(".")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(name, pipeline_run, make_config, tmp_path, capfd):
+    case = CASES[name]
+    store = tmp_path / "store"
+    shutil.copytree(pipeline_run.store.root, store, ignore=shutil.ignore_patterns(".locks"))
+    cfg = make_config(store, f"report_dir={tmp_path / 'reports'}")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    case.setup(config, tmp_path)
+    before, artifacts_before = snapshot(store), published(store)
+    capfd.readouterr()
+
+    code = main(case.args(config, tmp_path))
+
+    out, err = capfd.readouterr()
+    assert code == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("dmsae: error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert case.expect in errors[0], errors[0]
+    assert "Traceback" not in out + err, err[-3000:]
+    after = snapshot(store)
+    for rel, digest in before.items():  # nothing existing lost or changed (run records may gain a status)
+        if not rel.startswith("runs/"):
+            assert after.get(rel) == digest, f"{rel} changed"
+    added = {stage for stage, _ in published(store) - artifacts_before}
+    assert added <= case.may_add, added
+    assert not [p for p in (store / ".tmp").rglob("*") if p.is_file()] if (store / ".tmp").exists() else True
+    partial = store / ".partial"
+    assert not partial.exists() or not [p for p in partial.rglob("*") if p.is_file()]
+
+
+def test_there_are_at_least_15_cases():
+    assert len(CASES) >= 15
+
+
+def test_run_record_of_a_failed_run_says_failed(pipeline_run, make_config, tmp_path, capfd):
+    """A stage stopped by bad input marks the run failed, so `dmsae status` tells the truth."""
+    store = tmp_path / "store"
+    shutil.copytree(pipeline_run.store.root, store, ignore=shutil.ignore_patterns(".locks"))
+    cfg = make_config(store, "data.train_tokens=10000000", f"report_dir={tmp_path / 'reports'}")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["run", str(config), "--no-progress"]) == 2
+    assert json.loads((store / "runs" / "tiny.json").read_text())["status"] == "failed"
