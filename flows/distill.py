@@ -77,6 +77,10 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, Any
         cfg = Config.model_validate(config)
     except ValueError as e:  # a deployment's parameters edited in the UI land here
         return Failed(name=INVALID_INPUT, message=f"config: {str(e).splitlines()[0]}")  # type: ignore[return-value]
+    if cfg.threads:  # runs of a served deployment start here, not in the CLI
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     store = Store(cfg.store)
     try:
         p = plan(cfg)

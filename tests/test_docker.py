@@ -1,0 +1,123 @@
+"""docker/compose.yaml and docker/Dockerfile, checked offline (no Docker engine in CI): the services and
+their wiring, the worker's command against dmsae's real argument parser, the Dockerfile's COPYs
+against what the app imports, and the Prefect image tag against constraints.txt."""
+
+from __future__ import annotations
+
+import ast
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _pinned(package: str) -> str:
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.lower().startswith(f"{package}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) per Dockerfile instruction, continuation lines joined."""
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """{container path: source} of a service's short-syntax volumes."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+
+
+def test_services_server_and_worker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"server", "worker"}
+    server, worker = services["server"], services["worker"]
+    assert shlex.split(server["command"])[:3] == ["prefect", "server", "start"]
+    assert "--host 0.0.0.0" in server["command"]  # reachable from the worker container
+    assert "4200:4200" in server["ports"]
+    assert server["healthcheck"]["test"][0] == "CMD" and "/api/health" in " ".join(server["healthcheck"]["test"])
+    assert worker["environment"]["PREFECT_API_URL"] == "http://server:4200/api"
+    assert worker["depends_on"] == {"server": {"condition": "service_healthy"}}
+
+
+def test_named_volumes_for_the_database_and_the_store(compose: dict[str, Any]) -> None:
+    declared = set(compose["volumes"])
+    server_mounts = _mounts(compose["services"]["server"])
+    assert server_mounts["/root/.prefect"] in declared  # the server's PREFECT_HOME, where prefect.db lives
+    worker_mounts = _mounts(compose["services"]["worker"])
+    workdir = [args for word, args in _dockerfile() if word == "WORKDIR"][-1]
+    # the store volume sits where the default store (`store: artifacts`, relative) resolves in the image
+    assert worker_mounts[f"{workdir}/artifacts"] in declared
+    assert [args for word, args in _dockerfile() if word == "VOLUME"] == [f"{workdir}/artifacts"]
+
+
+def test_prefect_image_matches_the_pinned_prefect_and_python() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    python = [args for word, args in _dockerfile() if word == "FROM"][0].split(":")[1].split("-")[0]
+    assert compose["services"]["server"]["image"] == f"prefecthq/prefect:{_pinned('prefect')}-python{python}"
+
+
+def test_worker_command_parses_with_the_real_cli(compose: dict[str, Any]) -> None:
+    from dmsae.cli import build_parser, cmd_serve
+    from dmsae.config import load_config
+    from flows.serve import check_cron
+
+    worker = compose["services"]["worker"]
+    assert worker["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}  # context: the repo root
+    entrypoint = ast.literal_eval([args for word, args in _dockerfile() if word == "ENTRYPOINT"][-1])
+    assert entrypoint == ["dmsae"]
+    command = worker["command"] if isinstance(worker["command"], list) else shlex.split(worker["command"])
+    args = build_parser().parse_args(command)
+    assert args.func is cmd_serve
+    assert args.cron == "0 3 * * *" and check_cron(args.cron) == args.cron
+    assert load_config(REPO / args.config).name == "quickstart"  # the config file exists and is valid
+
+
+def _top_level_imports(root: Path) -> set[str]:
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_dockerfile_copies_every_package_the_app_imports() -> None:
+    copied = {src for word, args in _dockerfile() if word == "COPY" for src in args.split()[:-1]}
+    # local packages: top-level imports of the app's code that are folders of this repo
+    local = {name for name in _top_level_imports(REPO / "dmsae") | _top_level_imports(REPO / "stages")
+             | _top_level_imports(REPO / "flows") if (REPO / name / "__init__.py").is_file()}
+    assert local == {"dmsae", "stages", "flows"}
+    assert local | {"configs"} <= copied  # configs: the command's preset
+    assert {"pyproject.toml", "constraints.txt"} <= copied
+    installs = " ".join(args for word, args in _dockerfile() if word == "RUN")
+    assert "-c constraints.txt" in installs  # the pinned stack, as in the Makefile
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose is not installed")
+def test_docker_compose_config_validates() -> None:
+    """Compose's own schema check (no engine needed); runs where docker-compose is installed."""
+    proc = subprocess.run(["docker-compose", "-f", str(DOCKER / "compose.yaml"), "config", "-q"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
