@@ -101,7 +101,10 @@ class ShuffledBatches:
 
     def _next_group(self) -> None:
         if self.buf is not None:
-            self.carry = self.buf[self.n_full:]
+            # a copy, and the old buffer dropped before the next is built: two live buffers would
+            # raise the peak memory by a whole buffer
+            self.carry = self.buf[self.n_full:].copy()
+            self.buf = None
             self.group_start += self.shuffle_chunks
         if self.order is None or self.group_start >= self.n_chunks:
             self.order = self.rng.permutation(self.n_chunks)

@@ -1,0 +1,1 @@
+"""Benchmarks of the dmsae stages against their ceilings and against other libraries (see bench/run.py)."""

@@ -1,0 +1,234 @@
+"""Run every benchmark in one process tree and write BENCHMARKS.md (tables + the command that made them).
+
+    .venv/bin/python -m bench.run --quick            # under 5 minutes on an idle 2-core machine
+    .venv/bin/python -m bench.run --full             # the figures to quote (about an hour on 2 cores)
+    .venv/bin/python -m bench.run --full --device cuda --out BENCHMARKS-cuda.md
+
+Raw results (every timing, the machine, the mode) go to bench/results/<time>-<mode>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench import attribution, cache, harvest, memory, train
+from bench.common import (
+    MODES,
+    REPO,
+    RESULTS,
+    Context,
+    Row,
+    fmt,
+    load_average,
+    log,
+    machine_info,
+    materialize_inputs,
+    set_threads,
+)
+
+BENCHES: dict[str, tuple[str, Callable[[Context], list[Row]]]] = {
+    "harvest": ("1. Harvest: SmolLM2-135M, layer 15 of 30, context 128, batches of 32 windows", harvest.run),
+    "train": ("2. SAE training: d=576, width 4096, k=32, prefixes [128, 512, 1024, 2048, 4096], batch 4096, fp32",
+              train.run),
+    "attribution": ("3. Attribution: batches of 8 windows of 128 tokens, layer 15", attribution.run),
+    "cache": ("4. Cache: the quickstart, fully cached, and a tau branch", cache.run),
+    "memory": ("5. Memory: peak RSS at N and 4N tokens, each in a fresh process", memory.run),
+}
+
+EXPLAIN = {
+    "harvest": "Tokens/s over the same windows, all three timed in interleaved passes (median over passes). "
+               "The stage is `stages.harvest.run` as the pipeline calls it (Zarr writes, outlier filter, "
+               "resumable state after every batch), with the model already loaded; the bare forward runs "
+               "layers 0..15 (`dmsae.lm.residual_upto`) and stores nothing; the full forward is "
+               "`model(ids, output_hidden_states=True)` over all 30 layers and the LM head.",
+    "train": "Every trainer gets the same batches (row indices saved once, gathered before each step's clock "
+             "starts) and is timed per step (median, first step excluded); FVU is measured after the last step "
+             "on the same held-out rows with the training-time BatchTopK encoding. The anchors run in "
+             "`bench/.venv` (torch pinned to the project's version) as subprocesses, through their own update "
+             "functions. Same lr (5e-4) and a 5 % warm-up / 20 % decay schedule for all. The dmsae rows call "
+             "`stages.train.train_sae`, the train stage's loop (Adam, gradient projection, clipping, decoder "
+             "normalisation, dead-latent and threshold statistics).",
+    "attribution": "Per-batch times, interleaved, median over batches (after one warm-up batch). The reference "
+                   "runs the model with the layer-15 residual replaced by a leaf that requires grad and "
+                   "backpropagates the same summed next-token loss: attribution's cost without the SAE. The ratio "
+                   "is attribution's time over the reference's.",
+    "cache": "The real CLI in a subprocess, on a copy of the quickstart store (`store` and `report_dir` are not in "
+             "any stage key, so the copy is exactly as cached), with its own Prefect home warmed up by one untimed "
+             "run. The quickstart itself is never computed here.",
+    "memory": "Peak RSS (VmHWM) of a fresh Python process that runs only that stage function "
+              "(`stages.harvest.run` with its own model load; `stages.train.fit` for one epoch at batch 4096). "
+              "The peak includes Python, torch and the model; the note gives the size the 4N activations would "
+              "take if they were held in memory. N is at least one LM batch (harvest) and one full shuffle buffer "
+              "(training: 16 chunks of 4096 rows), so the N run is not smaller for reasons unrelated to streaming.",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--quick", dest="mode", action="store_const", const="quick", help="under 5 minutes (default)")
+    group.add_argument("--full", dest="mode", action="store_const", const="full", help="the figures to quote")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown output (default: BENCHMARKS.md)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    ap.add_argument("--quickstart-store", default=str(REPO / "artifacts"),
+                    help="store holding the completed quickstart, for the cache benchmark (default: artifacts)")
+    ap.add_argument("--note", default="", help="a line to print at the top of the markdown")
+    ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder under bench/results/")
+    args = ap.parse_args(argv)
+    args.mode = args.mode or "quick"
+    unknown = set(args.only.split(",")) - set(BENCHES)
+    if unknown:
+        ap.error(f"--only: unknown benchmark(s) {sorted(unknown)}; choose from {','.join(BENCHES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available here")
+    return args
+
+
+def ratio_text(r: Row) -> str:
+    return "-" if r.ratio is None else f"{r.ratio:.2f}x"
+
+
+def result_text(r: Row) -> str:
+    if r.passed is None:
+        return "not measured" if r.value is None and r.target else ""
+    return "PASS" if r.passed else "MISS"
+
+
+def table(rows: list[Row]) -> list[str]:
+    out = ["| measured | value | unit | compared with | its value | ratio | target | result | notes |",
+           "|---|---:|---|---|---:|---:|---|---|---|"]
+    for r in rows:
+        cells = [r.what, fmt(r.value), r.unit, r.versus, fmt(r.versus_value), ratio_text(r), r.target,
+                 result_text(r), r.note]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = ["# Benchmarks", ""]
+    if report["note"]:
+        lines += [f"> {report['note']}", ""]
+    lines += [f"Made by `{report['command']}` on {report['date']} ({report['mode']} mode, "
+              f"{report['wall_s'] / 60:.1f} min in all). Every benchmark ran in this one process tree; each figure "
+              "is a median over repeats (counts in the notes), and the ratios, measured side by side in the same "
+              "run, are the figures that count: the machine is shared and its absolute speed varies.", ""]
+    lines += ["## Machine", "", "| | |", "|---|---|"]
+    load = m.get("load_average_start")
+    load_end = m.get("load_average_end")
+    items = [("CPU", f"{m['cpu']}, {m['cores']} cores visible"),
+             ("RAM", f"{m['ram_gib']:.1f} GiB" if m.get("ram_gib") else "?"),
+             ("torch", f"{m['torch']}, {m['torch_threads']} threads"), ("transformers", m["transformers"]),
+             ("Python", m["python"]), ("OS", m["os"]), ("device", m["device"] + (f" ({m['gpu']})" if m["gpu"] else "")),
+             ("torch parallel backend", m.get("parallel_backend", "?")),
+             ("environment", ", ".join(f"`{k}={v}`" for k, v in m.get("env", {}).items()) or "no threading or "
+              "allocator variables set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, GLIBC_TUNABLES, ...)"),
+             ("load average (1, 5, 15 min)", f"{_load(load)} at the start, {_load(load_end)} at the end")]
+    lines += [f"| {k} | {v} |" for k, v in items]
+    lines += [""]
+    if not report["cuda_available"]:
+        lines += ["No GPU was available to this task: the harness takes `--device cuda` "
+                  "(`.venv/bin/python -m bench.run --full --device cuda`), but no GPU table has been measured.", ""]
+    lines += ["## Targets", "", "| benchmark | measured | ratio | target | result |", "|---|---|---:|---|---|"]
+    for name, section in report["benchmarks"].items():
+        for r in section["rows"]:
+            row = Row(**r)
+            if row.target:
+                lines.append(f"| {name} | {row.what} | {ratio_text(row) if row.ratio is not None else fmt(row.value)} "
+                             f"| {row.target} | {result_text(row) or '-'} |")
+    lines += [""]
+    for name, section in report["benchmarks"].items():
+        lines += [f"## {BENCHES[name][0]}", "", EXPLAIN[name], ""]
+        lines += table([Row(**r) for r in section["rows"]])
+        lines += ["", f"({section['seconds']:.0f} s)", ""]
+    lines += ["## Reproduce", "", "```bash",
+              "# the anchors, once, in their own environment (never project dependencies); pip's torchvision",
+              "# does not load against the local torch 2.13.0+cpu and nothing used here needs it",
+              "python3 -m venv bench/.venv",
+              "bench/.venv/bin/pip install torch==2.13.0 sae-lens==6.54.12 dictionary-learning==0.1.0",
+              "bench/.venv/bin/pip uninstall -y torchvision",
+              report["command"], "```", ""]
+    return "\n".join(lines)
+
+
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line as quoted in the markdown: --note only labels the file, it changes no figure."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
+def _load(load: list[float] | tuple[float, ...] | None) -> str:
+    return "?" if not load else ", ".join(f"{x:.2f}" for x in load)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = MODES[args.mode]
+    machine = machine_info(args.device, args.threads)  # before set_threads, which exports OMP_NUM_THREADS
+    set_threads(args.threads)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = RESULTS / f"work-{stamp}"
+    work.mkdir(parents=True)
+    command = ".venv/bin/python -m bench.run " + " ".join(shlex.quote(a) for a in _without_note(argv or sys.argv[1:]))
+    ctx = Context(mode=mode, device=args.device, threads=args.threads, work=work,
+                  quickstart_store=Path(args.quickstart_store).resolve())
+    started = time.perf_counter()
+    log(f"{mode.name} mode on {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
+        f"{args.threads} threads, device {args.device}; load average {_load(machine['load_average_start'])}")
+    report: dict = {"command": command.strip(), "mode": mode.name, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                    time.gmtime()), "note": args.note, "machine": machine, "benchmarks": {},
+                    "cuda_available": torch.cuda.is_available(), "mode_settings": mode.__dict__}
+    try:
+        t0 = time.perf_counter()
+        ctx.shared.update(materialize_inputs())
+        log(f"bench inputs (model and tokens stages of the bench store) ready in {time.perf_counter() - t0:.1f} s")
+        for name in args.only.split(","):
+            title, fn = BENCHES[name]
+            log(f"--- {title}")
+            t0 = time.perf_counter()
+            try:
+                rows = fn(ctx)
+            except Exception as e:  # noqa: BLE001 - one failing benchmark must not lose the others
+                traceback.print_exc()
+                rows = [Row(f"{name} benchmark failed", None, "", note=f"error: {type(e).__name__}: {e}")]
+            seconds = time.perf_counter() - t0
+            report["benchmarks"][name] = {"rows": [r.to_dict() for r in rows], "seconds": seconds}
+            log(f"{name}: {seconds:.0f} s")
+        report["raw"] = {"train": ctx.shared.get("train_raw")}
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    machine["load_average_end"] = load_average()
+    report["wall_s"] = time.perf_counter() - started
+    raw_path = RESULTS / f"{stamp}-{mode.name}.json"
+    raw_path.write_text(json.dumps(report, indent=1, default=str))
+    text = markdown(report)
+    Path(args.out).write_text(text)
+    print(text)
+    log(f"wrote {args.out} and {raw_path.relative_to(REPO)} in {report['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""2. SAE training: the train stage's step (`stages.train.train_sae` around `MatryoshkaSAE.train_step`)
+against SAELens's and dictionary_learning's Matryoshka BatchTopK trainers and a plain dense PyTorch step,
+on identical batches of the same harvested activations, compared at equal steps by held-out FVU; and the
+step against one bare encoder matmul of the same shape, timed in the same run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import ANCHOR_PYTHON, LAYER, REPO, Context, Row, log, materialize_inputs, median, repeat, sync
+from dmsae import activations
+from dmsae.config import SAEConfig, TrainConfig
+from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
+from stages.train import B_DEC_SAMPLE, build_sae, train_sae
+
+D, WIDTH, K, BATCH = 576, 4096, 32, 4096
+PREFIXES = [128, 512, 1024, 2048, 4096]
+FRACTIONS = [128 / 4096, 384 / 4096, 512 / 4096, 1024 / 4096]  # group ends 128, 512, 1024, 2048 (+ the rest)
+CORE = 64
+EVAL_ROWS = 2048
+SEED = 0
+
+
+def sae_params(**overrides: Any) -> dict[str, Any]:
+    return SAEConfig(width=WIDTH, k=K, group_fractions=FRACTIONS, **overrides).model_dump()
+
+
+def train_params(steps: int) -> dict[str, Any]:
+    return TrainConfig(batch_size=BATCH).model_dump(exclude={"checkpoint_every"}) | {"log_every": max(1, steps)}
+
+
+class DenseReferenceSAE(MatryoshkaSAE):
+    """The plain dense PyTorch step: `forward_train` (dense decoder matmuls, a full top-k) and autograd."""
+
+    def train_step(self, x: torch.Tensor) -> tuple[StepStats, torch.Tensor, torch.Tensor]:
+        out = self.forward_train(x)
+        out.loss.backward()
+        f = out.f_noncore.detach()
+        nz = f.nonzero()
+        cols, vals = nz[:, 1], f[nz[:, 0], nz[:, 1]]
+        B = x.shape[0]
+        stats = StepStats(loss=float(out.loss.detach()), prefix_losses=out.prefix_losses, aux_loss=float(out.aux_loss),
+                          l0_core=float((out.f_core > 0).sum()) / B, l0_noncore=float(vals.numel()) / B,
+                          k_noncore=out.k_noncore)
+        return stats, cols, vals
+
+
+class TimedBatches:
+    """Hands train_sae the bench's batches; the time between two requests is one training step (the
+    gather of the next batch happens before the clock restarts). Also notes whether AuxK will run."""
+
+    def __init__(self, pool: torch.Tensor, idx: torch.Tensor, device: str, sae: MatryoshkaSAE):
+        self.pool, self.idx, self.device, self.sae = pool, idx, device, sae
+        self.i = 0
+        self.last: float | None = None
+        self.step_seconds: list[float] = []
+        self.n_dead: list[int] = []
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        sync(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.step_seconds.append(now - self.last)
+        x = self.pool[self.idx[self.i]].to(self.device)
+        self.i += 1
+        self.n_dead.append(int((self.sae.tokens_since_fired >= self.sae.dead_after_tokens).sum()))
+        sync(self.device)
+        self.last = time.perf_counter()
+        return x
+
+    def finish(self) -> None:
+        sync(self.device)
+        assert self.last is not None
+        self.step_seconds.append(time.perf_counter() - self.last)
+
+
+@torch.no_grad()
+def eval_fvu(sae: MatryoshkaSAE, x: torch.Tensor) -> float:
+    """Held-out FVU with the training-time BatchTopK encoding (as the anchors are measured)."""
+    x_hat = sae.forward_train(x).x_hat
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def pool_rows(ctx: Context) -> tuple[np.ndarray, float, str]:
+    """Scaled activations for training: the harvest benchmark's output (quick) or the bench store's harvest
+    of the quickstart's 118k training tokens (full)."""
+    if ctx.mode.train_pool == "store":
+        art = materialize_inputs(("model", "tokens", "harvest"))["harvest"]
+        array = activations.open_array(art.file(activations.ARRAY))
+        scale, source = art.metrics["scale"], f"bench store harvest ({art.metrics['n_tokens']} tokens)"
+    else:
+        if "harvest_out" not in ctx.shared:  # run alone (--only train): harvest the same windows, untimed
+            harvest_once(ctx)
+        array = activations.open_array(ctx.shared["harvest_out"] / activations.ARRAY)
+        scale = ctx.shared["harvest_metrics"]["scale"]
+        source = f"harvest benchmark output ({array.shape[0]} tokens)"
+    return (np.asarray(array[:], dtype=np.float32) * scale), float(scale), source
+
+
+def harvest_once(ctx: Context) -> None:
+    from safetensors.torch import load_file
+
+    from bench.common import LM_BATCH, write_windows
+    from bench.harvest import run_stage
+    from dmsae import lm
+    from stages import tokens as tokens_stage
+
+    model_art, tokens_art = ctx.shared["model"], ctx.shared["tokens"]
+    windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"][: ctx.mode.harvest_batches * LM_BATCH]
+    tokens = write_windows(ctx.work / "harvest-tokens", windows, int(tokens_art.metrics["bos_id"]))
+    model = lm.load_model(model_art.path, ctx.device, "float32")
+    out = ctx.work / "harvest-out"
+    ctx.shared["harvest_metrics"] = run_stage(model, model_art, tokens, out, ctx.device)
+    ctx.shared["harvest_out"] = out
+
+
+def write_batches(folder: Path, pool: np.ndarray, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared data: held-out rows for FVU, and each step's batch as row indices (same for every trainer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    perm = rng.permutation(pool.shape[0])
+    n_eval = min(EVAL_ROWS, pool.shape[0] // 4)
+    eval_rows, train_rows = pool[perm[:n_eval]], pool[perm[n_eval:]]
+    replace = train_rows.shape[0] < BATCH
+    idx = np.stack([rng.choice(train_rows.shape[0], BATCH, replace=replace) for _ in range(steps)]).astype(np.int64)
+    np.save(folder / "pool.npy", np.ascontiguousarray(train_rows))
+    np.save(folder / "idx.npy", idx)
+    np.save(folder / "eval.npy", np.ascontiguousarray(eval_rows))
+    return torch.from_numpy(train_rows), torch.from_numpy(idx), torch.from_numpy(eval_rows)
+
+
+def run_dmsae(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, x_eval: torch.Tensor, steps: int,
+              device: str) -> dict[str, Any]:
+    sae.to(device)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(pool[: min(B_DEC_SAMPLE, pool.shape[0])]))  # as stages.train.fit
+    batches = TimedBatches(pool, idx, device, sae)
+    train_sae(sae, batches, steps, train_params(steps))
+    batches.finish()
+    return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device))}
+
+
+def run_anchor(lib: str, data: Path, ctx: Context, decoder_init_norm: float | None = None) -> dict[str, Any]:
+    out = data / f"{lib}-{decoder_init_norm}.json"
+    cmd = [str(ANCHOR_PYTHON), str(REPO / "bench" / "anchors.py"), "--lib", lib, "--data", str(data),
+           "--out", str(out), "--device", ctx.device, "--threads", str(ctx.threads)]
+    if decoder_init_norm is not None:
+        cmd += ["--decoder-init-norm", str(decoder_init_norm)]
+    if not ANCHOR_PYTHON.exists():
+        return {"error": f"{ANCHOR_PYTHON} missing; see bench/README in README.md (Benchmarks)"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        return {"error": f"{lib} exited {proc.returncode}: {tail}"}
+    return json.loads(out.read_text())
+
+
+def run(ctx: Context) -> list[Row]:
+    mode, device, steps = ctx.mode, ctx.device, ctx.mode.train_steps
+    pool_np, _scale, source = pool_rows(ctx)
+    data = ctx.work / "train-data"
+    pool, idx, x_eval = write_batches(data, pool_np, steps)
+    del pool_np
+    meta = {"d": D, "width": WIDTH, "k": K, "prefixes": PREFIXES, "steps": steps, "batch": BATCH, "seed": SEED,
+            "lr": train_params(steps)["lr"], "warmup_steps": int(TrainConfig().warmup_fraction * steps),
+            "decay_steps": int(TrainConfig().decay_fraction * steps), "layer": LAYER, "model": "SmolLM2-135M"}
+    (data / "meta.json").write_text(json.dumps(meta))
+    log(f"train: {steps} steps of {BATCH} on {pool.shape[0]} rows from the {source}; {x_eval.shape[0]} held out")
+
+    x_mm = pool[idx[0]].to(device)
+    w_mm = torch.randn(D, WIDTH, device=device)
+    matmul_s = repeat(lambda: x_mm @ w_mm, mode.matmul_repeats, device, warmup=2)
+
+    results: dict[str, dict[str, Any]] = {}
+    log("train: dmsae train stage step (no core)")
+    sae = build_sae(sae_params(), D, None, SEED)
+    results["dmsae"] = run_dmsae(sae, pool, idx, x_eval, steps, device)
+    ctx.shared["sae"], ctx.shared["sae_scale"] = sae, _scale
+    log(f"train: dmsae with a {CORE}-latent core and AuxK")
+    core_enc = sae.enc[:, :CORE].detach().clone()
+    # the default dead-latent window (100k tokens), shortened to half the run when the run is shorter,
+    # so that AuxK runs in the timed steps whenever latents die
+    dead_after = min(SAEConfig().dead_after_tokens, max(1, steps // 2) * BATCH)
+    core_sae = build_sae(sae_params(dead_after_tokens=dead_after), D, core_enc, SEED + 1)
+    results["core"] = run_dmsae(core_sae, pool, idx, x_eval, steps, device)
+    log("train: plain dense PyTorch step (MatryoshkaSAE.forward_train + autograd)")
+    dense = build_sae(sae_params(), D, None, SEED)
+    dense.__class__ = DenseReferenceSAE  # same parameters and init, only the step differs
+    results["dense"] = run_dmsae(dense, pool, idx, x_eval, steps, device)
+    anchors = [("dictionary_learning", None), ("saelens", None)]
+    if mode.saelens_unit_decoder:
+        anchors.append(("saelens", 1.0))
+    for lib, norm in anchors:
+        log(f"train: anchor {lib}" + (f" (decoder_init_norm={norm})" if norm is not None else ""))
+        results[f"{lib}-{norm}"] = run_anchor(lib, data, ctx, norm)
+    matmul_s += repeat(lambda: x_mm @ w_mm, mode.matmul_repeats, device, warmup=1)  # before and after
+    ctx.shared["train_raw"] = {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}
+    return rows(results, median(matmul_s), steps, dead_after)
+
+
+def _timed(r: dict[str, Any]) -> list[float]:
+    return r["step_seconds"][1:] if len(r["step_seconds"]) > 2 else r["step_seconds"]  # first step: warm-up
+
+
+def _tps(r: dict[str, Any]) -> float | None:
+    return None if "error" in r else BATCH / median(_timed(r))
+
+
+def _spread(r: dict[str, Any]) -> str:
+    t = _timed(r)
+    return f"step median {median(t) * 1000:.0f} ms, fastest {min(t) * 1000:.0f} ms over {len(t)} steps"
+
+
+def _aux(r: dict[str, Any]) -> str:
+    dead = [n for n in r["n_dead"] if n > 0]
+    if not dead:
+        return "AuxK idle (no dead latent)"
+    return f"AuxK ran in {len(dead)}/{len(r['n_dead'])} steps (median {int(np.median(dead))} dead latents)"
+
+
+def rows(results: dict[str, dict[str, Any]], matmul_s: float, steps: int, dead_after: int) -> list[Row]:
+    ours = results["dmsae"]
+    ours_tps, ours_fvu = _tps(ours), ours["fvu"]
+    assert ours_tps is not None
+    out = [Row("dmsae train stage step (train_sae + MatryoshkaSAE.train_step), no core", ours_tps, "tokens/s",
+               note=f"FVU {ours_fvu:.3f} after {steps} steps; {_spread(ours)}; {_aux(ours)}")]
+    fastest = None
+    names = {"dictionary_learning-None": "dictionary_learning MatryoshkaBatchTopKTrainer",
+             "saelens-None": "SAELens MatryoshkaBatchTopKTrainingSAE (default decoder_init_norm 0.1)",
+             "saelens-1.0": "SAELens MatryoshkaBatchTopKTrainingSAE, decoder_init_norm=1.0"}
+    for key, label in names.items():
+        if key not in results:
+            continue
+        r = results[key]
+        tps = _tps(r)
+        if tps is None:
+            out.append(Row(f"vs {label}", ours_tps, "tokens/s", label, None, note=r["error"]))
+            continue
+        if fastest is None or tps > fastest[1]:
+            fastest = (f"{label} {r['version']}", tps, r["fvu"])
+        out.append(Row(f"vs {label} {r['version']}", ours_tps, "tokens/s", label, tps, ours_tps / tps,
+                       note=f"anchor FVU {r['fvu']:.3f} vs {ours_fvu:.3f}; anchor {_spread(r)}"))
+    dense = results["dense"]
+    dense_tps = _tps(dense)
+    assert dense_tps is not None
+    out.append(Row("vs plain dense PyTorch step (forward_train + autograd)", ours_tps, "tokens/s", "dense step",
+                   dense_tps, ours_tps / dense_tps, note=f"dense FVU {dense['fvu']:.3f} vs {ours_fvu:.3f}; "
+                                                         f"dense {_spread(dense)}"))
+    if fastest is not None:
+        ratio = ours_tps / fastest[1]
+        fvu_ok = ours_fvu <= fastest[2] + 0.01
+        out.append(Row("target: vs the fastest anchor, at equal or lower FVU", ours_tps, "tokens/s", fastest[0],
+                       fastest[1], ratio, ">= 4x, FVU <= anchor's + 0.01", ratio >= 4 and fvu_ok,
+                       note=f"FVU {ours_fvu:.3f} vs {fastest[2]:.3f} at {steps} steps"))
+    else:
+        out.append(Row("target: vs the fastest anchor, at equal or lower FVU", ours_tps, "tokens/s",
+                       target=">= 4x", note="no anchor ran"))
+    core = results["core"]
+    times = core["step_seconds"]
+    aux_steps = [t for t, n in zip(times, core["n_dead"], strict=True) if n > 0][1:]
+    used = aux_steps if len(aux_steps) >= 3 else _timed(core)
+    step_s = median(used)
+    out.append(Row(f"dmsae step with a {CORE}-latent core and AuxK", step_s * 1000, "ms/step",
+                   "bare encoder matmul [4096x576]@[576x4096]", matmul_s * 1000, step_s / matmul_s, "<= 2x",
+                   step_s / matmul_s <= 2,
+                   note=f"median over {'the steps with AuxK' if used is aux_steps else 'all steps'}, fastest "
+                        f"{min(used) * 1000:.0f} ms; {_aux(core)}; latents dead after {dead_after:,} tokens "
+                        f"without firing; FVU {core['fvu']:.3f}"))
+    plain_s = BATCH / ours_tps
+    out.append(Row("dmsae step, no core", plain_s * 1000, "ms/step", "bare encoder matmul", matmul_s * 1000,
+                   plain_s / matmul_s, note=_aux(ours)))
+    return out
