@@ -155,8 +155,8 @@ def load_average() -> tuple[float, float, float] | None:
         return None
 
 
-ENV_THAT_MATTERS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                    "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "LD_PRELOAD")
+ENV_THAT_MATTERS = ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS",
+                    "MKL_NUM_THREADS", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "LD_PRELOAD")
 
 
 def machine_info(device: str, threads: int) -> dict[str, Any]:

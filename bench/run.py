@@ -73,6 +73,25 @@ EXPLAIN = {
 }
 
 
+def train_profile(ctx: Context) -> list[str]:
+    prof = ctx.shared.get("train_profile")
+    if not prof:
+        return []
+    ops, total = prof["ops"], sum(ms for _, ms in prof["ops"])
+    top = ops[:12]
+    lines = ["", f"Where the time of the step with the core and AuxK goes: torch.profiler over {prof['steps']} more "
+             f"steps of that SAE as its run left it ({prof['n_dead']} dead latents), self time per operator in ms "
+             f"per step (profiled step {prof['step_ms']:.0f} ms; the profiler adds a little to each operator call).",
+             "", "| operator | ms/step | share |", "|---|---:|---:|"]
+    lines += [f"| `{name}` | {ms:.1f} | {ms / total:.0%} |" for name, ms in top]
+    rest = total - sum(ms for _, ms in top)
+    lines += [f"| {len(ops) - len(top)} other operators | {rest:.1f} | {rest / total:.0%} |"]
+    return lines
+
+
+EXTRA: dict[str, Callable[[Context], list[str]]] = {"train": train_profile}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +172,7 @@ def markdown(report: dict) -> str:
     for name, section in report["benchmarks"].items():
         lines += [f"## {BENCHES[name][0]}", "", EXPLAIN[name], ""]
         lines += table([Row(**r) for r in section["rows"]])
+        lines += section.get("extra", [])
         lines += ["", f"({section['seconds']:.0f} s)", ""]
     lines += ["## Reproduce", "", "```bash",
               "# the anchors, once, in their own environment (never project dependencies); pip's torchvision",
@@ -213,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 rows = [Row(f"{name} benchmark failed", None, "", note=f"error: {type(e).__name__}: {e}")]
             seconds = time.perf_counter() - t0
-            report["benchmarks"][name] = {"rows": [r.to_dict() for r in rows], "seconds": seconds}
+            report["benchmarks"][name] = {"rows": [r.to_dict() for r in rows], "seconds": seconds,
+                                          "extra": EXTRA.get(name, lambda _: [])(ctx)}
             log(f"{name}: {seconds:.0f} s")
         report["raw"] = {"train": ctx.shared.get("train_raw")}
     finally:

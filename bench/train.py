@@ -150,6 +150,27 @@ def run_dmsae(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, x_eval:
     return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device))}
 
 
+PROFILE_STEPS = 4
+
+
+def profile_steps(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, steps: int,
+                  device: str) -> dict[str, Any]:
+    """Where a step's time goes: torch.profiler's self time per operator over `steps` more train-stage
+    steps of `sae` as its run left it (same dead latents, a fresh Adam), in ms per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_dead = int((sae.tokens_since_fired >= sae.dead_after_tokens).sum())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    batches = TimedBatches(pool, idx, device, sae)
+    with profile(activities=activities) as prof:
+        train_sae(sae, batches, steps, train_params(steps))
+        batches.finish()
+    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    ops = sorted(((e.key, getattr(e, attr) / 1000 / steps) for e in prof.key_averages()), key=lambda t: -t[1])
+    return {"steps": steps, "n_dead": n_dead, "step_ms": median(batches.step_seconds) * 1000,
+            "ops": [(name, ms) for name, ms in ops if ms > 0]}
+
+
 def run_anchor(lib: str, data: Path, ctx: Context, decoder_init_norm: float | None = None) -> dict[str, Any]:
     out = data / f"{lib}-{decoder_init_norm}.json"
     cmd = [str(ANCHOR_PYTHON), str(REPO / "bench" / "anchors.py"), "--lib", lib, "--data", str(data),
@@ -193,6 +214,7 @@ def run(ctx: Context) -> list[Row]:
     dead_after = min(SAEConfig().dead_after_tokens, max(1, steps // 2) * BATCH)
     core_sae = build_sae(sae_params(dead_after_tokens=dead_after), D, core_enc, SEED + 1)
     results["core"] = run_dmsae(core_sae, pool, idx, x_eval, steps, device)
+    ctx.shared["train_profile"] = profile_steps(core_sae, pool, idx, PROFILE_STEPS, device)
     log("train: plain dense PyTorch step (MatryoshkaSAE.forward_train + autograd)")
     dense = build_sae(sae_params(), D, None, SEED)
     dense.__class__ = DenseReferenceSAE  # same parameters and init, only the step differs

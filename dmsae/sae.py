@@ -172,7 +172,7 @@ class MatryoshkaSAE(nn.Module):
         k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k."""
         flat = pre_nc.flatten()
         n_keep = min(k_nc * pre_nc.shape[0], flat.numel())
-        stride = max(1, flat.numel() // 65536)
+        stride = max(1, flat.numel() // 65536) | 1  # odd: a power-of-two stride would sample only a few latents
         sample = flat[::stride]
         q = 1.0 - min(1.0, 2.0 * n_keep / flat.numel())
         cand = None
@@ -187,89 +187,117 @@ class MatryoshkaSAE(nn.Module):
         vals, pos = flat[cand].topk(n_keep, sorted=False)
         return cand[pos], vals
 
-    def train_step(self, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
-        """Loss and gradients (written to .grad) with one dense matmul, the encoder forward.
-
-        The decoder, the Matryoshka prefixes and AuxK read only the active entries through
-        embedding_bag; the encoder gradient is zero off those entries, so it is accumulated from them.
-        Returns the stats and the active (latent index, value) pairs for `update_stats_sparse`."""
-        B, d = x.shape
-        G, m = len(self.ends), self.width - self.core_size
-        with torch.no_grad():
-            xc = x - self.b_dec
-            pre_nc = torch.addmm(self.b_enc, xc, self.enc)
-            pre_core = F.relu(xc @ self.enc_core + self.b_enc_core)
-            k_nc = self.k_noncore(pre_core)
-            flat_idx, vals = self.select_topk(pre_nc, k_nc)
-            rows, cols = flat_idx // m, flat_idx % m
-            group = torch.bucketize(cols, torch.tensor(self.ends[:-1]), right=True)
-            order = torch.sort((group * B + rows) * m + cols).indices
-            rows, cols, vals, group = rows[order], cols[order], vals[order].clamp_min(0), group[order]
-            bag_counts = torch.bincount(group * B + rows, minlength=G * B)
-            offsets = bag_counts.cumsum(0) - bag_counts
-
-        v = vals.clone().requires_grad_(True)
-        f_core = pre_core.clone().requires_grad_(True)
-        # One embedding_bag per group and a running residual: the chain of adds backpropagates without
-        # the [G, B, d] temporaries that a cumsum (or slicing one big bag output) would allocate.
-        group_bounds = (bag_counts.view(G, B).sum(1).cumsum(0)).tolist()
-        resid = (self.b_dec + f_core @ self.dec_core) - x
-        losses = []
-        start = 0
-        for g, end in enumerate(group_bounds):
-            part = F.embedding_bag(cols[start:end], self.dec, offsets[g * B:(g + 1) * B] - start, mode="sum",
-                                   per_sample_weights=v[start:end])
-            start = end
-            resid = resid + part
-            flat = resid.flatten()
-            losses.append(flat.dot(flat) / B)
-        prefix_losses = torch.stack(losses)
-        loss = prefix_losses.mean()
-
-        aux_cols = aux_rows = aux_v = None
+    def aux_entries(self, pre_nc: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """AuxK's active entries as (token, latent, value): each token's k_aux largest pre-activations among
+        the dead latents, keeping only the positive ones. None when no latent is dead (or AuxK is off)."""
         dead = self.tokens_since_fired >= self.dead_after_tokens
         n_dead = int(dead.sum())
-        aux = x.new_zeros(())
-        if n_dead and self.aux_alpha:
-            with torch.no_grad():
-                dead_idx = dead.nonzero().squeeze(1)
-                a_vals, a_pos = pre_nc[:, dead_idx].topk(min(self.k_aux, n_dead), dim=1)
-                aux_cols = dead_idx[a_pos].flatten()
-                aux_rows = torch.arange(B).repeat_interleave(a_pos.shape[1])
-                a_vals = a_vals.flatten().clamp_min(0)
-                err = -resid.detach()
-                denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            aux_v = a_vals.requires_grad_(True)
-            e_hat = F.embedding_bag(aux_cols, self.dec, torch.arange(0, aux_cols.numel(), a_pos.shape[1]),
-                                    mode="sum", per_sample_weights=aux_v)
-            aux_err = (err - e_hat).flatten()
-            aux = aux_err.dot(aux_err) / B / denom
-            loss = loss + self.aux_alpha * aux
-        loss.backward()
+        if n_dead == 0 or self.aux_alpha == 0:
+            return None
+        dead_idx = dead.nonzero().squeeze(1)
+        dead_pre = pre_nc.index_select(1, dead_idx)
+        # Entries at or below zero add nothing to the loss and get no gradient through the ReLU. Dead latents
+        # usually rarely fire: then keep each token's positive ones and top-k only the tokens with more than
+        # k_aux of them. When most tokens have more (many dead latents that would fire), top-k them all.
+        keep = dead_pre > 0
+        crowded = (keep.count_nonzero(1) > self.k_aux).nonzero().squeeze(1)
+        if crowded.numel() > dead_pre.shape[0] // 4:
+            top_vals, top_pos = dead_pre.topk(self.k_aux, dim=1, sorted=False)
+            rows, j = (top_vals > 0).nonzero().unbind(1)
+            return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j]
+        if crowded.numel():
+            pos = dead_pre[crowded].topk(self.k_aux, dim=1, sorted=False).indices
+            keep[crowded] = torch.zeros_like(keep[crowded]).scatter_(1, pos, True)
+        rows, pos = keep.nonzero().unbind(1)
+        return rows, dead_idx[pos], dead_pre[rows, pos]
 
-        with torch.no_grad():  # encoder gradients from the active entries only
-            g = v.grad * (vals > 0)
-            all_rows, all_cols = rows, cols
-            if aux_v is not None:
-                g = torch.cat([g, aux_v.grad * (aux_v > 0)])
-                all_rows, all_cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
-            by_col = torch.sort(all_cols, stable=True).indices
-            col_counts = torch.bincount(all_cols, minlength=m)
-            grad_enc_t = F.embedding_bag(all_rows[by_col], xc, col_counts.cumsum(0) - col_counts, mode="sum",
-                                         per_sample_weights=g[by_col])
-            grad_b_enc = torch.zeros(m, dtype=x.dtype).index_add_(0, all_cols, g)
-            g_core = f_core.grad * (pre_core > 0)
-            self.enc.grad = grad_enc_t.T.contiguous()
-            self.b_enc.grad = grad_b_enc
-            self.b_enc_core.grad = g_core.sum(0)
-            if isinstance(self.enc_core, nn.Parameter):
-                self.enc_core.grad = xc.T @ g_core
-            self.b_dec.grad -= self.enc @ grad_b_enc + self.enc_core @ g_core.sum(0)
+    @torch.no_grad()
+    def train_step(self, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
+        """Loss and gradients (written to .grad, replacing what was there) with one dense matmul, the
+        encoder forward, and no autograd.
+
+        Every active entry (token, latent, value) of BatchTopK and of AuxK goes into one embedding_bag
+        whose bags are (Matryoshka group, token) plus (AuxK, token). Its output, summed cumulatively over
+        the groups, gives each prefix's residual; summed in reverse, the gradient at each group's output.
+        The per-entry value gradients come from those through embedding_bag's own backward kernel, and
+        the decoder and encoder weight gradients, zero off the active entries, are accumulated from the
+        entries in one pass ordered by latent. Returns the stats and the BatchTopK entries (latent
+        index, value) for `update_stats_sparse`."""
+        B, d = x.shape
+        G, m = len(self.ends), self.width - self.core_size
+        dev = x.device
+        xc = x - self.b_dec
+        pre_nc = torch.addmm(self.b_enc, xc, self.enc)
+        pre_core = F.relu(torch.addmm(self.b_enc_core, xc, self.enc_core))
+        k_nc = self.k_noncore(pre_core)
+        flat_idx, vals = self.select_topk(pre_nc, k_nc)
+        rows, cols = flat_idx // m, flat_idx % m
+        group = torch.bucketize(cols, torch.tensor(self.ends[:-1], device=dev), right=True)
+        bag = group * B + rows
+        order = torch.sort(bag * m + cols).indices  # bags contiguous, a fixed order inside each
+        rows, cols, bag, vals = rows[order], cols[order], bag[order], vals[order].clamp_min(0)
+        n_main = vals.numel()
+        aux = self.aux_entries(pre_nc)
+        del pre_nc
+        if aux is not None:
+            aux_rows, aux_cols, aux_vals = aux
+            rows, cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
+            bag, vals = torch.cat([bag, G * B + aux_rows]), torch.cat([vals, aux_vals])
+        n_bags = (G + (aux is not None)) * B
+        bag_counts = torch.bincount(bag, minlength=n_bags)
+        offsets = bag_counts.cumsum(0) - bag_counts
+        out = F.embedding_bag(cols, self.dec.detach(), offsets, mode="sum", per_sample_weights=vals).view(-1, B, d)
+
+        # resid[g] = x_hat_g - x, the nested reconstructions' residuals, built in place from the group outputs
+        resid = out[:G]
+        resid[0] += torch.addmm(xc, pre_core, self.dec_core, beta=-1)  # b_dec + f_core W_core - x
+        for g in range(1, G):
+            resid[g] += resid[g - 1]
+        prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
+        loss = prefix_losses.mean()
+        aux_loss = x.new_zeros(())
+        scale_aux = 0.0
+        if aux is not None:
+            last = resid[G - 1]
+            denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            e = out[G]
+            e += last  # e_hat - (x - x_hat): minus AuxK's error
+            aux_loss = e.flatten().dot(e.flatten()) / B / denom
+            loss = loss + self.aux_alpha * aux_loss
+            scale_aux = 2 * self.aux_alpha / (B * float(denom))
+        # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place)
+        for g in range(G - 2, -1, -1):
+            resid[g] += resid[g + 1]
+        scale = 2.0 / (B * G)
+        table = out.view(-1, d)
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, self.dec, cols, offsets, bag, 0)
+        entry_scale = torch.full_like(vals, scale)
+        entry_scale[n_main:] = scale_aux
+        g_vals *= entry_scale
+        g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
+
+        by_col = torch.sort(cols, stable=True).indices
+        col_counts = torch.bincount(cols, minlength=m)
+        col_offsets = col_counts.cumsum(0) - col_counts
+        self.dec.grad = F.embedding_bag(bag[by_col], table, col_offsets, mode="sum",
+                                        per_sample_weights=(vals * entry_scale)[by_col])
+        self.enc.grad = F.embedding_bag(rows[by_col], xc, col_offsets, mode="sum",
+                                        per_sample_weights=g_vals[by_col]).T.contiguous()
+        grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
+        self.b_enc.grad = grad_b_enc
+        g_base = resid[0]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
+        g_core = torch.mm(g_base, self.dec_core.T).mul_(scale) * (pre_core > 0)
+        self.dec_core.grad = torch.mm(pre_core.T, g_base).mul_(scale)
+        self.b_enc_core.grad = g_core.sum(0)
+        if isinstance(self.enc_core, nn.Parameter):
+            self.enc_core.grad = xc.T @ g_core
+        self.b_dec.grad = g_base.sum(0).mul_(scale) - self.enc @ grad_b_enc - self.enc_core @ g_core.sum(0)
+        main_vals = vals[:n_main]
         stats = StepStats(
-            loss=float(loss.detach()), prefix_losses=prefix_losses.detach(), aux_loss=float(aux.detach()),
-            l0_core=float((pre_core > 0).sum()) / B, l0_noncore=float((vals > 0).sum()) / B, k_noncore=k_nc,
+            loss=float(loss), prefix_losses=prefix_losses, aux_loss=float(aux_loss),
+            l0_core=float((pre_core > 0).sum()) / B, l0_noncore=float((main_vals > 0).sum()) / B, k_noncore=k_nc,
         )
-        return stats, cols, vals
+        return stats, cols[:n_main], main_vals
 
     @torch.no_grad()
     def update_stats_sparse(self, cols: Tensor, vals: Tensor, batch_tokens: int, ema: float) -> None:

@@ -14,7 +14,7 @@ from dmsae.store import Artifact
 from stages import train as train_stage
 
 NAME = "reuse"
-VERSION = "1"
+VERSION = "2"  # 2: trains with train VERSION 3
 ARMS = ("distilled", "random", "none")
 BORN_IN_REUSE = -1  # lineage cycle of latents born in a reuse SAE
 

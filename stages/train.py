@@ -23,7 +23,7 @@ from dmsae.store import Artifact
 
 CHECKPOINT_FILE = "train.ckpt"
 NAME = "train"
-VERSION = "2"
+VERSION = "3"  # 3: the autograd-free train step (same maths, another summation order)
 SAE_FILE = "sae.safetensors"
 LINEAGE_FILE = "lineage.safetensors"
 CURVE_FILE = "curve.parquet"

@@ -228,6 +228,7 @@ def _reference_loss(sae: MatryoshkaSAE, x: torch.Tensor, l0_mode: str) -> tuple[
 @pytest.mark.parametrize("c,freeze,with_dead,b_enc_shift", [
     (0, True, False, 0.0), (5, True, False, 0.0), (5, True, True, 0.0), (5, False, True, 0.0), (0, True, True, 0.0),
     (5, True, False, -6.0),  # fewer than k*B positive pre-activations: only the positive ones count
+    (5, True, True, -1.0),  # some tokens have more than k_aux positive dead latents, some fewer
 ])
 def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
     """train_step writes hand-accumulated gradients; they must equal autograd of the dense loss."""
@@ -243,7 +244,7 @@ def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
     stats, _, _ = sae.train_step(x)
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
     assert stats.aux_loss == pytest.approx(float(aux_ref), rel=1e-4, abs=1e-7)
-    if b_enc_shift:
+    if b_enc_shift < -5:
         t = ref_tensors(sae)
         n_pos = int((ref_pre(t, x)[:, c:] > 0).sum())
         assert 0 < n_pos < stats.k_noncore * B  # the case is really exercised
@@ -252,6 +253,11 @@ def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
         assert int((fwd.f_noncore > 0).sum()) == n_pos
     if with_dead:
         assert float(aux_ref) > 0
+        dead = sae.tokens_since_fired >= sae.dead_after_tokens
+        positive = ((x - sae.b_dec) @ sae.enc + sae.b_enc)[:, dead].gt(0).sum(1)
+        assert bool((positive > sae.k_aux).any()), "the case must have tokens whose AuxK needs a top-k"
+        if b_enc_shift:
+            assert bool((positive <= sae.k_aux).any()), "and tokens whose positive dead latents all count"
         fwd = sae.forward_train(x)
         assert float(fwd.aux_loss) == pytest.approx(float(aux_ref), rel=1e-4)
     names = ["enc", "b_enc", "dec", "b_dec"] + ([] if c == 0 else ["dec_core", "b_enc_core"])
