@@ -8,7 +8,7 @@ import math
 import torch
 from safetensors.torch import load_file
 
-from bench.common import ATTR_BATCH, LAYER, Context, Row, log, median, time_call
+from bench.common import ATTR_BATCH, LAYER, Context, Row, lm_autocast, log, median, time_call
 from bench.train import CORE, SEED, D, build_sae, sae_params
 from dmsae import lm
 from stages import tokens as tokens_stage
@@ -21,8 +21,8 @@ def reference(model: torch.nn.Module, ids: torch.Tensor, bos: int) -> None:
     def leaf(h: torch.Tensor) -> torch.Tensor:
         return h.detach().requires_grad_(True)
 
-    with torch.enable_grad(), lm.splice(model, LAYER, leaf):
-        logits = model(input_ids=ids, use_cache=False).logits
+    with torch.enable_grad(), lm.splice(model, LAYER, leaf), lm.autocast(model):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
         total = lm.token_losses(logits, ids, loss_mask(ids, bos)).sum()
         total.backward()
 
@@ -34,7 +34,7 @@ def run(ctx: Context) -> list[Row]:
     windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"]
     n = (ctx.mode.attr_batches + 1) * ATTR_BATCH  # the first batch is the warm-up
     batches = [windows[i:i + ATTR_BATCH].long().to(device) for i in range(0, min(n, windows.shape[0]), ATTR_BATCH)]
-    model = lm.load_model(model_art.path, device, "float32")
+    model = lm.load_model(model_art.path, device, "float32", lm_autocast(device))
     sae = ctx.shared.get("sae")
     scale = ctx.shared.get("sae_scale")
     note = "SAE: the no-core SAE trained by the training benchmark"

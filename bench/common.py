@@ -81,6 +81,11 @@ class Context:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
+def lm_autocast(device: str) -> str | None:
+    """The autocast the pipeline plans for a float32 LM on this device (dmsae.pipeline.lm_params)."""
+    return "bfloat16" if device.startswith("cuda") else None
+
+
 def set_threads(n: int) -> None:
     """Torch threads for this process and its children; also silences transformers' loading bars."""
     torch.set_num_threads(n)

@@ -10,14 +10,26 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from bench.common import LAYER, LM_BATCH, Context, FakeArtifact, Row, log, median, sync, time_call, write_windows
+from bench.common import (
+    LAYER,
+    LM_BATCH,
+    Context,
+    FakeArtifact,
+    Row,
+    lm_autocast,
+    log,
+    median,
+    sync,
+    time_call,
+    write_windows,
+)
 from dmsae import lm
 from dmsae.runtime import Runtime
 from stages import harvest as harvest_stage
 from stages import tokens as tokens_stage
 
 STAGE_PARAMS = {"layer": LAYER, "chunk_rows": 4096, "store_dtype": "float32", "dtype": "float32",
-                "outlier_factor": 10.0}
+                "outlier_factor": 10.0}  # plus "autocast" on CUDA, as the pipeline plans it
 
 
 def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out: Path, device: str) -> dict[str, Any]:
@@ -34,7 +46,8 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
     original = harvest_stage.lm.load_model
     harvest_stage.lm.load_model = lambda *_a, **_k: model  # type: ignore[assignment]
     try:
-        return harvest_stage.run(out, STAGE_PARAMS, {"model": model_art, "tokens": tokens}, rt)
+        params = STAGE_PARAMS | ({"autocast": lm_autocast(device)} if lm_autocast(device) else {})
+        return harvest_stage.run(out, params, {"model": model_art, "tokens": tokens}, rt)
     finally:
         harvest_stage.lm.load_model = original  # type: ignore[assignment]
         shutil.rmtree(partial, ignore_errors=True)
@@ -50,8 +63,8 @@ def run(ctx: Context) -> list[Row]:
     batches = [windows[i:i + LM_BATCH].long().to(device) for i in range(0, n_win, LM_BATCH)]
     n_tokens = int(windows.numel())
     tokens = write_windows(ctx.work / "harvest-tokens", windows, bos)
-    load_s = time_call(lambda: lm.load_model(model_art.path, device, "float32"), device)
-    model = lm.load_model(model_art.path, device, "float32")
+    load_s = time_call(lambda: lm.load_model(model_art.path, device, "float32", lm_autocast(device)), device)
+    model = lm.load_model(model_art.path, device, "float32", lm_autocast(device))
     n_layers = lm.num_layers(model)
 
     def bare() -> None:
@@ -61,7 +74,8 @@ def run(ctx: Context) -> list[Row]:
     @torch.no_grad()
     def full() -> None:
         for ids in batches:
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            with lm.autocast(model):
+                out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
             out.hidden_states[LAYER + 1]  # hidden_states[0] is the embedding output
 
     out_dir = ctx.work / "harvest-out"

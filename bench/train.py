@@ -14,7 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import ANCHOR_PYTHON, LAYER, REPO, Context, Row, log, materialize_inputs, median, repeat, sync
+from bench.common import (
+    ANCHOR_PYTHON,
+    LAYER,
+    REPO,
+    Context,
+    Row,
+    lm_autocast,
+    log,
+    materialize_inputs,
+    median,
+    repeat,
+    sync,
+)
 from dmsae import activations
 from dmsae.config import SAEConfig, TrainConfig
 from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
@@ -118,7 +130,7 @@ def harvest_once(ctx: Context) -> None:
     model_art, tokens_art = ctx.shared["model"], ctx.shared["tokens"]
     windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"][: ctx.mode.harvest_batches * LM_BATCH]
     tokens = write_windows(ctx.work / "harvest-tokens", windows, int(tokens_art.metrics["bos_id"]))
-    model = lm.load_model(model_art.path, ctx.device, "float32")
+    model = lm.load_model(model_art.path, ctx.device, "float32", lm_autocast(ctx.device))
     out = ctx.work / "harvest-out"
     ctx.shared["harvest_metrics"] = run_stage(model, model_art, tokens, out, ctx.device)
     ctx.shared["harvest_out"] = out

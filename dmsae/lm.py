@@ -16,11 +16,12 @@ class _StopForward(Exception):
     """Raised from a hook to end the forward pass after the layer we need."""
 
 
-def load_model(path: Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
+def load_model(path: Path, device: str = "cpu", dtype: str = "float32", autocast: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     model.requires_grad_(False)
+    model.dmsae_autocast = autocast  # read by `autocast(model)` around every forward of a stage
     return model.eval().to(device)
 
 
@@ -56,6 +57,14 @@ def _replace_hidden(output: object, new: Tensor) -> object:
     return (new, *output[1:])  # type: ignore[index]
 
 
+def autocast(model: nn.Module) -> torch.autocast:
+    """The autocast `load_model` was asked for (the stage's `autocast` param, set by the plan for a float32
+    model on CUDA): matmuls in bfloat16, reductions and the residual stream in float32. Never on the CPU."""
+    kind = getattr(model, "dmsae_autocast", None)
+    p = next(model.parameters())
+    return torch.autocast(p.device.type, dtype=getattr(torch, kind or "bfloat16"), enabled=bool(kind) and p.is_cuda)
+
+
 @torch.no_grad()
 def residual_upto(model: nn.Module, input_ids: Tensor, layer: int) -> Tensor:
     """The residual stream after `layer`, running only layers 0..layer."""
@@ -67,7 +76,8 @@ def residual_upto(model: nn.Module, input_ids: Tensor, layer: int) -> Tensor:
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, use_cache=False)
+        with autocast(model):
+            model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
     finally:

@@ -68,6 +68,14 @@ class Plan:
         return [n for n in self.nodes if n.stage == stage]
 
 
+def lm_params(cfg: Config) -> dict[str, Any]:
+    """How a stage runs the language model. On CUDA a float32 model runs under bfloat16 autocast, which
+    changes the numbers, so it is in the key (`autocast`); the CPU keys have no such entry."""
+    if cfg.device.startswith("cuda") and cfg.model.dtype == "float32":
+        return {"dtype": cfg.model.dtype, "autocast": "bfloat16"}
+    return {"dtype": cfg.model.dtype}
+
+
 def plan(cfg: Config) -> Plan:
     msrc = resolve_model(cfg.model.path)
     csrc = resolve_corpus(cfg.data.path)
@@ -82,7 +90,7 @@ def plan(cfg: Config) -> Plan:
         "eval_tokens": d.eval_tokens, "split_seed": d.split_seed,
     }, {"model": model_node}, args={"location": csrc.location})
     harvest_node = Node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
-                                    "store_dtype": cfg.harvest.store_dtype, "dtype": cfg.model.dtype,
+                                    "store_dtype": cfg.harvest.store_dtype, **lm_params(cfg),
                                     "outlier_factor": cfg.harvest.outlier_factor},
                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": d.batch_size})
     train_params = cfg.train.model_dump(exclude={"checkpoint_every"})
@@ -96,7 +104,7 @@ def plan(cfg: Config) -> Plan:
                                     "train": train_params}, train_inputs, cycle,
                           args={"checkpoint_every": cfg.train.checkpoint_every})
         attr_node = Node("attribute", {"layer": cfg.harvest.layer, "score": cfg.attribution.score,
-                                       "q": cfg.attribution.q, "dtype": cfg.model.dtype},
+                                       "q": cfg.attribution.q, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "train": train_node},
                          cycle,
                          args={"batch_size": cfg.attribution.batch_size})
@@ -119,11 +127,11 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     runs = [(k, cfg.seed) for k in cfg.reuse.k]
     consistency_k = cfg.sae.k if cfg.sae.k in cfg.reuse.k else cfg.reuse.k[len(cfg.reuse.k) // 2]
     runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
-    baseline_node = Node("baseline", {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype},
+    baseline_node = Node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
                          args={"batch_size": cfg.evaluation.batch_size})
     nodes = [rand, baseline_node]
-    eval_params = {"layer": cfg.harvest.layer, "dtype": cfg.model.dtype,
+    eval_params = {"layer": cfg.harvest.layer, **lm_params(cfg),
                    "dense_threshold": cfg.evaluation.dense_threshold}
     eval_inputs = {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "baseline": baseline_node}
     eval_args = {"batch_size": cfg.evaluation.batch_size}

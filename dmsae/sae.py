@@ -145,7 +145,7 @@ class MatryoshkaSAE(nn.Module):
             return x.new_zeros(())
         resid = (x - x_hat).detach()
         vals, idx = pre_nc[:, dead].topk(min(self.k_aux, n_dead), dim=1)
-        f_aux = torch.zeros(pre_nc.shape[0], n_dead, dtype=x.dtype).scatter(1, idx, vals)
+        f_aux = torch.zeros(pre_nc.shape[0], n_dead, dtype=x.dtype, device=x.device).scatter(1, idx, vals)
         err = (resid - f_aux @ self.dec[dead]).pow(2).sum(-1).mean()
         denom = (resid - resid.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return err / denom
@@ -307,7 +307,8 @@ class MatryoshkaSAE(nn.Module):
         cols, vals = cols[active], vals[active]
         self.tokens_since_fired += batch_tokens
         self.tokens_since_fired[cols] = 0
-        smallest = torch.full((m,), float("inf"), dtype=vals.dtype).scatter_reduce(0, cols, vals, "amin")
+        smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
+            0, cols, vals, "amin")
         self._update_thresholds(smallest, ema)
 
     def decoder_params(self) -> list[nn.Parameter]:
@@ -335,7 +336,7 @@ class MatryoshkaSAE(nn.Module):
             "b_enc": torch.cat([self.b_enc_core, self.b_enc]).detach().contiguous(),
             "W_dec": torch.cat([self.dec_core, self.dec]).detach().contiguous(),
             "b_dec": self.b_dec.detach().clone(),
-            "threshold": torch.cat([torch.zeros(self.core_size), inf_free]).contiguous(),
+            "threshold": torch.cat([torch.zeros(self.core_size, device=inf_free.device), inf_free]).contiguous(),
         }
 
     @classmethod

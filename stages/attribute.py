@@ -62,8 +62,8 @@ def attribution_batch(
         out[spliced] = (x_hat0 / scale).to(h.dtype)
         return out
 
-    with torch.enable_grad(), lm.splice(model, layer, replace):
-        logits = model(input_ids=ids, use_cache=False).logits
+    with torch.enable_grad(), lm.splice(model, layer, replace), lm.autocast(model):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
         mask = loss_mask(ids, bos)
         losses = lm.token_losses(logits, ids, mask)
         total = losses.sum()
@@ -78,7 +78,7 @@ def attribution_batch(
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
+    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     sae, scale = train_stage.load_sae(inputs["train"])
     sae.to(rt.device)
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["attribution"]

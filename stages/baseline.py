@@ -22,7 +22,7 @@ VERSION = "2"
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
+    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     lm.check_layer(model, params["layer"])
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
     bos = inputs["tokens"].metrics["bos_id"]

@@ -39,7 +39,9 @@ def lm_divergences(
     positions of `loss_mask`. `replace` maps the layer-L residual at the kept positions [N, d] (not BOS,
     not an outlier above `norm_threshold`) to its substitute; None compares the clean model with itself."""
     mask = loss_mask(ids, bos)
-    clean_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    with lm.autocast(model):
+        clean_logits = model(input_ids=ids, use_cache=False).logits
+    clean_logp = torch.log_softmax(clean_logits.float(), dim=-1)
     if replace is None:
         patched_logp = clean_logp
     else:
@@ -49,8 +51,9 @@ def lm_divergences(
             out[spliced] = replace(h[spliced].float()).to(h.dtype)
             return out
 
-        with lm.splice(model, layer, patch):
-            patched_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        with lm.splice(model, layer, patch), lm.autocast(model):
+            patched_logits = model(input_ids=ids, use_cache=False).logits
+        patched_logp = torch.log_softmax(patched_logits.float(), dim=-1)
     target = ids[:, 1:, None]
     ce_clean = -(clean_logp[:, :-1].gather(-1, target).squeeze(-1) * mask[:, :-1]).sum()
     ce_patched = -(patched_logp[:, :-1].gather(-1, target).squeeze(-1) * mask[:, :-1]).sum()
@@ -81,7 +84,7 @@ def firing_fractions(fires: Tensor, n_tokens: int, dense_threshold: float) -> di
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
+    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     sae, scale = train_stage.load_sae(inputs["sae"])
     sae.to(rt.device)
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]

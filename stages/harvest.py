@@ -62,7 +62,7 @@ def _load_state(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"])
+    model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     layer = params["layer"]
     lm.check_layer(model, layer)
     windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["train"]

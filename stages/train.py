@@ -77,7 +77,7 @@ def train_sae(
             print(f"dmsae: resuming {rt.label or 'training'} at step {first}/{n_steps}", file=sys.stderr, flush=True)
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
     for step in range(first, n_steps):
-        x = next(batches)
+        x = next(batches).to(rt.device)
         opt.zero_grad(set_to_none=True)
         stats, active_cols, active_vals = sae.train_step(x)
         sae.project_decoder_grads()
@@ -166,9 +166,9 @@ def fit(
             raise UserError(f"the core has {c} latents, too many for an SAE of width {width} at k={k} "
                             f"(only {width - c} non-core latents left); raise the width (sae.width or reuse.width) "
                             "or lower selection.tau")
-    sae = build_sae(sae_params, d, core_encoder, seed)
+    sae = build_sae(sae_params, d, core_encoder, seed).to(rt.device)
     batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
-    sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale)
+    sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale).to(rt.device)
     use_median = sae_params["b_dec_init"] == "geometric_median"
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample) if use_median else sample.mean(0))
@@ -181,7 +181,8 @@ def fit(
     meta = {"core_size": c, "k": sae.k, "group_ends": sae.ends, "scale": scale, "l0_mode": sae.l0_mode,
             "d": d, "width": sae.width}
     # one sorted JSON string: safetensors writes a metadata dict in arbitrary order, breaking byte determinism
-    save_file(sae.full_tensors(), str(out_dir / SAE_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    tensors = {name: t.cpu() for name, t in sae.full_tensors().items()}
+    save_file(tensors, str(out_dir / SAE_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     save_file({"lineage": lineage.long().contiguous()}, str(out_dir / LINEAGE_FILE))
     pd.DataFrame(curve).to_parquet(out_dir / CURVE_FILE, index=False)
     tail = curve[-max(1, len(curve) // 10):]
