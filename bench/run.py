@@ -101,8 +101,8 @@ READING = {
         "entry is read by four passes: the decode (`_embedding_bag_forward_only`, one call for every group and "
         "AuxK), its value gradient (`_embedding_bag_per_sample_weights_backward`), and the decoder and the "
         "encoder gradients (`_embedding_bag_forward_only` again, one pass each, in latent order: the `sort`); "
-        "AuxK's per-token `topk` over the dead latents and the gathers that order the entries (`index`, `copy_`) "
-        "come on top. Without dead latents the same step is the `dmsae step, no core` row.",
+        "AuxK's per-token `topk` over the dead latents, the gathers that order the entries (`index`) and "
+        "casts and copies (`copy_`) come on top. Without dead latents the same step is the `dmsae step, no core` row.",
         "", "What would close the gap to 2x with this many dead latents: (1) one fused pass per latent that "
         "computes each entry's value gradient and its decoder and encoder contributions together, turning three "
         "passes over about a million rows of 576 floats into one; (2) a per-token threshold from a sample before "

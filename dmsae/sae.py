@@ -200,7 +200,8 @@ class MatryoshkaSAE(nn.Module):
         # usually rarely fire: then keep each token's positive ones and top-k only the tokens with more than
         # k_aux of them. When most tokens have more (many dead latents that would fire), top-k them all.
         keep = dead_pre > 0
-        crowded = (keep.count_nonzero(1) > self.k_aux).nonzero().squeeze(1)
+        # an int32 sum: count_nonzero would first copy the whole [B, dead] mask into int64
+        crowded = (keep.sum(1, dtype=torch.int32) > self.k_aux).nonzero().squeeze(1)
         if crowded.numel() > dead_pre.shape[0] // 4:
             top_vals, top_pos = dead_pre.topk(self.k_aux, dim=1, sorted=False)
             rows, j = (top_vals > 0).nonzero().unbind(1)
@@ -269,6 +270,8 @@ class MatryoshkaSAE(nn.Module):
         for g in range(G - 2, -1, -1):
             resid[g] += resid[g + 1]
         scale = 2.0 / (B * G)
+        # out now holds, unscaled, the loss gradient at every bag's output: row g*B+t for group g of token t,
+        # row G*B+t for AuxK's reconstruction of token t's error
         table = out.view(-1, d)
         g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, self.dec, cols, offsets, bag, 0)
         entry_scale = torch.full_like(vals, scale)
