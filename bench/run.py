@@ -1,7 +1,7 @@
 """Run every benchmark in one process tree and write BENCHMARKS.md (tables + the command that made them).
 
     .venv/bin/python -m bench.run --quick            # under 5 minutes on an idle 2-core machine
-    .venv/bin/python -m bench.run --full             # the figures to quote (about an hour on 2 cores)
+    .venv/bin/python -m bench.run --full             # the figures to quote (about 40 minutes on 2 cores)
     .venv/bin/python -m bench.run --full --device cuda --out BENCHMARKS-cuda.md
 
 Raw results (every timing, the machine, the mode) go to bench/results/<time>-<mode>.json.
