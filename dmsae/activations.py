@@ -117,10 +117,22 @@ class ShuffledBatches:
         assert self.order is not None
         r = self.chunk_rows
         chunks = self.order[self.group_start:self.group_start + self.shuffle_chunks]
-        blocks = [self.array[c * r:min((c + 1) * r, self.n_rows)].astype(np.float32, copy=False) for c in chunks]
-        buf = np.concatenate([self.carry, *blocks])
-        self.buf = buf[self.rng.permutation(buf.shape[0])]
-        self.n_full = (self.buf.shape[0] // self.batch_size) * self.batch_size
+        sizes = [self.carry.shape[0], *(min((c + 1) * r, self.n_rows) - c * r for c in chunks)]
+        total = sum(sizes)
+        # the buffer is the carry and the chunks concatenated, then permuted: buf[i] = rows[perm[i]]. Each
+        # piece is scattered straight to its permuted places, so the peak is one buffer and one chunk, not
+        # the three buffers of concatenate-then-index
+        perm = self.rng.permutation(total)
+        where = np.empty_like(perm)
+        where[perm] = np.arange(total)
+        buf = np.empty((total, self.array.shape[1]), dtype=np.float32)
+        buf[where[:sizes[0]]] = self.carry
+        start = sizes[0]
+        for c, size in zip(chunks, sizes[1:], strict=True):
+            buf[where[start:start + size]] = self.array[c * r:c * r + size]
+            start += size
+        self.buf = buf
+        self.n_full = (total // self.batch_size) * self.batch_size
 
     def state(self) -> tuple[dict[str, Any], np.ndarray]:
         """(JSON-able position, leftover rows under the current buffer)."""

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dmsae import activations, faults, lm
 from dmsae.errors import UserError
+from dmsae.memory import release_free_heap
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
 from stages import tokens as tokens_stage
@@ -104,6 +105,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         writer.append(rows.astype(params["store_dtype"], copy=False))
         if rt.checkpoint_dir is not None:
             _save_state(state_path, i + 1, writer, threshold, sq_norm_sum)
+        release_free_heap()
         faults.point(f"{rt.label}:batch:{i + 1}")
         bar.update(int(real[i * batch:(i + 1) * batch].sum()))
         rt.report((i + 1) / n_batches, f"harvested {writer.offset + writer.pending_rows} tokens")
