@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -287,6 +289,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_prefect()
     from flows.serve import serve_config
 
+    # a long-lived server process: `kill -USR1 <pid>` prints every thread's stack to stderr, the first
+    # thing to look at if it ever stops responding (to Ctrl-C included)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     serve_config(cfg, args.cron, args.name)
     return 0
 

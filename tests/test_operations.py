@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,19 +99,57 @@ def parse_computed(output: str) -> set[str]:
     return set(m.group(3).split(", "))
 
 
+WAITING = "being computed by another process; waiting"
+
+
+class OutputReader:
+    """Collects a subprocess's output on a thread, so the test can watch it while the process runs."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def result(self, timeout: float) -> str:
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=30)
+        return "".join(self.lines)
+
+
 def test_two_runs_at_once_compute_each_stage_once(make_config, pipeline_run, tmp_path):
+    """Two `dmsae run`s of one config at once. The test holds the harvest's lock until both runs wait
+    on it, so they meet there for certain (tiny stages alone rarely overlap): when it lets go, one
+    computes the harvest while the other waits and then reuses it, and every stage is computed once."""
     cfg = make_config(tmp_path / "store", f"report_dir={tmp_path / 'reports'}")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dmsae.cli", "run", str(config), "--no-progress"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    harvest = plan(cfg).find("harvest")
+    with Store(cfg.store).lock("harvest", harvest.key):
+        procs = [subprocess.Popen([sys.executable, "-m", "dmsae.cli", "run", str(config), "--no-progress"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True) for _ in range(2)]
+        readers = [OutputReader(p) for p in procs]
+        deadline = time.monotonic() + 300
+        while not all(r.saw(f"harvest {harvest.key} is {WAITING}") for r in readers):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                for p in procs:
+                    p.kill()
+                pytest.fail("both runs should wait on the held harvest lock:\n" +
+                            "".join(readers[0].lines)[-2000:] + "".join(readers[1].lines)[-2000:])
+            time.sleep(0.05)
+    outputs = [r.result(timeout=600) for r in readers]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     a, b = (parse_computed(o) for o in outputs)
     assert a | b == set(ALL_LABELS) and not a & b, (a, b)
-    assert "being computed by another process; waiting" in outputs[0] + outputs[1]
+    assert ("harvest" in a) != ("harvest" in b)  # one computed it; the other found it done after waiting
     same_files(Store(cfg.store), pipeline_run.store, cfg)
     published = [p for p in Path(cfg.store).glob("*/*/manifest.json") if not p.parent.parent.name.startswith(".")]
     assert len(published) == len(ALL_LABELS)

@@ -50,14 +50,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
-    """Signal the whole process group (servers and runners start children), then kill what is left."""
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20.0,
+          dump_stacks: bool = False) -> None:
+    """Signal the whole process group (servers and runners start children), then kill what is left.
+    `dump_stacks`: a leader still running after the grace gets SIGUSR1 first (`dmsae serve` prints its
+    threads' stacks to its log on it), so a hang leaves the place where it hung."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            pass
+            if dump_stacks:
+                os.kill(proc.pid, signal.SIGUSR1)
+                time.sleep(2)
         except ProcessLookupError:
             return
     try:  # children may outlive a leader that exited on the signal
@@ -261,8 +266,9 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
         assert {r.state.name for r in runs} == {"Cached"}
 
         assert not dep.paused
-        _stop(proc, signal.SIGINT)  # Ctrl-C: the runner shuts down cleanly and pauses the deployment
-        assert deployment().paused, log.read_text(errors="replace")[-3000:]
+        # Ctrl-C: the runner shuts down cleanly (about 1 s here) and pauses the deployment
+        _stop(proc, signal.SIGINT, grace=60, dump_stacks=True)
+        assert deployment().paused, f"exit code {proc.returncode}\n" + log.read_text(errors="replace")[-6000:]
     finally:
         _stop(proc, signal.SIGINT)
 
