@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import os
 import shutil
 import signal
@@ -291,7 +292,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # a long-lived server process: `kill -USR1 <pid>` prints every thread's stack to stderr, the first
     # thing to look at if it ever stops responding (to Ctrl-C included)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (io.UnsupportedOperation, AttributeError, ValueError):  # stderr without a file descriptor (captured)
+        pass
     serve_config(cfg, args.cron, args.name)
     return 0
 
