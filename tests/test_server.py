@@ -50,6 +50,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child. A suite started in the background by a non-interactive
+    shell (`make test &`, as CI may) inherits SIGINT ignored, and Python then never turns it into
+    KeyboardInterrupt: the Ctrl-C this test sends would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20.0,
           dump_stacks: bool = False) -> None:
     """Signal the whole process group (servers and runners start children), then kill what is left.
@@ -235,7 +242,8 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
         proc = subprocess.Popen(
             [sys.executable, "-m", "dmsae.cli", "serve", str(cli_runs.config_path), "--cron", CRON,
              "--name", "tiny-nightly"],
-            env=server.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=server.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         def deployment() -> Any:
             with client(server) as c:
