@@ -82,8 +82,10 @@ class Context:
 
 
 def lm_autocast(device: str) -> str | None:
-    """The autocast the pipeline plans for a float32 LM on this device (dmsae.pipeline.lm_params)."""
-    return "bfloat16" if device.startswith("cuda") else None
+    """The autocast the pipeline plans for the bench's float32 LM on this device."""
+    from dmsae.pipeline import lm_autocast as planned
+
+    return planned(device, "float32")
 
 
 def set_threads(n: int) -> None:

@@ -46,7 +46,8 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
     original = harvest_stage.lm.load_model
     harvest_stage.lm.load_model = lambda *_a, **_k: model  # type: ignore[assignment]
     try:
-        params = STAGE_PARAMS | ({"autocast": lm_autocast(device)} if lm_autocast(device) else {})
+        autocast = lm_autocast(device)
+        params = STAGE_PARAMS | ({"autocast": autocast} if autocast else {})
         return harvest_stage.run(out, params, {"model": model_art, "tokens": tokens}, rt)
     finally:
         harvest_stage.lm.load_model = original  # type: ignore[assignment]

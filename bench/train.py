@@ -85,7 +85,7 @@ class TimedBatches:
             self.step_seconds.append(now - self.last)
         x = self.pool[self.idx[self.i]].to(self.device)
         self.i += 1
-        self.n_dead.append(int((self.sae.tokens_since_fired >= self.sae.dead_after_tokens).sum()))
+        self.n_dead.append(int(self.sae.dead_mask().sum()))
         sync(self.device)
         self.last = time.perf_counter()
         return x
@@ -171,7 +171,7 @@ def profile_steps(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, ste
     steps of `sae` as its run left it (same dead latents, a fresh Adam), in ms per step, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    n_dead = int((sae.tokens_since_fired >= sae.dead_after_tokens).sum())
+    n_dead = int(sae.dead_mask().sum())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     batches = TimedBatches(pool, idx, device, sae)
     with profile(activities=activities) as prof:

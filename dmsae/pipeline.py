@@ -68,12 +68,16 @@ class Plan:
         return [n for n in self.nodes if n.stage == stage]
 
 
+def lm_autocast(device: str, dtype: str) -> str | None:
+    """The autocast an LM of `dtype` runs under on `device`: bfloat16 for a float32 model on CUDA, else none."""
+    return "bfloat16" if device.startswith("cuda") and dtype == "float32" else None
+
+
 def lm_params(cfg: Config) -> dict[str, Any]:
-    """How a stage runs the language model. On CUDA a float32 model runs under bfloat16 autocast, which
-    changes the numbers, so it is in the key (`autocast`); the CPU keys have no such entry."""
-    if cfg.device.startswith("cuda") and cfg.model.dtype == "float32":
-        return {"dtype": cfg.model.dtype, "autocast": "bfloat16"}
-    return {"dtype": cfg.model.dtype}
+    """How a stage runs the language model. Autocast changes the numbers, so it is in the key
+    (`autocast`); the CPU keys have no such entry."""
+    autocast = lm_autocast(cfg.device, cfg.model.dtype)
+    return {"dtype": cfg.model.dtype} | ({"autocast": autocast} if autocast else {})
 
 
 def plan(cfg: Config) -> Plan:

@@ -137,9 +137,13 @@ class MatryoshkaSAE(nn.Module):
         loss = prefix_losses.mean() + self.aux_alpha * aux
         return ForwardOut(loss, prefix_losses.detach(), aux.detach(), recon[-1].detach(), pre_core, f_nc, k_nc)
 
+    def dead_mask(self) -> Tensor:
+        """[width - core] bool: the non-core latents that have not fired for `dead_after_tokens` tokens."""
+        return self.tokens_since_fired >= self.dead_after_tokens
+
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre_nc: Tensor) -> Tensor:
         """AuxK: dead non-core latents reconstruct the residual error (normalised by its variance)."""
-        dead = self.tokens_since_fired >= self.dead_after_tokens
+        dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or self.aux_alpha == 0:
             return x.new_zeros(())
@@ -190,7 +194,7 @@ class MatryoshkaSAE(nn.Module):
     def aux_entries(self, pre_nc: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """AuxK's active entries as (token, latent, value): each token's k_aux largest pre-activations among
         the dead latents, keeping only the positive ones. None when no latent is dead (or AuxK is off)."""
-        dead = self.tokens_since_fired >= self.dead_after_tokens
+        dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or self.aux_alpha == 0:
             return None
@@ -208,7 +212,7 @@ class MatryoshkaSAE(nn.Module):
             return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j]
         if crowded.numel():
             pos = dead_pre[crowded].topk(self.k_aux, dim=1, sorted=False).indices
-            keep[crowded] = torch.zeros_like(keep[crowded]).scatter_(1, pos, True)
+            keep[crowded] = keep.new_zeros(crowded.numel(), keep.shape[1]).scatter_(1, pos, True)
         rows, pos = keep.nonzero().unbind(1)
         return rows, dead_idx[pos], dead_pre[rows, pos]
 

@@ -96,7 +96,7 @@ def train_sae(
                 "fvu": float(stats.prefix_losses[-1]) / var, "fvu_inner": float(stats.prefix_losses[0]) / var,
                 "l0": stats.l0_core + stats.l0_noncore, "l0_noncore": stats.l0_noncore,
                 "k_noncore": stats.k_noncore,
-                "dead_fraction": float((sae.tokens_since_fired >= sae.dead_after_tokens).float().mean()),
+                "dead_fraction": float(sae.dead_mask().float().mean()),
             }
             curve.append(row)
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
