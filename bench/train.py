@@ -60,7 +60,7 @@ class DenseReferenceSAE(MatryoshkaSAE):
         B = x.shape[0]
         stats = StepStats(loss=float(out.loss.detach()), prefix_losses=out.prefix_losses, aux_loss=float(out.aux_loss),
                           l0_core=float((out.f_core > 0).sum()) / B, l0_noncore=float(vals.numel()) / B,
-                          k_noncore=out.k_noncore)
+                          k_noncore=out.k_noncore, core_code=out.f_core.detach())
         return stats, cols, vals
 
 

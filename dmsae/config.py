@@ -58,7 +58,21 @@ class SAEConfig(Strict):
     aux_alpha: float = Field(1 / 32, ge=0)
     dead_after_tokens: int = Field(100_000, gt=0)
     freeze_core_encoder: bool = True
+    core_gate: Literal["relu", "relu_bias", "topk"] = Field(
+        "relu", description="how a transferred core fires: 'relu' (always eligible, fresh bias, outside BatchTopK), "
+        "'relu_bias' (the bias and threshold of each latent's birth SAE travel with it), 'topk' (the core competes "
+        "in the same BatchTopK, total L0 = k)")
+    freeze_core_bias: bool | None = Field(
+        None, description="keep the core's encoder bias fixed; default: frozen for relu_bias, trained otherwise")
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _core_bias_default(cls, data: Any) -> Any:
+        # resolved here, so two configs that mean the same thing get the same stage keys
+        if isinstance(data, dict) and data.get("freeze_core_bias") is None:
+            data = {**data, "freeze_core_bias": data.get("core_gate", "relu") == "relu_bias"}
+        return data
 
     @field_validator("group_fractions")
     @classmethod
@@ -94,6 +108,24 @@ class AttributionConfig(Strict):
 
 class SelectionConfig(Strict):
     tau: float = Field(0.9, gt=0, le=1)
+    max_core: int | float | None = Field(
+        None, gt=0, description="cap on the core size: an integer is a number of latents, a decimal a fraction of "
+        "sae.k (0.6: at most 0.6 k latents); the smallest set reaching tau is truncated to the cap; null: no cap")
+
+    @field_validator("max_core", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("give a number of latents (48) or a fraction of sae.k (0.6), or null for no cap")
+        return v
+
+    def core_cap(self, k: int) -> int | None:
+        """The cap in latents for SAEs at `k`, or None."""
+        if self.max_core is None:
+            return None
+        if isinstance(self.max_core, int):
+            return self.max_core
+        return max(1, round(self.max_core * k))
 
 
 class ReuseConfig(Strict):

@@ -80,6 +80,15 @@ def lm_params(cfg: Config) -> dict[str, Any]:
     return {"dtype": cfg.model.dtype} | ({"autocast": autocast} if autocast else {})
 
 
+CORE_ONLY_SAE_FIELDS = ("core_gate", "freeze_core_bias", "freeze_core_encoder", "l0_mode")
+
+
+def sae_params_for(sae: dict[str, Any], has_core: bool) -> dict[str, Any]:
+    """The SAE params in a train key. Without a core the core-only fields change nothing, so they are left
+    out: cycle 0 and the no-core arm are then shared by configs that differ only in how a core is gated."""
+    return sae if has_core else {k: v for k, v in sae.items() if k not in CORE_ONLY_SAE_FIELDS}
+
+
 def plan(cfg: Config) -> Plan:
     msrc = resolve_model(cfg.model.path)
     csrc = resolve_corpus(cfg.data.path)
@@ -104,7 +113,8 @@ def plan(cfg: Config) -> Plan:
         train_inputs: dict[str, Node] = {"harvest": harvest_node}
         if core is not None:
             train_inputs["core"] = core
-        train_node = Node("train", {"cycle": cycle, "seed": cfg.seed, "sae": cfg.sae.model_dump(),
+        train_node = Node("train", {"cycle": cycle, "seed": cfg.seed,
+                                    "sae": sae_params_for(cfg.sae.model_dump(), core is not None),
                                     "train": train_params}, train_inputs, cycle,
                           args={"checkpoint_every": cfg.train.checkpoint_every})
         attr_node = Node("attribute", {"layer": cfg.harvest.layer, "score": cfg.attribution.score,
@@ -112,7 +122,8 @@ def plan(cfg: Config) -> Plan:
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "train": train_node},
                          cycle,
                          args={"batch_size": cfg.attribution.batch_size})
-        core = Node("select", {"cycle": cycle, "tau": cfg.selection.tau},
+        cap = cfg.selection.core_cap(cfg.sae.k)
+        core = Node("select", {"cycle": cycle, "tau": cfg.selection.tau} | ({"max_core": cap} if cap else {}),
                     {"attribute": attr_node, "train": train_node}, cycle)
         nodes += [train_node, attr_node, core]
     if cfg.reuse.k and core is not None:
@@ -148,7 +159,8 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
             if arm_core is not None:
                 inputs["core"] = arm_core
             tag = f"{arm},k={k},seed={seed}"
-            sae = {**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width}
+            sae = sae_params_for({**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width},
+                                 arm_core is not None)
             r = Node("reuse", {"arm": arm, "seed": seed, "sae": sae,
                                "train": train_params}, inputs, tag=tag,
                      args={"checkpoint_every": cfg.train.checkpoint_every})

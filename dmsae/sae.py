@@ -27,6 +27,22 @@ def group_ends(n_noncore: int, fractions: list[float]) -> list[int]:
     return ends
 
 
+def smallest_active(f: Tensor) -> Tensor:
+    """[n] each column's smallest positive value, +inf where none is positive."""
+    return torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(dim=0)
+
+
+def ema_thresholds(threshold: Tensor, smallest: Tensor, ema: float) -> Tensor:
+    """A latent's first selection sets its threshold; later ones move it by an EMA; unseen ones keep it."""
+    seen = torch.isfinite(smallest)
+    first = seen & torch.isinf(threshold)
+    out = threshold.clone()
+    out[first] = smallest[first]
+    again = seen & ~first
+    out[again] = ema * threshold[again] + (1 - ema) * smallest[again]
+    return out
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -35,6 +51,7 @@ class StepStats:
     l0_core: float
     l0_noncore: float
     k_noncore: int
+    core_code: Tensor | None = None  # [B, c] the core's code of the step, for its threshold EMA
 
 
 @dataclass
@@ -48,7 +65,23 @@ class ForwardOut:
     k_noncore: int
 
 
+CORE_GATES = ("relu", "relu_bias", "topk")
+
+
 class MatryoshkaSAE(nn.Module):
+    """Encode, gate, decode and the losses, with autograd (`forward_train`) as the reference for the
+    fast step in `dmsae.sparse_step`.
+
+    How the core is gated (`core_gate`):
+    - `relu`: every positive core pre-activation is kept, outside BatchTopK; the non-core k shrinks by the
+      core's mean L0 (`l0_mode: dynamic`). The core bias starts at zero.
+    - `relu_bias`: the core bias starts at the bias each core latent had in its birth SAE (`core_bias`) and
+      a core latent fires only above the inference threshold it had there (`core_threshold`), as a JumpReLU:
+      its sparsity travels with its encoder row. Dynamic L0 as for `relu`.
+    - `topk`: core and non-core pre-activations compete in one BatchTopK of k x B entries, so the total L0
+      is k; the core stays in every Matryoshka prefix. Core thresholds are learned like the non-core ones.
+    """
+
     def __init__(
         self,
         d: int,
@@ -61,13 +94,22 @@ class MatryoshkaSAE(nn.Module):
         dead_after_tokens: int = 100_000,
         freeze_core_encoder: bool = True,
         generator: torch.Generator | None = None,
+        core_gate: str = "relu",
+        core_bias: Tensor | None = None,
+        core_threshold: Tensor | None = None,
+        freeze_core_bias: bool = False,
     ):
         super().__init__()
         c = 0 if core_encoder is None else core_encoder.shape[1]
         if c >= width:
             raise ValueError(f"core size {c} must be smaller than the width {width}")
+        if core_gate not in CORE_GATES:
+            raise ValueError(f"core_gate must be one of {CORE_GATES}, not {core_gate!r}")
+        if core_gate == "relu_bias" and c and (core_bias is None or core_threshold is None):
+            raise ValueError("core_gate='relu_bias' needs the core's birth bias and threshold")
         self.d, self.width, self.k, self.core_size = d, width, k, c
         self.l0_mode, self.aux_alpha, self.dead_after_tokens = l0_mode, aux_alpha, dead_after_tokens
+        self.core_gate = core_gate
         self.ends = group_ends(width - c, group_fractions)
         self.k_aux = d // 2
 
@@ -82,11 +124,26 @@ class MatryoshkaSAE(nn.Module):
             self.register_buffer("enc_core", core_enc)
         else:
             self.enc_core = nn.Parameter(core_enc)
-        self.b_enc_core = nn.Parameter(torch.zeros(c))
+        bias = torch.zeros(c)
+        if core_gate == "relu_bias" and c:
+            assert core_bias is not None
+            bias = core_bias.detach().clone().float()
+        if freeze_core_bias:
+            self.register_buffer("b_enc_core", bias)
+        else:
+            self.b_enc_core = nn.Parameter(bias)
         self.b_enc = nn.Parameter(torch.zeros(width - c))
         self.b_dec = nn.Parameter(torch.zeros(d))
         # inference thresholds for non-core latents; +inf until a latent has been selected once
         self.register_buffer("threshold", torch.full((width - c,), float("inf")))
+        # the core's: 0 (plain ReLU), the birth thresholds (relu_bias), or learned like the non-core's (topk)
+        core_thr = torch.zeros(c)
+        if core_gate == "relu_bias" and c:
+            assert core_threshold is not None
+            core_thr = core_threshold.detach().clone().float()
+        elif core_gate == "topk":
+            core_thr = torch.full((c,), float("inf"))
+        self.register_buffer("core_threshold", core_thr)
         self.register_buffer("tokens_since_fired", torch.zeros(width - c, dtype=torch.long))
 
     # -- encoding -----------------------------------------------------------------------------
@@ -96,10 +153,16 @@ class MatryoshkaSAE(nn.Module):
         pre_nc = F.relu(xc @ self.enc + self.b_enc)
         return pre_core, pre_nc
 
-    def k_noncore(self, pre_core: Tensor) -> int:
+    def gate_core(self, pre_core: Tensor) -> Tensor:
+        """The core's training-time code for the gates outside BatchTopK (`relu`, `relu_bias`)."""
+        if self.core_gate == "relu_bias":
+            return torch.where(pre_core > self.core_threshold, pre_core, torch.zeros_like(pre_core))
+        return pre_core
+
+    def k_noncore(self, f_core: Tensor) -> int:
         if self.l0_mode == "fixed" or self.core_size == 0:
             return self.k
-        core_l0 = (pre_core > 0).sum(dim=1).float().mean().item()
+        core_l0 = (f_core > 0).sum(dim=1).float().mean().item()
         return max(1, self.k - round(core_l0))
 
     @staticmethod
@@ -110,10 +173,22 @@ class MatryoshkaSAE(nn.Module):
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
 
+    def training_codes(self, pre_core: Tensor, pre_nc: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(f_core, f_noncore, k_noncore) as in training: the core gated, the non-core by BatchTopK."""
+        if self.core_gate == "topk":
+            both = self.batch_topk(torch.cat([pre_core, pre_nc], dim=1), self.k)
+            f_core, f_nc = both[:, : self.core_size], both[:, self.core_size:]
+            return f_core, f_nc, round(float((f_nc > 0).sum()) / max(1, pre_nc.shape[0]))
+        f_core = self.gate_core(pre_core)
+        k_nc = self.k_noncore(f_core)
+        return f_core, self.batch_topk(pre_nc, k_nc), k_nc
+
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference encoding: per-latent thresholds replace BatchTopK, so a token's code is batch-independent."""
+        """Inference encoding: per-latent thresholds replace BatchTopK (and gate the core), so a token's code
+        is batch-independent."""
         pre_core, pre_nc = self.pre_acts(x)
-        return pre_core, torch.where(pre_nc > self.threshold, pre_nc, torch.zeros_like(pre_nc))
+        f_core = torch.where(pre_core > self.core_threshold, pre_core, torch.zeros_like(pre_core))
+        return f_core, torch.where(pre_nc > self.threshold, pre_nc, torch.zeros_like(pre_nc))
 
     # -- decoding -----------------------------------------------------------------------------
     def prefix_reconstructions(self, f_core: Tensor, f_nc: Tensor) -> Tensor:
@@ -129,13 +204,12 @@ class MatryoshkaSAE(nn.Module):
     # -- training -----------------------------------------------------------------------------
     def forward_train(self, x: Tensor) -> ForwardOut:
         pre_core, pre_nc = self.pre_acts(x)
-        k_nc = self.k_noncore(pre_core)
-        f_nc = self.batch_topk(pre_nc, k_nc)
-        recon = self.prefix_reconstructions(pre_core, f_nc)
+        f_core, f_nc, k_nc = self.training_codes(pre_core, pre_nc)
+        recon = self.prefix_reconstructions(f_core, f_nc)
         prefix_losses = (recon - x).pow(2).sum(dim=-1).mean(dim=-1)
         aux = self.aux_loss(x, recon[-1], pre_nc)
         loss = prefix_losses.mean() + self.aux_alpha * aux
-        return ForwardOut(loss, prefix_losses.detach(), aux.detach(), recon[-1].detach(), pre_core, f_nc, k_nc)
+        return ForwardOut(loss, prefix_losses.detach(), aux.detach(), recon[-1].detach(), f_core, f_nc, k_nc)
 
     def dead_mask(self) -> Tensor:
         """[width - core] bool: the non-core latents that have not fired for `dead_after_tokens` tokens."""
@@ -155,168 +229,22 @@ class MatryoshkaSAE(nn.Module):
         return err / denom
 
     @torch.no_grad()
-    def update_stats(self, f_nc: Tensor, ema: float) -> None:
-        """Dead-latent counters and the EMA of each latent's smallest selected activation."""
+    def update_stats(self, f_core: Tensor, f_nc: Tensor, ema: float) -> None:
+        """Dead-latent counters and the EMA of each latent's smallest selected activation (the core's too
+        when it is selected by BatchTopK)."""
         fired = (f_nc > 0).any(dim=0)
         self.tokens_since_fired += f_nc.shape[0]
         self.tokens_since_fired[fired] = 0
-        smallest = torch.where(f_nc > 0, f_nc, torch.full_like(f_nc, float("inf"))).amin(dim=0)
-        self._update_thresholds(smallest, ema)
+        self.threshold.copy_(ema_thresholds(self.threshold, smallest_active(f_nc), ema))
+        if self.core_gate == "topk" and self.core_size:
+            self.core_threshold.copy_(ema_thresholds(self.core_threshold, smallest_active(f_core), ema))
 
-    def _update_thresholds(self, smallest: Tensor, ema: float) -> None:
-        seen = torch.isfinite(smallest)
-        first = seen & torch.isinf(self.threshold)
-        again = seen & ~first
-        self.threshold[first] = smallest[first]
-        self.threshold[again] = ema * self.threshold[again] + (1 - ema) * smallest[again]
-
-    # -- fast training step -------------------------------------------------------------------
-    def select_topk(self, pre_nc: Tensor, k_nc: int) -> tuple[Tensor, Tensor]:
-        """BatchTopK as (flat indices, values): a threshold from a strided sample keeps about twice the
-        k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k."""
-        flat = pre_nc.flatten()
-        n_keep = min(k_nc * pre_nc.shape[0], flat.numel())
-        stride = max(1, flat.numel() // 65536) | 1  # odd: a power-of-two stride would sample only a few latents
-        sample = flat[::stride]
-        q = 1.0 - min(1.0, 2.0 * n_keep / flat.numel())
-        cand = None
-        if q > 0:
-            thr = sample.kthvalue(max(1, int(q * sample.numel()))).values
-            cand = (flat > thr).nonzero().squeeze(1)
-            if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
-                cand = None
-        if cand is None:
-            vals, idx = flat.topk(n_keep, sorted=False)
-            return idx, vals
-        vals, pos = flat[cand].topk(n_keep, sorted=False)
-        return cand[pos], vals
-
-    def aux_entries(self, pre_nc: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """AuxK's active entries as (token, latent, value): each token's k_aux largest pre-activations among
-        the dead latents, keeping only the positive ones. None when no latent is dead (or AuxK is off)."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0 or self.aux_alpha == 0:
-            return None
-        dead_idx = dead.nonzero().squeeze(1)
-        dead_pre = pre_nc.index_select(1, dead_idx)
-        # Entries at or below zero add nothing to the loss and get no gradient through the ReLU. Dead latents
-        # usually rarely fire: then keep each token's positive ones and top-k only the tokens with more than
-        # k_aux of them. When most tokens have more (many dead latents that would fire), top-k them all.
-        keep = dead_pre > 0
-        # an int32 sum: count_nonzero would first copy the whole [B, dead] mask into int64
-        crowded = (keep.sum(1, dtype=torch.int32) > self.k_aux).nonzero().squeeze(1)
-        if crowded.numel() > dead_pre.shape[0] // 4:
-            top_vals, top_pos = dead_pre.topk(self.k_aux, dim=1, sorted=False)
-            rows, j = (top_vals > 0).nonzero().unbind(1)
-            return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j]
-        if crowded.numel():
-            pos = dead_pre[crowded].topk(self.k_aux, dim=1, sorted=False).indices
-            keep[crowded] = keep.new_zeros(crowded.numel(), keep.shape[1]).scatter_(1, pos, True)
-        rows, pos = keep.nonzero().unbind(1)
-        return rows, dead_idx[pos], dead_pre[rows, pos]
-
-    @torch.no_grad()
+    # -- fast training step (dmsae.sparse_step) -------------------------------------------------
     def train_step(self, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
-        """Loss and gradients (written to .grad, replacing what was there) with one dense matmul, the
-        encoder forward, and no autograd.
+        """Loss and gradients of `forward_train` without autograd; see `dmsae.sparse_step.train_step`."""
+        from dmsae.sparse_step import train_step
 
-        Every active entry (token, latent, value) of BatchTopK and of AuxK goes into one embedding_bag
-        whose bags are (Matryoshka group, token) plus (AuxK, token). Its output, summed cumulatively over
-        the groups, gives each prefix's residual; summed in reverse, the gradient at each group's output.
-        The per-entry value gradients come from those through embedding_bag's own backward kernel, and
-        the decoder and encoder weight gradients, zero off the active entries, are accumulated from the
-        entries in one pass ordered by latent. Returns the stats and the BatchTopK entries (latent
-        index, value) for `update_stats_sparse`."""
-        B, d = x.shape
-        G, m = len(self.ends), self.width - self.core_size
-        dev = x.device
-        xc = x - self.b_dec
-        pre_nc = torch.addmm(self.b_enc, xc, self.enc)
-        pre_core = F.relu(torch.addmm(self.b_enc_core, xc, self.enc_core))
-        k_nc = self.k_noncore(pre_core)
-        flat_idx, vals = self.select_topk(pre_nc, k_nc)
-        rows, cols = flat_idx // m, flat_idx % m
-        group = torch.bucketize(cols, torch.tensor(self.ends[:-1], device=dev), right=True)
-        bag = group * B + rows
-        order = torch.sort(bag * m + cols).indices  # bags contiguous, a fixed order inside each
-        rows, cols, bag, vals = rows[order], cols[order], bag[order], vals[order].clamp_min(0)
-        n_main = vals.numel()
-        aux = self.aux_entries(pre_nc)
-        del pre_nc
-        if aux is not None:
-            aux_rows, aux_cols, aux_vals = aux
-            rows, cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
-            bag, vals = torch.cat([bag, G * B + aux_rows]), torch.cat([vals, aux_vals])
-        n_bags = (G + (aux is not None)) * B
-        bag_counts = torch.bincount(bag, minlength=n_bags)
-        offsets = bag_counts.cumsum(0) - bag_counts
-        out = F.embedding_bag(cols, self.dec.detach(), offsets, mode="sum", per_sample_weights=vals).view(-1, B, d)
-
-        # resid[g] = x_hat_g - x, the nested reconstructions' residuals, built in place from the group outputs
-        resid = out[:G]
-        resid[0] += torch.addmm(xc, pre_core, self.dec_core, beta=-1)  # b_dec + f_core W_core - x
-        for g in range(1, G):
-            resid[g] += resid[g - 1]
-        prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
-        loss = prefix_losses.mean()
-        aux_loss = x.new_zeros(())
-        scale_aux = 0.0
-        if aux is not None:
-            last = resid[G - 1]
-            denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            e = out[G]
-            e += last  # e_hat - (x - x_hat): minus AuxK's error
-            aux_loss = e.flatten().dot(e.flatten()) / B / denom
-            loss = loss + self.aux_alpha * aux_loss
-            scale_aux = 2 * self.aux_alpha / (B * float(denom))
-        # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place)
-        for g in range(G - 2, -1, -1):
-            resid[g] += resid[g + 1]
-        scale = 2.0 / (B * G)
-        # out now holds, unscaled, the loss gradient at every bag's output: row g*B+t for group g of token t,
-        # row G*B+t for AuxK's reconstruction of token t's error
-        table = out.view(-1, d)
-        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, self.dec, cols, offsets, bag, 0)
-        entry_scale = torch.full_like(vals, scale)
-        entry_scale[n_main:] = scale_aux
-        g_vals *= entry_scale
-        g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
-
-        by_col = torch.sort(cols, stable=True).indices
-        col_counts = torch.bincount(cols, minlength=m)
-        col_offsets = col_counts.cumsum(0) - col_counts
-        self.dec.grad = F.embedding_bag(bag[by_col], table, col_offsets, mode="sum",
-                                        per_sample_weights=(vals * entry_scale)[by_col])
-        self.enc.grad = F.embedding_bag(rows[by_col], xc, col_offsets, mode="sum",
-                                        per_sample_weights=g_vals[by_col]).T.contiguous()
-        grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
-        self.b_enc.grad = grad_b_enc
-        g_base = resid[0]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
-        g_core = torch.mm(g_base, self.dec_core.T).mul_(scale) * (pre_core > 0)
-        self.dec_core.grad = torch.mm(pre_core.T, g_base).mul_(scale)
-        self.b_enc_core.grad = g_core.sum(0)
-        if isinstance(self.enc_core, nn.Parameter):
-            self.enc_core.grad = xc.T @ g_core
-        self.b_dec.grad = g_base.sum(0).mul_(scale) - self.enc @ grad_b_enc - self.enc_core @ g_core.sum(0)
-        main_vals = vals[:n_main]
-        stats = StepStats(
-            loss=float(loss), prefix_losses=prefix_losses, aux_loss=float(aux_loss),
-            l0_core=float((pre_core > 0).sum()) / B, l0_noncore=float((main_vals > 0).sum()) / B, k_noncore=k_nc,
-        )
-        return stats, cols[:n_main], main_vals
-
-    @torch.no_grad()
-    def update_stats_sparse(self, cols: Tensor, vals: Tensor, batch_tokens: int, ema: float) -> None:
-        """`update_stats` from the active (latent, value) pairs instead of a dense code."""
-        m = self.width - self.core_size
-        active = vals > 0
-        cols, vals = cols[active], vals[active]
-        self.tokens_since_fired += batch_tokens
-        self.tokens_since_fired[cols] = 0
-        smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
-            0, cols, vals, "amin")
-        self._update_thresholds(smallest, ema)
+        return train_step(self, x)
 
     def decoder_params(self) -> list[nn.Parameter]:
         return [self.dec_core, self.dec]
@@ -336,22 +264,25 @@ class MatryoshkaSAE(nn.Module):
 
     # -- (de)serialisation ----------------------------------------------------------------------
     def full_tensors(self) -> dict[str, Tensor]:
-        """Flat [core | non-core] tensors, the layout written to disk."""
-        inf_free = torch.where(torch.isinf(self.threshold), torch.full_like(self.threshold, 3.0e38), self.threshold)
+        """Flat [core | non-core] tensors, the layout written to disk (an unset threshold, +inf, as 3e38)."""
+        threshold = torch.cat([self.core_threshold, self.threshold])
+        threshold = torch.where(torch.isinf(threshold), torch.full_like(threshold, 3.0e38), threshold)
         return {
             "W_enc": torch.cat([self.enc_core, self.enc], dim=1).detach().contiguous(),
             "b_enc": torch.cat([self.b_enc_core, self.b_enc]).detach().contiguous(),
             "W_dec": torch.cat([self.dec_core, self.dec]).detach().contiguous(),
             "b_dec": self.b_dec.detach().clone(),
-            "threshold": torch.cat([torch.zeros(self.core_size, device=inf_free.device), inf_free]).contiguous(),
+            "threshold": threshold.contiguous(),
         }
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor], core_size: int, k: int, group_fractions: list[float],
-                     l0_mode: str = "dynamic") -> MatryoshkaSAE:
+                     l0_mode: str = "dynamic", core_gate: str = "relu") -> MatryoshkaSAE:
+        """The SAE for inference: every gate encodes through its stored thresholds."""
         d, width = t["W_enc"].shape
         c = core_size
         sae = cls(d, width, k, group_fractions, core_encoder=t["W_enc"][:, :c], l0_mode=l0_mode)
+        sae.core_gate = core_gate
         with torch.no_grad():
             sae.enc.copy_(t["W_enc"][:, c:])
             sae.b_enc_core.copy_(t["b_enc"][:c])
@@ -359,6 +290,7 @@ class MatryoshkaSAE(nn.Module):
             sae.dec_core.copy_(t["W_dec"][:c])
             sae.dec.copy_(t["W_dec"][c:])
             sae.b_dec.copy_(t["b_dec"])
+            sae.core_threshold.copy_(t["threshold"][:c])
             sae.threshold.copy_(t["threshold"][c:])
         return sae
 

@@ -1,7 +1,8 @@
-"""random_core stage: the control core, encoder rows of latents drawn uniformly from the cycle-0 SAE.
+"""random_core stage: the control core, encoder rows of latents drawn uniformly from the live latents of
+the cycle-0 SAE (those that fired in training, so each has a birth threshold, as every distilled latent does).
 
 It has the size of the distilled core and a fixed seed, so the random-core arm differs from the
-distilled arm only in which encoder vectors it freezes.
+distilled arm only in which encoder vectors (with their birth bias and threshold) it freezes.
 """
 
 from __future__ import annotations
@@ -17,18 +18,28 @@ from dmsae.store import Artifact
 from stages import train as train_stage
 
 NAME = "random_core"
-VERSION = "1"
+VERSION = "2"  # 2: live latents only; birth bias and threshold
 
 
-def draw_indices(width: int, size: int, seed: int) -> torch.Tensor:
-    return torch.randperm(width, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+UNSET_THRESHOLD = 1e38  # thresholds are stored as 3e38 for a latent that never fired
+
+
+def draw_indices(live: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """`size` of the indices in `live`, uniformly, sorted."""
+    pick = torch.randperm(live.numel(), generator=torch.Generator().manual_seed(seed))[:size]
+    return live[pick].sort().values
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     size = inputs["core"].metrics["core_size"]
     sae = load_file(str(inputs["cycle0"].file(train_stage.SAE_FILE)))
-    lineage = load_file(str(inputs["cycle0"].file(train_stage.LINEAGE_FILE)))["lineage"]
-    idx = draw_indices(sae["W_enc"].shape[1], size, params["seed"])
-    save_file({"indices": idx, "encoder": sae["W_enc"][:, idx].contiguous(), "lineage": lineage[idx].contiguous()},
+    lineage = load_file(str(inputs["cycle0"].file(train_stage.LINEAGE_FILE)))
+    live = (lineage["birth_threshold"] < UNSET_THRESHOLD).nonzero().squeeze(1)
+    if live.numel() < size:  # a cycle-0 SAE with fewer live latents than the core: fill with dead ones
+        live = torch.arange(sae["W_enc"].shape[1])
+    idx = draw_indices(live, size, params["seed"])
+    save_file({"indices": idx, "encoder": sae["W_enc"][:, idx].contiguous(),
+               "lineage": lineage["lineage"][idx].contiguous(), "bias": lineage["birth_bias"][idx].contiguous(),
+               "threshold": lineage["birth_threshold"][idx].contiguous()},
               str(out_dir / train_stage.CORE_FILE))
-    return {"core_size": size, "seed": params["seed"]}
+    return {"core_size": size, "seed": params["seed"], "n_live": int(live.numel())}

@@ -14,7 +14,7 @@ from dmsae.store import Artifact
 from stages import train as train_stage
 
 NAME = "reuse"
-VERSION = "2"  # 2: trains with train VERSION 3
+VERSION = "3"  # 3: trains with train VERSION 4 (core gates)
 ARMS = ("distilled", "random", "none")
 BORN_IN_REUSE = -1  # lineage cycle of latents born in a reuse SAE
 

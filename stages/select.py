@@ -1,6 +1,8 @@
-"""select stage: keep the shortest score-sorted prefix of latents that reaches tau of the total.
+"""select stage: keep the shortest score-sorted prefix of latents that reaches tau of the total,
+truncated to `max_core` latents when a cap is set.
 
-The kept latents' encoder columns become the next cycle's core; their lineage ids travel with them.
+The kept latents' encoder columns become the next cycle's core; their lineage ids, birth bias and birth
+threshold travel with them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from stages import attribute as attribute_stage
 from stages import train as train_stage
 
 NAME = "select"
-VERSION = "1"
+VERSION = "2"  # 2: max_core; the birth bias and threshold travel with the core
 FILE = train_stage.CORE_FILE
 
 
@@ -37,15 +39,20 @@ def select_prefix(scores: np.ndarray, tau: float) -> tuple[np.ndarray, int, np.n
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     scores = load_file(str(inputs["attribute"].file(attribute_stage.FILE)))["scores"].double().numpy()
-    order, n_keep, cumulative = select_prefix(scores, params["tau"])
+    order, n_reach_tau, cumulative = select_prefix(scores, params["tau"])
+    cap = params.get("max_core")
+    n_keep = n_reach_tau if cap is None else min(n_reach_tau, cap)
     sae_tensors = load_file(str(inputs["train"].file(train_stage.SAE_FILE)))
-    lineage = load_file(str(inputs["train"].file(train_stage.LINEAGE_FILE)))["lineage"]
+    lineage_file = load_file(str(inputs["train"].file(train_stage.LINEAGE_FILE)))
+    lineage = lineage_file["lineage"]
     kept = torch.from_numpy(order[:n_keep].copy()).long()
     core_size = inputs["train"].metrics["core_size"]
     save_file({
         "indices": kept,
         "encoder": sae_tensors["W_enc"][:, kept].contiguous(),
         "lineage": lineage[kept].contiguous(),
+        "bias": lineage_file["birth_bias"][kept].contiguous(),
+        "threshold": lineage_file["birth_threshold"][kept].contiguous(),
         "order": torch.from_numpy(order.copy()).long(),
         "sorted_scores": torch.from_numpy(scores[order].copy()),
         "cumulative": torch.from_numpy(cumulative.copy()),
@@ -53,6 +60,9 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     born = lineage[kept][:, 0].tolist()
     return {
         "cycle": params["cycle"], "tau": params["tau"], "core_size": n_keep, "n_candidates": int(scores.size),
+        # what the cap cost: the size that reached tau, and the attribution the kept core explains
+        "max_core": cap, "n_reach_tau": n_reach_tau, "cap_bit": cap is not None and n_reach_tau > cap,
+        "explained_fraction": float(cumulative[n_keep - 1] / cumulative[-1]) if n_keep else 0.0,
         "kept_from_previous_core": int((kept < core_size).sum()),
         "born_in_cycle": {str(c): born.count(c) for c in sorted(set(born))},
     }

@@ -19,11 +19,12 @@ from dmsae import activations, faults
 from dmsae.errors import UserError
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE, geometric_median
+from dmsae.sparse_step import update_stats_sparse
 from dmsae.store import Artifact
 
 CHECKPOINT_FILE = "train.ckpt"
 NAME = "train"
-VERSION = "3"  # 3: the autograd-free train step (same maths, another summation order)
+VERSION = "4"  # 4: core gates, birth bias/threshold in the lineage; 3: the autograd-free train step
 SAE_FILE = "sae.safetensors"
 LINEAGE_FILE = "lineage.safetensors"
 CURVE_FILE = "curve.parquet"
@@ -44,12 +45,18 @@ def lr_at(step: int, n_steps: int, lr: float, warmup_fraction: float, decay_frac
     return lr * factor
 
 
-def build_sae(sae_params: dict[str, Any], d: int, core_encoder: torch.Tensor | None, seed: int) -> MatryoshkaSAE:
+def build_sae(sae_params: dict[str, Any], d: int, core_encoder: torch.Tensor | None, seed: int,
+              core_birth: dict[str, torch.Tensor] | None = None) -> MatryoshkaSAE:
+    """`core_birth`: the core latents' encoder bias and threshold in their birth SAE ("bias", "threshold")."""
+    birth = core_birth or {}
     return MatryoshkaSAE(
         d=d, width=sae_params["width"], k=sae_params["k"], group_fractions=sae_params["group_fractions"],
-        core_encoder=core_encoder, l0_mode=sae_params["l0_mode"], aux_alpha=sae_params["aux_alpha"],
-        dead_after_tokens=sae_params["dead_after_tokens"], freeze_core_encoder=sae_params["freeze_core_encoder"],
-        generator=torch.Generator().manual_seed(seed),
+        core_encoder=core_encoder, l0_mode=sae_params.get("l0_mode", "dynamic"), aux_alpha=sae_params["aux_alpha"],
+        dead_after_tokens=sae_params["dead_after_tokens"],
+        freeze_core_encoder=sae_params.get("freeze_core_encoder", True),
+        generator=torch.Generator().manual_seed(seed), core_gate=sae_params.get("core_gate", "relu"),
+        core_bias=birth.get("bias"), core_threshold=birth.get("threshold"),
+        freeze_core_bias=bool(sae_params.get("freeze_core_bias")),
     )
 
 
@@ -87,7 +94,7 @@ def train_sae(
             group["lr"] = lr
         opt.step()
         sae.normalize_decoder()
-        sae.update_stats_sparse(active_cols, active_vals, x.shape[0], train_params["threshold_ema"])
+        update_stats_sparse(sae, active_cols, active_vals, stats.core_code, x.shape[0], train_params["threshold_ema"])
         if step % log_every == 0 or step == n_steps - 1:
             var = float((x - x.mean(0)).pow(2).sum(-1).mean())
             row = {
@@ -141,7 +148,9 @@ def load_checkpoint(path: Path, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
     return int(payload["steps_done"]), payload["curve"]
 
 
-CORE_FILE = "core.safetensors"  # written by the select and random_core stages: encoder [d, c], lineage [c, 2]
+# written by the select and random_core stages: encoder [d, c], lineage [c, 2], and the bias and inference
+# threshold each core latent had in its birth SAE (bias [c], threshold [c]), which `core_gate: relu_bias` uses
+CORE_FILE = "core.safetensors"
 
 
 def fit(
@@ -157,16 +166,17 @@ def fit(
     """Train one SAE on the harvested activations and write its weights, lineage and curve."""
     array = activations.open_array(harvest.file(activations.ARRAY))
     d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
-    core_encoder = core_lineage = None
+    core_encoder = core_lineage = core_birth = None
     if core is not None:
         tensors = load_file(str(core.file(CORE_FILE)))
         core_encoder, core_lineage = tensors["encoder"], tensors["lineage"]
+        core_birth = {"bias": tensors["bias"], "threshold": tensors["threshold"]}
         c, width, k = core_encoder.shape[1], sae_params["width"], sae_params["k"]
         if width - c < k:
             raise UserError(f"the core has {c} latents, too many for an SAE of width {width} at k={k} "
                             f"(only {width - c} non-core latents left); raise the width (sae.width or reuse.width) "
                             "or lower selection.tau")
-    sae = build_sae(sae_params, d, core_encoder, seed).to(rt.device)
+    sae = build_sae(sae_params, d, core_encoder, seed, core_birth).to(rt.device)
     batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
     sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale).to(rt.device)
     use_median = sae_params["b_dec_init"] == "geometric_median"
@@ -179,11 +189,17 @@ def fit(
     born = torch.stack([torch.full((sae.width - c,), born_cycle), torch.arange(c, sae.width)], dim=1)
     lineage = born if core_lineage is None else torch.cat([core_lineage.long(), born])
     meta = {"core_size": c, "k": sae.k, "group_ends": sae.ends, "scale": scale, "l0_mode": sae.l0_mode,
-            "d": d, "width": sae.width}
+            "d": d, "width": sae.width, "core_gate": sae.core_gate}
     # one sorted JSON string: safetensors writes a metadata dict in arbitrary order, breaking byte determinism
     tensors = {name: t.cpu() for name, t in sae.full_tensors().items()}
     save_file(tensors, str(out_dir / SAE_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    save_file({"lineage": lineage.long().contiguous()}, str(out_dir / LINEAGE_FILE))
+    # A latent's birth bias and threshold: its own where it was a BatchTopK latent here, else the ones it was
+    # born with (a bias trained inside a dense core is itself dense, so it is never what travels).
+    birth_bias, birth_threshold = tensors["b_enc"].clone(), tensors["threshold"].clone()
+    if core_birth is not None:
+        birth_bias[:c], birth_threshold[:c] = core_birth["bias"], core_birth["threshold"]
+    save_file({"lineage": lineage.long().contiguous(), "birth_bias": birth_bias.contiguous(),
+               "birth_threshold": birth_threshold.contiguous()}, str(out_dir / LINEAGE_FILE))
     pd.DataFrame(curve).to_parquet(out_dir / CURVE_FILE, index=False)
     tail = curve[-max(1, len(curve) // 10):]
     return {
@@ -194,6 +210,7 @@ def fit(
         # a core that fires on more than k latents per token leaves the non-core one latent (k_nc clipped at 1)
         "core_l0": sum(r["l0"] - r["l0_noncore"] for r in tail) / len(tail),
         "k_noncore": tail[-1]["k_noncore"],
+        "core_gate": sae.core_gate,
         "dead_fraction": curve[-1]["dead_fraction"],
     }
 
@@ -215,7 +232,8 @@ def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
     tensors = load_file(path)
     p = artifact.manifest.params["sae"]
     sae = MatryoshkaSAE.from_tensors(
-        tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p["l0_mode"]
+        tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p.get("l0_mode", "dynamic"),
+        meta.get("core_gate", "relu"),
     )
     sae.requires_grad_(False)
     return sae.eval(), float(meta["scale"])

@@ -48,7 +48,13 @@ def test_arms_share_seed_training_settings_and_sae_settings(reuse_run, k, seed):
     nodes = arm_nodes(reuse_run, k, seed)
     params = {arm: dict(n.params) for arm, n in nodes.items()}
     assert {p.pop("arm") for p in params.values()} == set(ARMS)
-    assert params["distilled"] == params["random"] == params["none"]
+    assert params["distilled"] == params["random"]
+    # the no-core arm's key leaves out the fields that only concern a core; the rest is the same
+    from dmsae.pipeline import CORE_ONLY_SAE_FIELDS
+
+    assert {**params["none"], "sae": None} == {**params["random"], "sae": None}
+    assert params["none"]["sae"] == {k_: v for k_, v in params["random"]["sae"].items()
+                                     if k_ not in CORE_ONLY_SAE_FIELDS}
     assert params["none"]["seed"] == seed and params["none"]["sae"]["k"] == k
     metrics = {arm: reuse_run.store.manifest("reuse", n.key).metrics for arm, n in nodes.items()}
     assert {m["seed"] for m in metrics.values()} == {seed}
@@ -181,12 +187,18 @@ def test_random_core_is_drawn_from_the_cycle0_sae(reuse_run):
     assert len(set(idx.tolist())) == final_size
     assert idx.tolist() == sorted(idx.tolist())
     assert 0 <= int(idx.min()) and int(idx.max()) < WIDTH
-    assert torch.equal(draw_indices(WIDTH, final_size, 0), idx)  # deterministic for the seed
-    assert not torch.equal(draw_indices(WIDTH, final_size, 1), idx)  # another seed, another core
     cycle0 = sae_tensors(reuse_run.artifact("train", 0))
+    live = (cycle0["threshold"] < 1e38).nonzero().squeeze(1)  # latents that fired in cycle-0 training
+    assert live.numel() >= final_size
+    assert set(idx.tolist()) <= set(live.tolist())
+    assert torch.equal(draw_indices(live, final_size, 0), idx)  # deterministic for the seed
+    assert not torch.equal(draw_indices(live, final_size, 1), idx)  # another seed, another core
     assert torch.equal(rc["encoder"], cycle0["W_enc"][:, idx])
     assert torch.equal(rc["lineage"], torch.stack([torch.zeros_like(idx), idx], dim=1))
-    assert reuse_run.store.manifest("random_core", node.key).metrics == {"core_size": final_size, "seed": 0}
+    # the birth bias and threshold travel with the rows (relu_bias uses them)
+    assert torch.equal(rc["bias"], cycle0["b_enc"][idx]) and torch.equal(rc["threshold"], cycle0["threshold"][idx])
+    assert reuse_run.store.manifest("random_core", node.key).metrics == {"core_size": final_size, "seed": 0,
+                                                                        "n_live": live.numel()}
 
 
 def test_random_core_indices_are_uniform():
@@ -196,7 +208,7 @@ def test_random_core_indices_are_uniform():
     width, size, n_seeds = 32, 5, 4000
     counts = np.zeros(width)
     for s in range(n_seeds):
-        idx = draw_indices(width, size, s).numpy()
+        idx = draw_indices(torch.arange(width), size, s).numpy()
         assert len(np.unique(idx)) == size
         counts[idx] += 1
     expected = n_seeds * size / width

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dmsae import sparse_step
 from dmsae.sae import MatryoshkaSAE
 from stages.train import train_sae
 
@@ -155,8 +156,7 @@ def test_select_topk_is_an_exact_batch_topk(kind, k):
         "heavy_tail": lambda: torch.empty(shape).exponential_(generator=g).pow(4),
         "constant": lambda: torch.full(shape, 0.25),
     }[kind]()
-    sae, _ = make_sae()
-    idx, vals = sae.select_topk(pre, k)
+    idx, vals = sparse_step.select_topk(pre, k)
     n_keep = k * shape[0]
     assert idx.numel() == n_keep and vals.numel() == n_keep
     assert torch.unique(idx).numel() == n_keep
@@ -340,7 +340,7 @@ def test_threshold_ema_of_smallest_selected_activation():
     m = WIDTH
     cols = torch.tensor([0, 0, 1, 3])
     vals = torch.tensor([2.0, 1.0, 5.0, 0.0])  # latent 3 was selected at 0: not active
-    sae.update_stats_sparse(cols, vals, batch_tokens=10, ema=0.9)
+    sparse_step.update_stats_sparse(sae, cols, vals, None, batch_tokens=10, ema=0.9)
     expected = torch.full((m,), float("inf"))
     expected[0], expected[1] = 1.0, 5.0
     assert torch.equal(sae.threshold, expected)
@@ -348,7 +348,8 @@ def test_threshold_ema_of_smallest_selected_activation():
     since[0] = since[1] = 0
     assert torch.equal(sae.tokens_since_fired, since)
 
-    sae.update_stats_sparse(torch.tensor([0, 2]), torch.tensor([3.0, 4.0]), batch_tokens=10, ema=0.9)
+    sparse_step.update_stats_sparse(sae, torch.tensor([0, 2]), torch.tensor([3.0, 4.0]), None, batch_tokens=10,
+                                    ema=0.9)
     expected[0] = 0.9 * 1.0 + 0.1 * 3.0
     expected[2] = 4.0
     torch.testing.assert_close(sae.threshold, expected)
@@ -362,8 +363,9 @@ def test_threshold_ema_of_smallest_selected_activation():
     f1[0, 0], f1[1, 0], f1[2, 1] = 2.0, 1.0, 5.0
     f2 = torch.zeros(10, m)
     f2[4, 0], f2[5, 2] = 3.0, 4.0
-    dense.update_stats(f1, 0.9)
-    dense.update_stats(f2, 0.9)
+    no_core = torch.zeros(10, 0)
+    dense.update_stats(no_core, f1, 0.9)
+    dense.update_stats(no_core, f2, 0.9)
     torch.testing.assert_close(dense.threshold, sae.threshold)
     assert torch.equal(dense.tokens_since_fired, sae.tokens_since_fired)
 

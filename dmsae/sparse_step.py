@@ -1,0 +1,193 @@
+"""The fast training step of `MatryoshkaSAE`: the loss and hand-derived gradients of `forward_train`
+without autograd, touching only the active (token, latent) entries past the encoder matmul.
+
+`forward_train` with autograd is the reference; tests/test_sae.py checks this step against it for every
+core gate, with and without AuxK.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
+
+
+def select_topk(pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK as (flat indices, values): a threshold from a strided sample keeps about twice the
+    k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k."""
+    flat = pre_nc.flatten()
+    n_keep = min(k * pre_nc.shape[0], flat.numel())
+    stride = max(1, flat.numel() // 65536) | 1  # odd: a power-of-two stride would sample only a few latents
+    sample = flat[::stride]
+    q = 1.0 - min(1.0, 2.0 * n_keep / flat.numel())
+    cand = None
+    if q > 0:
+        thr = sample.kthvalue(max(1, int(q * sample.numel()))).values
+        cand = (flat > thr).nonzero().squeeze(1)
+        if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
+            cand = None
+    if cand is None:
+        vals, idx = flat.topk(n_keep, sorted=False)
+        return idx, vals
+    vals, pos = flat[cand].topk(n_keep, sorted=False)
+    return cand[pos], vals
+
+
+def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One BatchTopK of k*B entries over [core | non-core] (`core_gate: topk`) without concatenating the
+    batch: the winners lie among all core entries and the non-core's own top k*B. Returns the non-core
+    winners as (flat indices, values) and the core's code, dense [B, c]."""
+    B, c = pre_core.shape
+    nc_idx, nc_vals = select_topk(pre_nc, k)
+    n_keep = min(k * B, pre_core.numel() + pre_nc.numel())
+    vals, pos = torch.cat([pre_core.flatten(), nc_vals]).topk(n_keep, sorted=False)
+    in_core = pos < B * c
+    f_core = torch.zeros_like(pre_core).flatten().index_put_((pos[in_core],), vals[in_core]).view(B, c)
+    return nc_idx[pos[~in_core] - B * c], vals[~in_core], f_core
+
+
+def aux_entries(sae: MatryoshkaSAE, pre_nc: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """AuxK's active entries as (token, latent, value): each token's k_aux largest pre-activations among
+    the dead latents, keeping only the positive ones. None when no latent is dead (or AuxK is off)."""
+    dead = sae.dead_mask()
+    n_dead = int(dead.sum())
+    if n_dead == 0 or sae.aux_alpha == 0:
+        return None
+    dead_idx = dead.nonzero().squeeze(1)
+    dead_pre = pre_nc.index_select(1, dead_idx)
+    # Entries at or below zero add nothing to the loss and get no gradient through the ReLU. Dead latents
+    # usually rarely fire: then keep each token's positive ones and top-k only the tokens with more than
+    # k_aux of them. When most tokens have more (many dead latents that would fire), top-k them all.
+    keep = dead_pre > 0
+    # an int32 sum: count_nonzero would first copy the whole [B, dead] mask into int64
+    crowded = (keep.sum(1, dtype=torch.int32) > sae.k_aux).nonzero().squeeze(1)
+    if crowded.numel() > dead_pre.shape[0] // 4:
+        top_vals, top_pos = dead_pre.topk(sae.k_aux, dim=1, sorted=False)
+        rows, j = (top_vals > 0).nonzero().unbind(1)
+        return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j]
+    if crowded.numel():
+        pos = dead_pre[crowded].topk(sae.k_aux, dim=1, sorted=False).indices
+        keep[crowded] = keep.new_zeros(crowded.numel(), keep.shape[1]).scatter_(1, pos, True)
+    rows, pos = keep.nonzero().unbind(1)
+    return rows, dead_idx[pos], dead_pre[rows, pos]
+
+
+@torch.no_grad()
+def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
+    """Loss and gradients (written to .grad, replacing what was there) with one dense matmul, the
+    encoder forward, and no autograd.
+
+    Every active non-core entry (token, latent, value) of BatchTopK and of AuxK goes into one embedding_bag
+    whose bags are (Matryoshka group, token) plus (AuxK, token). Its output, summed cumulatively over
+    the groups, gives each prefix's residual; summed in reverse, the gradient at each group's output.
+    The per-entry value gradients come from those through embedding_bag's own backward kernel, and
+    the decoder and encoder weight gradients, zero off the active entries, are accumulated from the
+    entries in one pass ordered by latent. The core (small) stays a dense [B, c] code whatever its gate.
+    Returns the stats (with the core's code) and the BatchTopK entries (latent index, value) for
+    `update_stats_sparse`."""
+    B, d = x.shape
+    G, m = len(sae.ends), sae.width - sae.core_size
+    dev = x.device
+    xc = x - sae.b_dec
+    pre_nc = torch.addmm(sae.b_enc, xc, sae.enc)
+    pre_core = F.relu(torch.addmm(sae.b_enc_core, xc, sae.enc_core))
+    if sae.core_gate == "topk":
+        flat_idx, vals, f_core = joint_topk(pre_core, pre_nc, sae.k)
+        k_nc = round(float((vals > 0).sum()) / B)
+    else:
+        f_core = sae.gate_core(pre_core)
+        k_nc = sae.k_noncore(f_core)
+        flat_idx, vals = select_topk(pre_nc, k_nc)
+    del pre_core
+    rows, cols = flat_idx // m, flat_idx % m
+    group = torch.bucketize(cols, torch.tensor(sae.ends[:-1], device=dev), right=True)
+    bag = group * B + rows
+    order = torch.sort(bag * m + cols).indices  # bags contiguous, a fixed order inside each
+    rows, cols, bag, vals = rows[order], cols[order], bag[order], vals[order].clamp_min(0)
+    n_main = vals.numel()
+    aux = aux_entries(sae, pre_nc)
+    del pre_nc
+    if aux is not None:
+        aux_rows, aux_cols, aux_vals = aux
+        rows, cols = torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])
+        bag, vals = torch.cat([bag, G * B + aux_rows]), torch.cat([vals, aux_vals])
+    n_bags = (G + (aux is not None)) * B
+    bag_counts = torch.bincount(bag, minlength=n_bags)
+    offsets = bag_counts.cumsum(0) - bag_counts
+    out = F.embedding_bag(cols, sae.dec.detach(), offsets, mode="sum", per_sample_weights=vals).view(-1, B, d)
+
+    # resid[g] = x_hat_g - x, the nested reconstructions' residuals, built in place from the group outputs
+    resid = out[:G]
+    resid[0] += torch.addmm(xc, f_core, sae.dec_core, beta=-1)  # b_dec + f_core W_core - x
+    for g in range(1, G):
+        resid[g] += resid[g - 1]
+    prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
+    loss = prefix_losses.mean()
+    aux_loss = x.new_zeros(())
+    scale_aux = 0.0
+    if aux is not None:
+        last = resid[G - 1]
+        denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        e = out[G]
+        e += last  # e_hat - (x - x_hat): minus AuxK's error
+        aux_loss = e.flatten().dot(e.flatten()) / B / denom
+        loss = loss + sae.aux_alpha * aux_loss
+        scale_aux = 2 * sae.aux_alpha / (B * float(denom))
+    # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place)
+    for g in range(G - 2, -1, -1):
+        resid[g] += resid[g + 1]
+    scale = 2.0 / (B * G)
+    # out now holds, unscaled, the loss gradient at every bag's output: row g*B+t for group g of token t,
+    # row G*B+t for AuxK's reconstruction of token t's error
+    table = out.view(-1, d)
+    g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
+    entry_scale = torch.full_like(vals, scale)
+    entry_scale[n_main:] = scale_aux
+    g_vals *= entry_scale
+    g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
+
+    by_col = torch.sort(cols, stable=True).indices
+    col_counts = torch.bincount(cols, minlength=m)
+    col_offsets = col_counts.cumsum(0) - col_counts
+    sae.dec.grad = F.embedding_bag(bag[by_col], table, col_offsets, mode="sum",
+                                   per_sample_weights=(vals * entry_scale)[by_col])
+    sae.enc.grad = F.embedding_bag(rows[by_col], xc, col_offsets, mode="sum",
+                                   per_sample_weights=g_vals[by_col]).T.contiguous()
+    grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
+    sae.b_enc.grad = grad_b_enc
+    # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen
+    # threshold or a top-k mask is a constant gate), and to nothing else.
+    g_base = resid[0]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
+    g_core = torch.mm(g_base, sae.dec_core.T).mul_(scale) * (f_core > 0)
+    sae.dec_core.grad = torch.mm(f_core.T, g_base).mul_(scale)
+    if isinstance(sae.b_enc_core, nn.Parameter):
+        sae.b_enc_core.grad = g_core.sum(0)
+    if isinstance(sae.enc_core, nn.Parameter):
+        sae.enc_core.grad = xc.T @ g_core
+    sae.b_dec.grad = g_base.sum(0).mul_(scale) - sae.enc @ grad_b_enc - sae.enc_core @ g_core.sum(0)
+    main_vals = vals[:n_main]
+    stats = StepStats(
+        loss=float(loss), prefix_losses=prefix_losses, aux_loss=float(aux_loss),
+        l0_core=float((f_core > 0).sum()) / B, l0_noncore=float((main_vals > 0).sum()) / B, k_noncore=k_nc,
+        core_code=f_core,
+    )
+    return stats, cols[:n_main], main_vals
+
+
+@torch.no_grad()
+def update_stats_sparse(sae: MatryoshkaSAE, cols: Tensor, vals: Tensor, core_code: Tensor | None, batch_tokens: int,
+                        ema: float) -> None:
+    """`MatryoshkaSAE.update_stats` from the active non-core (latent, value) pairs instead of a dense code,
+    and the core's code of the step (its thresholds are learned only under `core_gate: topk`)."""
+    m = sae.width - sae.core_size
+    active = vals > 0
+    cols, vals = cols[active], vals[active]
+    sae.tokens_since_fired += batch_tokens
+    sae.tokens_since_fired[cols] = 0
+    smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
+        0, cols, vals, "amin")
+    sae.threshold.copy_(ema_thresholds(sae.threshold, smallest, ema))
+    if sae.core_gate == "topk" and sae.core_size and core_code is not None:
+        sae.core_threshold.copy_(ema_thresholds(sae.core_threshold, smallest_active(core_code), ema))

@@ -1,0 +1,274 @@
+"""The core-gate ablation: one whole distillation per (gate, cap, seed) from a base preset, its reuse arms
+evaluated, and every arm compared with no core (and distilled with random) at equal total L0.
+
+    python -m flows.ablation configs/quickstart.yaml --gates relu,relu_bias,topk --caps none,0.6 --seeds 0,1,2
+
+Each point is an ordinary run (`<base name>-<gate>-cap<cap>-s<seed>`) of the `dmsae-distill` flow in one
+store, so everything two points share is computed once: cycle 0, its attribution and the no-core arm are
+the same for every gate at a seed, and a cap shares its cycle-0 selection. Points run one after the other
+(the runs' stages use every core); the report is rewritten after each point, so a stopped ablation keeps
+what it finished, and a re-run computes only what is missing. `--report-only` renders what the store has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from dmsae.config import Config, load_config
+from dmsae.errors import UserError
+from dmsae.l0match import matched_deltas
+from dmsae.pipeline import Plan, plan
+from dmsae.report import _md_table, core_overlap, results_table
+from dmsae.store import Store
+from stages import train as train_stage
+
+EXIT_USER_ERROR = 2
+
+
+def point_name(base: str, gate: str, cap: str, seed: int) -> str:
+    return f"{base}-{gate}-cap{cap}-s{seed}"
+
+
+def point_config(base_path: str, overrides: list[str], gate: str, cap: str, seed: int) -> Config:
+    base = load_config(base_path, overrides)
+    return load_config(base_path, [*overrides, f"name={point_name(base.name, gate, cap, seed)}", f"seed={seed}",
+                                   f"sae.core_gate={gate}", f"selection.max_core={'null' if cap == 'none' else cap}",
+                                   # one seed per point: the seeds are separate points, so no second one inside
+                                   f"reuse.consistency_seeds=[{seed}, {seed}]"])
+
+
+def run_point(cfg: Config) -> tuple[bool, float, list[str]]:
+    """(ok, seconds, stages computed) of one point through the Prefect flow."""
+    from flows.distill import distill
+
+    start = time.perf_counter()
+    state = distill(cfg.model_dump(mode="json"), show_progress=False, return_state=True)
+    if state.is_failed():
+        print(f"ablation: {cfg.name} failed: {state.message}", file=sys.stderr, flush=True)
+        return False, time.perf_counter() - start, []
+    return True, time.perf_counter() - start, state.result()["computed"]
+
+
+# -- analysis -----------------------------------------------------------------------------------------
+def point_rows(cfg: Config, store: Store, p: Plan) -> pd.DataFrame:
+    table = results_table(store, p)
+    table = table[table.arm != "cycle"].copy()
+    table["gate"], table["cap"], table["point_seed"] = cfg.sae.core_gate, _cap_label(cfg), cfg.seed
+    return table
+
+
+def _cap_label(cfg: Config) -> str:
+    return "none" if cfg.selection.max_core is None else str(cfg.selection.max_core)
+
+
+def core_facts(cfg: Config, store: Store, p: Plan) -> dict[str, Any]:
+    """The final core: size, whether the cap bit, the attribution it explains, cycle-to-cycle Jaccard."""
+    final = p.last_core()
+    if not store.has("select", final.key):
+        return {}
+    m = store.manifest("select", final.key).metrics
+    overlap = core_overlap(store, p)
+    return {"gate": cfg.sae.core_gate, "cap": _cap_label(cfg), "seed": cfg.seed, "core_size": m["core_size"],
+            "cap_bit_cycles": sum(bool(store.manifest("select", n.key).metrics.get("cap_bit"))
+                                  for n in p.of_stage("select") if store.has("select", n.key)),
+            "explained_fraction": m.get("explained_fraction", math.nan),
+            "cycle_jaccard": float(overlap.jaccard.mean()) if len(overlap) else math.nan,
+            "core_encoder": store.artifact_dir("select", final.key) / train_stage.CORE_FILE}
+
+
+def cross_seed_match(a: Path, b: Path, threshold: float = 0.9) -> tuple[float, float]:
+    """Between two whole distillations' final cores (lineage ids do not carry across seeds): the mean over
+    both cores' latents of the best encoder-direction cosine in the other core, and the fraction above
+    `threshold`."""
+    ea, eb = (torch.nn.functional.normalize(load_file(str(f))["encoder"].double().T, dim=1) for f in (a, b))
+    if not ea.shape[0] or not eb.shape[0]:
+        return math.nan, math.nan
+    sim = ea @ eb.T
+    best = torch.cat([sim.max(dim=1).values, sim.max(dim=0).values])
+    return float(best.mean()), float((best > threshold).double().mean())
+
+
+def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per gate, cap and k: the L0-matched differences, mean and spread over seeds; per gate and cap: the
+    score over the low-L0 half of the k grid that picks the default)."""
+    deltas = []
+    for (gate, cap), g in rows.groupby(["gate", "cap"], sort=True):
+        vs_none = matched_deltas(g)
+        vs_random = matched_deltas(g[g.arm != "none"], reference="random")
+        if vs_none.empty:
+            continue
+        vs_none = vs_none.merge(vs_random[["arm", "k", "seed", "d_ce_loss_score"]].rename(
+            columns={"d_ce_loss_score": "d_ce_vs_random"}), on=["arm", "k", "seed"], how="left")
+        vs_none["gate"], vs_none["cap"] = gate, cap
+        deltas.append(vs_none)
+    if not deltas:
+        return pd.DataFrame(), pd.DataFrame()
+    d = pd.concat(deltas, ignore_index=True)
+    agg = d.groupby(["gate", "cap", "arm", "k"], sort=True).agg(
+        seeds=("seed", "nunique"), l0=("l0", "mean"), ce_loss_score=("ce_loss_score", "mean"),
+        d_ce_vs_none=("d_ce_loss_score", "mean"), d_ce_vs_none_sd=("d_ce_loss_score", "std"),
+        d_ev_vs_none=("d_explained_variance", "mean"), d_ev_vs_none_sd=("d_explained_variance", "std"),
+        d_ce_vs_random=("d_ce_vs_random", "mean"), d_ce_vs_random_sd=("d_ce_vs_random", "std"),
+        extrapolated=("extrapolated", "sum")).reset_index()
+    low = sorted(k_values)[: math.ceil(len(k_values) / 2)]
+    dist = d[(d.arm == "distilled") & d.k.isin(low)]
+    per_seed = dist.groupby(["gate", "cap", "seed"]).d_ce_loss_score.mean().reset_index()
+    pick = per_seed.groupby(["gate", "cap"]).d_ce_loss_score.agg(["mean", "std", "count"]).reset_index()
+    pick = pick.rename(columns={"mean": "low_l0_d_ce_vs_none", "std": "sd", "count": "seeds"})
+    pick["low_k"] = ",".join(map(str, low))
+    return agg, pick.sort_values("low_l0_d_ce_vs_none", ascending=False, ignore_index=True)
+
+
+def plot_ablation(rows: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({(g, c) for g, c in zip(rows.gate, rows.cap, strict=True)})
+    colors = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
+    fig, axes = plt.subplots(2, len(variants), figsize=(4 * len(variants), 7), squeeze=False)
+    for j, (gate, cap) in enumerate(variants):
+        g = rows[(rows.gate == gate) & (rows.cap == cap)]
+        for i, metric in enumerate(("ce_loss_score", "explained_variance")):
+            ax = axes[i][j]
+            for arm, color in colors.items():
+                for seed, s in g[g.arm == arm].groupby("seed"):
+                    s = s.sort_values("l0")
+                    ax.plot(s.l0, s[metric], marker="o", ms=3, color=color, alpha=0.7,
+                            label=arm if seed == g.seed.min() else None)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("total L0 (eval tokens)")
+            ax.set_title(f"{gate}, cap {cap}" if i == 0 else "")
+            ax.set_ylabel(metric.replace("_", " "))
+        axes[0][j].legend(fontsize=7)
+    fig.suptitle("Core gates: each arm over its measured L0 (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(points: list[Config], store: Store, out_dir: Path, command: str,
+                 timings: dict[str, float]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables, facts, pending = [], [], []
+    for cfg in points:
+        p = plan(cfg)
+        t = point_rows(cfg, store, p)
+        if t.empty or not store.has("select", p.last_core().key):
+            pending.append(cfg.name)
+            continue
+        tables.append(t)
+        facts.append(core_facts(cfg, store, p))
+    parts = ["# Core-gate ablation", "", f"Reproduce: `{command}`", ""]
+    if pending:
+        parts += [f"Not finished yet ({len(pending)} of {len(points)} points): "
+                  + ", ".join(f"`{n}`" for n in pending), ""]
+    if not tables:
+        parts.append("No point has finished yet.")
+    else:
+        rows = pd.concat(tables, ignore_index=True)
+        rows["seed"] = rows["point_seed"]
+        rows.drop(columns=["point_seed"]).to_parquet(out_dir / "ablation.parquet", index=False)
+        k_values = sorted(rows.k.unique().tolist())
+        agg, pick = summarise(rows, k_values)
+        parts += ["## The decision: distilled minus no core, CE-loss score at equal L0, low-L0 half of the grid", "",
+                  "Mean over seeds of each seed's mean over the low k; the first row is the best variant.", "",
+                  _md_table(pick, "{:+.4f}"), "",
+                  "## Per k: L0-matched differences (mean and sd over seeds)", "",
+                  "`d_ce_vs_none`: CE-loss score minus the no-core arm's read at the same total L0 (same seed); "
+                  "`d_ev_vs_none`: the same for explained variance; `d_ce_vs_random`: distilled minus the random "
+                  "core's curve at the same L0. `extrapolated`: readings up to 15% past the reference curve's ends.",
+                  "", _md_table(agg, "{:.4f}"), ""]
+        f = pd.DataFrame([{k: v for k, v in x.items() if k != "core_encoder"} for x in facts])
+        match_rows = []
+        for (gate, cap), g in pd.DataFrame(facts).groupby(["gate", "cap"]):
+            files = list(g.sort_values("seed").core_encoder)
+            pairs = [cross_seed_match(files[i], files[j]) for i in range(len(files)) for j in range(i + 1, len(files))]
+            if pairs:
+                match_rows.append({"gate": gate, "cap": cap, "pairs": len(pairs),
+                                   "mean_best_cosine": float(np.mean([a for a, _ in pairs])),
+                                   "matched_above_0.9": float(np.mean([b for _, b in pairs]))})
+        parts += ["## The final cores", "", "Per point: the final core's size, cycles where the cap bit, the share "
+                  "of the last attribution it explains, and the mean Jaccard of consecutive cycles' cores.", "",
+                  _md_table(f.sort_values(["gate", "cap", "seed"]), "{:.3f}"), "",
+                  "Between whole distillations from different seeds (lineage ids do not carry across seeds, so "
+                  "encoder directions are matched): mean best cosine, and the share of latents matched above 0.9.",
+                  "", _md_table(pd.DataFrame(match_rows), "{:.3f}"), "",
+                  "## Raw points", "", _md_table(rows[["gate", "cap", "seed", "arm", "k", "core_size", "l0",
+                                                       "l0_noncore", "explained_variance", "ce_loss_score",
+                                                       "dead_fraction"]].sort_values(["gate", "cap", "seed", "arm",
+                                                                                       "k"]), "{:.4f}"), "",
+                  "![CE-loss score and explained variance against L0](ablation.png)", ""]
+        plot_ablation(rows, out_dir / "ablation.png")
+        if not agg.empty:
+            agg.to_csv(out_dir / "ablation_matched.csv", index=False)
+    if timings:
+        parts += ["## Wall time per point (this invocation)", ""]
+        parts += [f"- `{n}`: {s:.0f} s" for n, s in timings.items()]
+    path = out_dir / "ablation.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.ablation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="base preset, e.g. configs/quickstart.yaml")
+    ap.add_argument("--gates", default="relu,relu_bias,topk")
+    ap.add_argument("--caps", default="none", help="comma-separated max_core values; 'none' for no cap")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
+    ap.add_argument("--out", default=None, help="report folder; default <report_dir>/<base name>-ablation")
+    ap.add_argument("--report-only", action="store_true", help="render what the store holds; run nothing")
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        gates = [g.strip() for g in args.gates.split(",") if g.strip()]
+        caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+        if not seeds or not gates or not caps:
+            raise UserError("--gates, --caps and --seeds each need at least one value")
+        points = [point_config(args.config, args.set, g, c, s) for s in seeds for g in gates for c in caps]
+    except UserError as e:
+        print(f"ablation: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as e:
+        print(f"ablation: error: --seeds: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    base = load_config(args.config, args.set)
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    out = Path(args.out) if args.out else Path(base.report_dir) / f"{base.name}-ablation"
+    store = Store(base.store)
+    command = "python -m flows.ablation " + " ".join(
+        [args.config, f"--gates {args.gates}", f"--caps {args.caps}", f"--seeds {args.seeds}"]
+        + [f"--set {s}" for s in args.set])
+    timings: dict[str, float] = {}
+    if not args.report_only:
+        for i, cfg in enumerate(points):
+            print(f"ablation: point {i + 1}/{len(points)}: {cfg.name}", file=sys.stderr, flush=True)
+            ok, seconds, computed = run_point(cfg)
+            timings[cfg.name] = seconds
+            print(f"ablation: {cfg.name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s, computed {len(computed)}",
+                  file=sys.stderr, flush=True)
+            write_report(points, store, out, command, timings)
+    path = write_report(points, store, out, command, timings)
+    (out / "points.json").write_text(json.dumps([c.name for c in points], indent=1))
+    print(f"ablation report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

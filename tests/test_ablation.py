@@ -1,0 +1,68 @@
+"""flows.ablation on the tiny model: two gates x one seed through the real Prefect flow, the shared stages
+computed once, and the report's L0-matched tables filled from the store."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dmsae.pipeline import plan
+from dmsae.store import Store
+
+
+@pytest.fixture(scope="module")
+def ablation(reuse_config_yaml, tmp_path_factory, single_thread):
+    from flows.ablation import main, point_config
+
+    out = tmp_path_factory.mktemp("ablation-report")
+    args = [str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0", "--out", str(out)]
+    with single_thread():
+        assert main(args) == 0
+    points = [point_config(str(reuse_config_yaml), [], g, c, 0) for g in ("relu", "topk") for c in ("none", "2")]
+    return out, points
+
+
+def test_points_share_what_has_no_core(ablation):
+    _, points = ablation
+    plans = [plan(c) for c in points]
+    store = Store(points[0].store)
+    for label in ("train[0]", "attribute[0]", "reuse[none,k=4,seed=0]", "evaluate[none,k=8,seed=0]"):
+        keys = {next(n.key for n in p.nodes if n.label == label) for p in plans}
+        assert len(keys) == 1, label
+    # the gated stages differ between gates and exist
+    keys = {p.find("train", 1).key for p in plans}
+    assert len(keys) == 4 and all(store.has("train", k) for k in keys)
+
+
+def test_report_has_the_matched_tables(ablation):
+    out, points = ablation
+    text = (out / "ablation.md").read_text()
+    assert "Not finished yet" not in text
+    rows = pd.read_parquet(out / "ablation.parquet")
+    assert set(rows.gate) == {"relu", "topk"} and set(rows.cap) == {"none", "2"}
+    matched = pd.read_csv(out / "ablation_matched.csv")
+    assert set(matched.arm) == {"distilled", "random"}
+    capped = rows[(rows.cap == "2") & (rows.arm == "distilled")]
+    assert (capped.core_size <= 2).all() and (rows[(rows.cap == "none") & (rows.arm == "distilled")].core_size > 2).all()
+    assert (out / "ablation.png").stat().st_size > 0
+    assert "## The decision" in text and "relu" in text and "topk" in text
+
+
+def test_rerun_computes_nothing(ablation, reuse_config_yaml, single_thread):
+    from flows.ablation import main
+
+    out, points = ablation
+    store_root = Store(points[0].store).root
+    before = sorted(p.name for p in store_root.glob("*/*") if p.is_dir())
+    with single_thread():
+        assert main([str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0",
+                     "--out", str(out)]) == 0
+    assert sorted(p.name for p in store_root.glob("*/*") if p.is_dir()) == before
+
+
+def test_bad_grid_is_one_line(reuse_config_yaml, capsys):
+    from flows.ablation import main
+
+    assert main([str(reuse_config_yaml), "--gates", "relu,sigmoid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "core_gate" in err

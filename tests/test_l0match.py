@@ -1,0 +1,40 @@
+"""dmsae.l0match: reading a metric curve at another arm's L0."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dmsae.l0match import matched_deltas, read_at_l0
+
+
+def test_read_at_l0_interpolates_in_log_l0():
+    l0, y = np.array([10.0, 40.0, 20.0]), np.array([0.5, 0.9, 0.7])  # unsorted on purpose
+    assert read_at_l0(l0, y, 20.0) == (pytest.approx(0.7), False)
+    value, extra = read_at_l0(l0, y, math.sqrt(10 * 20))  # halfway in log L0 between 10 and 20
+    assert value == pytest.approx(0.6) and not extra
+    value, extra = read_at_l0(l0, y, 44.0)  # just past the end: linear in log L0, flagged
+    assert extra and value == pytest.approx(0.9 + 0.2 * math.log(44 / 40) / math.log(2))
+    assert math.isnan(read_at_l0(l0, y, 60.0)[0])  # far past the end: no reading
+    assert math.isnan(read_at_l0(l0, y, 5.0)[0])
+
+
+def test_matched_deltas_compare_at_equal_l0_not_equal_k():
+    # the no-core arm: score rises with L0; a cored arm at k=16 spends L0 32, where no core scores 0.8
+    table = pd.DataFrame([
+        {"arm": "none", "k": 16, "seed": 0, "l0": 16.0, "ce_loss_score": 0.7, "explained_variance": 0.5},
+        {"arm": "none", "k": 32, "seed": 0, "l0": 32.0, "ce_loss_score": 0.8, "explained_variance": 0.6},
+        {"arm": "none", "k": 64, "seed": 0, "l0": 64.0, "ce_loss_score": 0.9, "explained_variance": 0.7},
+        {"arm": "distilled", "k": 16, "seed": 0, "l0": 32.0, "ce_loss_score": 0.75, "explained_variance": 0.65},
+        {"arm": "none", "k": 16, "seed": 1, "l0": 16.0, "ce_loss_score": 0.0, "explained_variance": 0.0},
+        {"arm": "none", "k": 32, "seed": 1, "l0": 32.0, "ce_loss_score": 0.0, "explained_variance": 0.0},
+    ])
+    d = matched_deltas(table)
+    assert len(d) == 1
+    row = d.iloc[0]
+    assert row.d_ce_loss_score == pytest.approx(-0.05)  # worse than no core at its own L0, though better at k=16
+    assert row.d_explained_variance == pytest.approx(0.05)
+    assert row.none_ce_loss_score == pytest.approx(0.8) and not row.extrapolated  # seed 0's curve, not seed 1's
