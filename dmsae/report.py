@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from dmsae.config import Config  # noqa: E402
+from dmsae.l0match import matched_deltas  # noqa: E402
 from dmsae.pipeline import Node, Plan  # noqa: E402
 from dmsae.store import Store  # noqa: E402
 from stages import select as select_stage  # noqa: E402
@@ -233,17 +234,56 @@ def core_budget_warnings(store: Store, p: Plan) -> list[str]:
     return notes
 
 
+def core_cap_notes(store: Store, p: Plan) -> list[str]:
+    """Cycles where `selection.max_core` truncated the smallest set reaching tau, with what the kept core explains."""
+    notes = []
+    for n in p.of_stage("select"):
+        if not store.has("select", n.key):
+            continue
+        m = store.manifest("select", n.key).metrics
+        if m.get("cap_bit"):
+            notes.append(f"- `{n.label}`: {m['n_reach_tau']} latents reach tau = {m['tau']}; the cap kept "
+                         f"{m['core_size']}, which explain {m['explained_fraction']:.3f} of the attribution.")
+    return notes
+
+
+def matched_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The cored arms against no core at equal total L0 (see dmsae.l0match), for one seed."""
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    if arms.empty or "none" not in set(arms.arm):
+        return pd.DataFrame()
+    d = matched_deltas(arms)
+    if d.empty:
+        return d
+    return d[["arm", "k", "l0", "ce_loss_score", "none_ce_loss_score", "d_ce_loss_score", "explained_variance",
+              "none_explained_variance", "d_explained_variance", "extrapolated"]]
+
+
 def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str]) -> str:
     final = p.last_core()
+    cap = cfg.selection.core_cap(cfg.sae.k)
     parts = [f"# dmsae run `{cfg.name}`", "",
              f"Model `{cfg.model.path}`, layer {cfg.harvest.layer}, width {cfg.sae.width}, k {cfg.sae.k}, "
-             f"tau {cfg.selection.tau}, {cfg.cycles} cycles. Final core: `{store.artifact_dir('select', final.key)}`.",
+             f"tau {cfg.selection.tau}, {cfg.cycles} cycles, core gate `{cfg.sae.core_gate}`"
+             + (f" (bias {'frozen' if cfg.sae.freeze_core_bias else 'trained'})" if cfg.sae.core_gate == "relu_bias"
+                else "")
+             + (f", core capped at {cap} latents" if cap else "")
+             + f". Final core: `{store.artifact_dir('select', final.key)}`.",
              "", "## Distillation cycles", "", _md_table(cycle_table(store, p)),
              "", "## Core overlap between cycles", "", _md_table(core_overlap(store, p))]
+    capped = core_cap_notes(store, p)
+    if capped:
+        parts += ["", "## Where the core cap bit", ""] + capped
     warnings = core_budget_warnings(store, p)
     if warnings:
         parts += ["", "## Core larger than the L0 budget", ""] + warnings
     if not table.empty:
+        matched = matched_table(table, cfg.seed)
+        if not matched.empty:
+            parts += ["", "## At equal total L0", "",
+                      "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
+                      "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
+                      _md_table(matched)]
         parts += ["", "## SAEs on held-out eval tokens", "", _md_table(table),
                   "", "## Seed consistency (mean best decoder cosine)", "", _md_table(seed_consistency(store, p, cfg))]
     parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
