@@ -3,7 +3,8 @@
 dmsae trains on activations scaled by s (so that E||s x||^2 = d). The scale is folded into the
 weights so the exported SAE reads raw residuals and writes raw residuals:
 W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s; b_enc and thresholds are unchanged,
-so the latent activations are exactly dmsae's. Core latents have threshold 0 (plain ReLU).
+so the latent activations are exactly dmsae's. Core latents carry their gate's threshold: 0 for `relu` (plain
+ReLU), the birth threshold for `relu_bias`, the learned one for `topk`.
 """
 
 from __future__ import annotations

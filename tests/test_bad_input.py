@@ -64,6 +64,9 @@ CASES: dict[str, Case] = {
     "wrong type": Case(run_args("sae.k=many"), "sae.k:"),
     "tau above 1": Case(run_args("selection.tau=1.5"), "selection.tau:"),
     "tau zero": Case(run_args("selection.tau=0"), "selection.tau:"),
+    "unknown core gate": Case(run_args("sae.core_gate=sigmoid"), "sae.core_gate:"),
+    "negative core cap": Case(run_args("selection.max_core=-3"), "selection.max_core:"),
+    "core cap given as a boolean": Case(run_args("selection.max_core=true"), "selection.max_core:"),
     "layer out of range (model in the store)": Case(run_args("harvest.layer=9"), "harvest.layer=9 is out of range"),
     "layer out of range (new model, read from config.json)": Case(
         run_args("harvest.layer=4"), "the model has layers 0..3",
