@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dmsae.config import Config, apply_overrides, load_config
+from dmsae.config import Config, apply_overrides, config_warnings, load_config
 from dmsae.errors import UserError
 from dmsae.pipeline import Plan, plan, preflight, run_record
 from dmsae.store import RunRecord, Store
@@ -33,6 +33,9 @@ def _setup_torch(cfg: Config) -> None:
         torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -61,6 +64,8 @@ def resolve_config(config: str, overrides: list[str], store_root: str) -> Config
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set, args.store)
     _setup_torch(cfg)
+    for note in config_warnings(cfg):
+        print(f"dmsae: warning: {note}", file=sys.stderr)
     store = Store(cfg.store)
     p = plan(cfg)
     preflight(cfg, p, store)

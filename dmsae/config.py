@@ -6,6 +6,7 @@ a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,10 @@ class EvaluationConfig(Strict):
     dense_threshold: float = Field(0.1, gt=0, le=1, description="firing frequency above which a latent is dense")
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
 class Config(Strict):
     name: str = "run"
     seed: int = 0
@@ -168,6 +173,29 @@ class Config(Strict):
     reuse: ReuseConfig = Field(default_factory=ReuseConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # a run name becomes a file name (runs/<name>.json, reports/<name>/)
+        if not RUN_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a usable run name: use letters, digits, '.', '_' and '-', starting "
+                             "with a letter or digit, at most 100 characters")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device dmsae runs on; use cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_within_tokens(self) -> Config:
+        if self.train.batch_size > self.data.train_tokens:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) exceeds data.train_tokens "
+                             f"({self.data.train_tokens}); lower train.batch_size or raise data.train_tokens")
+        return self
+
     @model_validator(mode="after")
     def _reuse_k_below_width(self) -> Config:
         width = self.reuse.width or self.sae.width
@@ -175,6 +203,21 @@ class Config(Strict):
         if too_big:
             raise ValueError(f"reuse.k {too_big} must be smaller than the reuse width ({width})")
         return self
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal values that make a run pointless or its numbers noise: one line each, the run goes on."""
+    notes = []
+    steps = cfg.data.train_tokens * cfg.train.epochs / cfg.train.batch_size
+    if steps < 50:
+        notes.append(f"data.train_tokens={cfg.data.train_tokens} gives about {steps:.0f} training steps of "
+                     f"train.batch_size={cfg.train.batch_size}; an SAE needs thousands of steps to mean anything")
+    for key, value in (("data.attribution_tokens", cfg.data.attribution_tokens),
+                       ("data.eval_tokens", cfg.data.eval_tokens)):
+        if value < cfg.data.context:
+            notes.append(f"{key}={value} is less than one window of data.context={cfg.data.context} tokens; "
+                         "scores and metrics over so few tokens are noise")
+    return notes
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -233,9 +233,23 @@ def model_num_layers(kind: str, location: str) -> int | None:
     return None
 
 
+def check_report_dir(report_dir: str, name: str) -> None:
+    """The report folder must be writable before hours of work end in writing it."""
+    folder = Path(report_dir)
+    probe = folder / f".{name}.write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"report_dir={report_dir} is not writable ({e.strerror}); set report_dir to a writable "
+                        "folder") from None
+
+
 def preflight(cfg: Config, p: Plan, store: Store) -> None:
     """Checks that need the model or the store, run before any stage so a mistake writes nothing."""
     store.check_format()
+    check_report_dir(cfg.report_dir, cfg.name)
     model = p.find("model")
     if store.has("model", model.key):
         n_layers: int | None = store.manifest("model", model.key).metrics["num_layers"]

@@ -102,6 +102,18 @@ CASES: dict[str, Case] = {
     "unknown run name": Case(lambda c, w: ["run", "nosuchrun", "--store", str(w)], "nosuchrun: neither"),
     "cuda without a GPU": Case(run_args("device=cuda"), "no CUDA device",
                                setup=lambda c, w: None if not torch.cuda.is_available() else pytest.skip("GPU")),
+    "run name with a path separator": Case(run_args("name=a/b"), "name: Value error, 'a/b' is not a usable run name"),
+    "empty run name": Case(run_args("name="), "is not a usable run name"),
+    "run name of dots": Case(run_args("name=.."), "is not a usable run name"),
+    "device torch does not know": Case(run_args("device=tpu"), "device: Value error, 'tpu' is not a device"),
+    "device mps": Case(run_args("device=mps"), "'mps' is not a device dmsae runs on"),
+    "cuda index past the devices": Case(run_args("device=cuda:7"), "device=cuda:7",
+                                        setup=lambda c, w: None if torch.cuda.device_count() < 8 else pytest.skip()),
+    "report folder under /proc": Case(run_args("report_dir=/proc/nope"), "report_dir=/proc/nope is not writable"),
+    "report folder is a file": Case(lambda c, w: ["run", str(c), "--set", f"report_dir={w / 'a-file'}"],
+                                    "is not writable", setup=lambda c, w: (w / "a-file").write_text("x")),
+    "batch larger than the training tokens": Case(run_args("train.batch_size=100000000"),
+                                                  "train.batch_size (100000000) exceeds data.train_tokens"),
     "export of an unknown SAE": Case(lambda c, w: ["export", str(c), "--sae", "train[9]"],
                                      "--sae train[9]: no such SAE"),
 }
@@ -150,6 +162,18 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(name, pipeline_run,
 
 def test_there_are_at_least_15_cases():
     assert len(CASES) >= 15
+
+
+def test_pointless_values_warn_in_one_line_each(make_config, tmp_path):
+    from dmsae.config import config_warnings
+
+    assert config_warnings(make_config(tmp_path)) == []  # the tiny test config is small but not pointless
+    notes = config_warnings(make_config(tmp_path, "data.train_tokens=64", "train.batch_size=64",
+                                        "data.attribution_tokens=1", "data.eval_tokens=1"))
+    assert len(notes) == 3
+    assert notes[0].startswith("data.train_tokens=64 gives about 1 training steps")
+    assert notes[1].startswith("data.attribution_tokens=1 is less than one window")
+    assert notes[2].startswith("data.eval_tokens=1 is less than one window")
 
 
 def test_run_record_of_a_failed_run_says_failed(pipeline_run, make_config, tmp_path, capfd):
