@@ -110,6 +110,14 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
             continue
         vs_none = vs_none.merge(vs_random[["arm", "k", "seed", "d_ce_loss_score"]].rename(
             columns={"d_ce_loss_score": "d_ce_vs_random"}), on=["arm", "k", "seed"], how="left")
+        # at equal k too: the random core's L0 rarely overlaps the distilled one's, and a win with no more L0
+        # is a win at equal L0 whenever the score rises with L0
+        rand = g[g.arm == "random"][["k", "seed", "ce_loss_score", "l0"]].rename(
+            columns={"ce_loss_score": "random_ce", "l0": "random_l0"})
+        vs_none = vs_none.merge(rand, on=["k", "seed"], how="left")
+        distilled = vs_none.arm == "distilled"
+        vs_none["d_ce_vs_random_same_k"] = (vs_none.ce_loss_score - vs_none.random_ce).where(distilled)
+        vs_none["d_l0_vs_random_same_k"] = (vs_none.l0 - vs_none.random_l0).where(distilled)
         vs_none["gate"], vs_none["cap"] = gate, cap
         deltas.append(vs_none)
     if not deltas:
@@ -120,6 +128,9 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
         d_ce_vs_none=("d_ce_loss_score", "mean"), d_ce_vs_none_sd=("d_ce_loss_score", "std"),
         d_ev_vs_none=("d_explained_variance", "mean"), d_ev_vs_none_sd=("d_explained_variance", "std"),
         d_ce_vs_random=("d_ce_vs_random", "mean"), d_ce_vs_random_sd=("d_ce_vs_random", "std"),
+        d_ce_vs_random_same_k=("d_ce_vs_random_same_k", "mean"),
+        d_ce_vs_random_same_k_sd=("d_ce_vs_random_same_k", "std"),
+        d_l0_vs_random_same_k=("d_l0_vs_random_same_k", "mean"),
         extrapolated=("extrapolated", "sum")).reset_index()
     low = sorted(k_values)[: math.ceil(len(k_values) / 2)]
     dist = d[(d.arm == "distilled") & d.k.isin(low)]
@@ -128,6 +139,23 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
     pick = pick.rename(columns={"mean": "low_l0_d_ce_vs_none", "std": "sd", "count": "seeds"})
     pick["low_k"] = ",".join(map(str, low))
     return agg, pick.sort_values("low_l0_d_ce_vs_none", ascending=False, ignore_index=True)
+
+
+def pm(mean: float, sd: float) -> str:
+    """'mean ± sd' (sd over seeds; a lone seed has none)."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:+.4f}" + ("" if pd.isna(sd) else f" ± {sd:.4f}")
+
+
+def readable(agg: pd.DataFrame) -> pd.DataFrame:
+    """The per-k table for markdown: each difference as mean ± sd."""
+    out = agg[["gate", "cap", "arm", "k", "seeds", "l0", "ce_loss_score"]].copy()
+    for col in ("d_ce_vs_none", "d_ev_vs_none", "d_ce_vs_random", "d_ce_vs_random_same_k"):
+        out[col] = [pm(m, s) for m, s in zip(agg[col], agg[f"{col}_sd"], strict=True)]
+    out["d_l0_vs_random_same_k"] = agg.d_l0_vs_random_same_k
+    out["extrapolated"] = agg.extrapolated
+    return out
 
 
 def plot_ablation(rows: pd.DataFrame, path: Path) -> None:
@@ -185,12 +213,15 @@ def write_report(points: list[Config], store: Store, out_dir: Path, command: str
         agg, pick = summarise(rows, k_values)
         parts += ["## The decision: distilled minus no core, CE-loss score at equal L0, low-L0 half of the grid", "",
                   "Mean over seeds of each seed's mean over the low k; the first row is the best variant.", "",
-                  _md_table(pick, "{:+.4f}"), "",
+                  _md_table(pick.assign(low_l0_d_ce_vs_none=[pm(m, s) for m, s in zip(
+                      pick.low_l0_d_ce_vs_none, pick.sd, strict=True)]).drop(columns=["sd"])), "",
                   "## Per k: L0-matched differences (mean and sd over seeds)", "",
                   "`d_ce_vs_none`: CE-loss score minus the no-core arm's read at the same total L0 (same seed); "
                   "`d_ev_vs_none`: the same for explained variance; `d_ce_vs_random`: distilled minus the random "
-                  "core's curve at the same L0. `extrapolated`: readings up to 15% past the reference curve's ends.",
-                  "", _md_table(agg, "{:.4f}"), ""]
+                  "core's curve at the same L0 (empty where the curves do not overlap); `d_ce_vs_random_same_k`, "
+                  "`d_l0_vs_random_same_k`: distilled minus random at the same k, in score and in L0. "
+                  "`extrapolated`: readings up to 15% past the reference curve's ends.",
+                  "", _md_table(readable(agg), "{:.3f}"), ""]
         f = pd.DataFrame([{k: v for k, v in x.items() if k != "core_encoder"} for x in facts])
         match_rows = []
         for (gate, cap), g in pd.DataFrame(facts).groupby(["gate", "cap"]):
