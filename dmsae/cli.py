@@ -61,6 +61,24 @@ def resolve_config(config: str, overrides: list[str], store_root: str) -> Config
         raise UserError(f"run {config}: {str(e).splitlines()[0]}") from None
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every check `dmsae run` makes before it writes anything, and the plan; writes nothing."""
+    cfg = resolve_config(args.config, args.set, args.store)
+    _setup_torch(cfg)
+    for note in config_warnings(cfg):
+        print(f"dmsae: warning: {note}", file=sys.stderr)
+    store = Store(cfg.store)
+    p = plan(cfg)
+    preflight(cfg, p, store)
+    store.check_writable()
+    cached = {n.label for n in p.nodes if store.has(n.stage, n.key)}
+    print(f"config '{cfg.name}' is valid; store {store.root}; device {cfg.device}")
+    print(f"{len(p.nodes)} stages: {len(cached)} cached, {len(p.nodes) - len(cached)} to compute")
+    for n in p.nodes:
+        print(f"  {'cached ' if n.label in cached else 'compute'}  {n.label:<36} {n.key}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set, args.store)
     _setup_torch(cfg)
@@ -312,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run, required=True)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check", help="validate a config, run every check `dmsae run` makes first, and print "
+                           "the plan (what is cached, what would be computed); writes nothing")
+    _config_args(check, required=True)
+    check.set_defaults(func=cmd_check)
     status = sub.add_parser("status", help="show which stages of a config (or of every recorded run) are done")
     _config_args(status, required=False)
     status.set_defaults(func=cmd_status)

@@ -20,7 +20,7 @@ from dmsae.config import Config
 from dmsae.errors import UserError
 from dmsae.runtime import Runtime
 from dmsae.sources import resolve_corpus, resolve_model
-from dmsae.store import Artifact, RunRecord, Store, compute_key
+from dmsae.store import Artifact, RunRecord, Store, compute_key, probe_writable
 from stages import attribute, baseline, evaluate, harvest, model, random_core, reuse, select, tokens, train
 
 STAGES: dict[str, ModuleType] = {
@@ -233,14 +233,10 @@ def model_num_layers(kind: str, location: str) -> int | None:
     return None
 
 
-def check_report_dir(report_dir: str, name: str) -> None:
+def check_report_dir(report_dir: str) -> None:
     """The report folder must be writable before hours of work end in writing it."""
-    folder = Path(report_dir)
-    probe = folder / f".{name}.write-test"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(Path(report_dir))
     except OSError as e:
         raise UserError(f"report_dir={report_dir} is not writable ({e.strerror}); set report_dir to a writable "
                         "folder") from None
@@ -249,7 +245,7 @@ def check_report_dir(report_dir: str, name: str) -> None:
 def preflight(cfg: Config, p: Plan, store: Store) -> None:
     """Checks that need the model or the store, run before any stage so a mistake writes nothing."""
     store.check_format()
-    check_report_dir(cfg.report_dir, cfg.name)
+    check_report_dir(cfg.report_dir)
     model = p.find("model")
     if store.has("model", model.key):
         n_layers: int | None = store.manifest("model", model.key).metrics["num_layers"]

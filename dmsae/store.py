@@ -62,6 +62,23 @@ def warn(message: str) -> None:
     print(f"dmsae: warning: {message}", file=sys.stderr, flush=True)
 
 
+def probe_writable(folder: Path) -> None:
+    """Raise OSError unless files can be created in `folder`; leaves nothing behind (folders it had to create
+    for the probe are removed again), so a check writes nothing."""
+    created: list[Path] = []
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe = folder / f".dmsae-write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    finally:
+        for d in reversed(created):
+            d.rmdir()
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -142,6 +159,16 @@ class Store:
                 tmp = marker.with_suffix(f".{uuid.uuid4().hex[:8]}")
                 tmp.write_text(json.dumps({"format": STORE_FORMAT}))
                 os.replace(tmp, marker)
+        except OSError as e:
+            raise UserError(
+                f"store root {self.root} is not writable ({e.strerror}); set `store` to a writable folder"
+            ) from None
+
+    def check_writable(self) -> None:
+        """`ensure_writable` without creating anything: the check `dmsae check` runs."""
+        self.check_format()
+        try:
+            probe_writable(self.root)
         except OSError as e:
             raise UserError(
                 f"store root {self.root} is not writable ({e.strerror}); set `store` to a writable folder"
