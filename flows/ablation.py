@@ -193,11 +193,10 @@ def write_report(points: list[Config], store: Store, out_dir: Path, command: str
     tables, facts, pending = [], [], []
     for cfg in points:
         p = plan(cfg)
-        t = point_rows(cfg, store, p)
-        if t.empty or not store.has("select", p.last_core().key):
+        if not all(store.has(n.stage, n.key) for n in p.nodes):  # a point counts once all of it is done
             pending.append(cfg.name)
             continue
-        tables.append(t)
+        tables.append(point_rows(cfg, store, p))
         facts.append(core_facts(cfg, store, p))
     parts = ["# Core-gate ablation", "", f"Reproduce: `{command}`", ""]
     if pending:

@@ -41,9 +41,9 @@ class Reference:
         h = self.layer_output()
         x = h[self.spliced] * self.scale
         pre = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
-        first = pre[:, c:c + m0]
-        f_nc = torch.where(first > t["threshold"][c:c + m0], first, torch.zeros_like(first))
-        self.f = torch.cat([pre[:, :c], f_nc], dim=1)
+        # every inner latent, core included, fires above its stored threshold (0 for a relu core)
+        inner = pre[:, : c + m0]
+        self.f = torch.where(inner > t["threshold"][: c + m0], inner, torch.zeros_like(inner))
         self.w_inner = t["W_dec"][: self.n_inner]
         self.b_dec = t["b_dec"]
         self.core_size = c
