@@ -74,8 +74,8 @@ CASES: dict[str, Case] = {
             yaml.safe_load(c.read_text())["model"]["path"], w / "model-copy"))})),
     "k not below width": Case(run_args("sae.k=128"), "k (128) must be smaller than width (128)"),
     "reuse k not below reuse width": Case(run_args("reuse.k=[8]", "reuse.width=8"), "reuse width"),
-    "core larger than the reuse width": Case(run_args("reuse.k=[6]", "reuse.width=12"),
-                                             "too many for reuse SAEs of width 12"),
+    "core larger than the reuse width": Case(run_args("reuse.k=[6]", "reuse.width=7"),
+                                             "too many for reuse SAEs of width 7"),
     "group fractions sum to 1": Case(run_args("sae.group_fractions=[0.5, 0.5]"), "sae.group_fractions"),
     "empty corpus file": Case(run_args(), "is empty", setup=lambda c, w: (
         (w / "empty.txt").write_text(""), write_yaml(c, **{"data.path": str(w / "empty.txt")}))),
