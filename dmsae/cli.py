@@ -61,8 +61,9 @@ def resolve_config(config: str, overrides: list[str], store_root: str) -> Config
         raise UserError(f"run {config}: {str(e).splitlines()[0]}") from None
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Every check `dmsae run` makes before it writes anything, and the plan; writes nothing."""
+def _checked(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
+    """The config, its store and plan after every check that needs no write: what `dmsae run` and
+    `dmsae check` both do first."""
     cfg = resolve_config(args.config, args.set, args.store)
     _setup_torch(cfg)
     for note in config_warnings(cfg):
@@ -70,6 +71,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     store = Store(cfg.store)
     p = plan(cfg)
     preflight(cfg, p, store)
+    return cfg, store, p
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every check `dmsae run` makes before it writes anything, and the plan; writes nothing."""
+    cfg, store, p = _checked(args)
     store.check_writable()
     cached = {n.label for n in p.nodes if store.has(n.stage, n.key)}
     print(f"config '{cfg.name}' is valid; store {store.root}; device {cfg.device}")
@@ -80,13 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args.config, args.set, args.store)
-    _setup_torch(cfg)
-    for note in config_warnings(cfg):
-        print(f"dmsae: warning: {note}", file=sys.stderr)
-    store = Store(cfg.store)
-    p = plan(cfg)
-    preflight(cfg, p, store)
+    cfg, store, p = _checked(args)
     store.ensure_writable()
     _quiet_prefect()
     from flows.distill import INVALID_INPUT, distill
