@@ -66,6 +66,7 @@ class ForwardOut:
 
 
 CORE_GATES = ("relu", "relu_bias", "topk")
+UNSET_THRESHOLD = 3.0e38  # how a threshold still at +inf (a latent never selected) is written to disk
 
 
 class MatryoshkaSAE(nn.Module):
@@ -266,7 +267,7 @@ class MatryoshkaSAE(nn.Module):
     def full_tensors(self) -> dict[str, Tensor]:
         """Flat [core | non-core] tensors, the layout written to disk (an unset threshold, +inf, as 3e38)."""
         threshold = torch.cat([self.core_threshold, self.threshold])
-        threshold = torch.where(torch.isinf(threshold), torch.full_like(threshold, 3.0e38), threshold)
+        threshold = torch.where(torch.isinf(threshold), torch.full_like(threshold, UNSET_THRESHOLD), threshold)
         return {
             "W_enc": torch.cat([self.enc_core, self.enc], dim=1).detach().contiguous(),
             "b_enc": torch.cat([self.b_enc_core, self.b_enc]).detach().contiguous(),

@@ -14,14 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmsae.runtime import Runtime
+from dmsae.sae import UNSET_THRESHOLD
 from dmsae.store import Artifact
 from stages import train as train_stage
 
 NAME = "random_core"
 VERSION = "2"  # 2: live latents only; birth bias and threshold
-
-
-UNSET_THRESHOLD = 1e38  # thresholds are stored as 3e38 for a latent that never fired
 
 
 def draw_indices(live: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -34,7 +32,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     size = inputs["core"].metrics["core_size"]
     sae = load_file(str(inputs["cycle0"].file(train_stage.SAE_FILE)))
     lineage = load_file(str(inputs["cycle0"].file(train_stage.LINEAGE_FILE)))
-    live = (lineage["birth_threshold"] < UNSET_THRESHOLD).nonzero().squeeze(1)
+    live = (lineage["birth_threshold"] < UNSET_THRESHOLD).nonzero().squeeze(1)  # latents that ever fired
     if live.numel() < size:  # a cycle-0 SAE with fewer live latents than the core: fill with dead ones
         live = torch.arange(sae["W_enc"].shape[1])
     idx = draw_indices(live, size, params["seed"])

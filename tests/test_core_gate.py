@@ -168,3 +168,14 @@ def test_gated_core_round_trips_through_the_flat_tensors(gate):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # the stored core thresholds gate the core (not a plain ReLU)
     assert float(t["threshold"][:C].min()) > 0
+
+
+def test_a_never_selected_latent_reads_back_as_unset():
+    """random_core tells dead latents by `threshold < UNSET_THRESHOLD`; the written value must not pass it."""
+    from dmsae.sae import UNSET_THRESHOLD
+
+    sae = make_gated("relu", False)
+    with torch.no_grad():
+        sae.threshold[:3] = torch.tensor([0.5, float("inf"), 2.0])
+    thr = sae.full_tensors()["threshold"][C:C + 3]
+    assert (thr < UNSET_THRESHOLD).tolist() == [True, False, True]
