@@ -254,23 +254,39 @@ def write_report(points: list[Config], store: Store, out_dir: Path, command: str
     return path
 
 
+def parse_points(text: str) -> list[tuple[str, str]]:
+    """'topk:0.6,relu:none' -> [('topk', '0.6'), ('relu', 'none')]."""
+    variants = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        gate, sep, cap = item.partition(":")
+        if not sep or not gate.strip() or not cap.strip():
+            raise UserError(f"--points: {item!r} is not GATE:CAP (e.g. topk:0.6 or relu:none)")
+        variants.append((gate.strip(), cap.strip()))
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.ablation", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="base preset, e.g. configs/quickstart.yaml")
     ap.add_argument("--gates", default="relu,relu_bias,topk")
     ap.add_argument("--caps", default="none", help="comma-separated max_core values; 'none' for no cap")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--points", default=None, metavar="GATE:CAP,...",
+                    help="run these (gate, cap) pairs instead of every gate with every cap, e.g. topk:0.6,relu:none")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
     ap.add_argument("--out", default=None, help="report folder; default <report_dir>/<base name>-ablation")
     ap.add_argument("--report-only", action="store_true", help="render what the store holds; run nothing")
     args = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        gates = [g.strip() for g in args.gates.split(",") if g.strip()]
-        caps = [c.strip() for c in args.caps.split(",") if c.strip()]
-        if not seeds or not gates or not caps:
-            raise UserError("--gates, --caps and --seeds each need at least one value")
-        points = [point_config(args.config, args.set, g, c, s) for s in seeds for g in gates for c in caps]
+        variants = parse_points(args.points) if args.points is not None else [
+            (g.strip(), c.strip()) for g in args.gates.split(",") if g.strip()
+            for c in args.caps.split(",") if c.strip()]
+        if not seeds or not variants:
+            raise UserError("--gates, --caps (or --points) and --seeds each need at least one value")
+        points = [point_config(args.config, args.set, g, c, s) for s in seeds for g, c in variants]
     except UserError as e:
         print(f"ablation: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -282,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(base.threads)
     out = Path(args.out) if args.out else Path(base.report_dir) / f"{base.name}-ablation"
     store = Store(base.store)
+    grid = [f"--points {args.points}"] if args.points is not None else [f"--gates {args.gates}", f"--caps {args.caps}"]
     command = "python -m flows.ablation " + " ".join(
-        [args.config, f"--gates {args.gates}", f"--caps {args.caps}", f"--seeds {args.seeds}"]
+        [args.config, *grid, f"--seeds {args.seeds}"]
         + [f"--set {s}" for s in args.set])
     timings: dict[str, float] = {}
     if not args.report_only:

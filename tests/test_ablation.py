@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from dmsae.config import load_config
 from dmsae.pipeline import plan
 from dmsae.store import Store
 
@@ -67,3 +68,23 @@ def test_bad_grid_is_one_line(reuse_config_yaml, capsys):
     assert main([str(reuse_config_yaml), "--gates", "relu,sigmoid"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "core_gate" in err
+
+
+def test_points_pick_pairs_not_the_cross_product(reuse_config_yaml, tmp_path, capsys):
+    import json
+
+    from flows.ablation import main
+
+    out = tmp_path / "pairs"
+    assert main([str(reuse_config_yaml), "--points", "topk:2,relu:none", "--seeds", "0", "--out", str(out),
+                 "--report-only"]) == 0
+    from flows.ablation import point_name
+
+    base = load_config(str(reuse_config_yaml)).name
+    assert json.loads((out / "points.json").read_text()) == [point_name(base, "topk", "2", 0),
+                                                             point_name(base, "relu", "none", 0)]
+    report = (out / "ablation.md").read_text()
+    assert "--points topk:2,relu:none" in report
+    assert main([str(reuse_config_yaml), "--points", "topk"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--points" in err[0]
