@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dmsae.errors import UserError
 
 EMBEDDED = "embedded"
+MAX_SEED = 2**63 - 1  # seeds feed torch.Generator.manual_seed and numpy's default_rng: non-negative, 64-bit
+MAX_CYCLES = 100  # the paper runs 8; a plan of thousands would only exhaust memory and patience
+LR_WARN = 0.05  # SAEs train at 1e-4..1e-2 with Adam; far above that the weights diverge to NaN
 
 
 class Strict(BaseModel):
@@ -37,7 +40,7 @@ class DataConfig(Strict):
     train_tokens: int = Field(200_000, gt=0)
     attribution_tokens: int = Field(16_384, gt=0)
     eval_tokens: int = Field(16_384, gt=0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(32, gt=0, description="sequences per language-model batch (harvest, attribution)")
 
 
@@ -97,7 +100,7 @@ class SAEConfig(Strict):
 
 class TrainConfig(Strict):
     batch_size: int = Field(1024, gt=0)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate; SAEs train at 1e-4..1e-2")
     epochs: float = Field(1.0, gt=0, description="passes over the harvested training activations")
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     decay_fraction: float = Field(0.2, ge=0, le=1)
@@ -141,7 +144,7 @@ class ReuseConfig(Strict):
     width: int | None = Field(None, gt=1, description="width of the reuse SAEs; default sae.width")
     consistency_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2,
                                          description="two seeds trained at k=sae.k for seed consistency")
-    random_core_seed: int = 0
+    random_core_seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("k")
     @classmethod
@@ -149,6 +152,13 @@ class ReuseConfig(Strict):
         if any(k <= 0 for k in v):
             raise ValueError("every reuse k must be positive")
         return sorted(set(v))
+
+    @field_validator("consistency_seeds")
+    @classmethod
+    def _seeds_in_range(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= s <= MAX_SEED for s in v):
+            raise ValueError(f"seeds must be between 0 and 2**63 - 1, not {v}")
+        return v
 
 
 class EvaluationConfig(Strict):
@@ -162,12 +172,12 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 class Config(Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     store: str = "artifacts"
     report_dir: str = Field("reports", description="where `dmsae report` and each run write <report_dir>/<name>/")
     device: str = "cpu"
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
-    cycles: int = Field(3, gt=0)
+    cycles: int = Field(3, gt=0, le=MAX_CYCLES, description="distillation cycles (the paper runs 8: cycles 0..7)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure (never a user error)")
     retry_delay_seconds: float = Field(10.0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -211,6 +221,23 @@ class Config(Strict):
             raise ValueError(f"reuse.k {too_big} must be smaller than the reuse width ({width})")
         return self
 
+    @model_validator(mode="after")
+    def _capped_core_fits(self) -> Config:
+        # an SAE holds a core of at most width - k latents (the non-core keeps its k); with a cap that bound
+        # is known before anything runs, so a core that could not fit is refused here, not after the cycles
+        cap = self.selection.core_cap(self.sae.k)
+        if cap is None:
+            return self
+        sizes = [("sae", self.sae.width, self.sae.k)] if self.cycles > 1 else []
+        if self.reuse.k:
+            sizes.append(("reuse", self.reuse.width or self.sae.width, max(self.reuse.k)))
+        for section, width, k in sizes:
+            if cap > width - k:
+                raise ValueError(f"selection.max_core allows a core of {cap} latents, more than an SAE of width "
+                                 f"{width} at k={k} can hold beside its k ({width - k}); lower selection.max_core "
+                                 f"or raise {section}.width")
+        return self
+
 
 def config_warnings(cfg: Config) -> list[str]:
     """Legal values that make a run pointless or its numbers noise: one line each, the run goes on."""
@@ -219,6 +246,12 @@ def config_warnings(cfg: Config) -> list[str]:
     if steps < 50:
         notes.append(f"data.train_tokens={cfg.data.train_tokens} gives about {steps:.0f} training steps of "
                      f"train.batch_size={cfg.train.batch_size}; an SAE needs thousands of steps to mean anything")
+    if cfg.train.lr > LR_WARN:
+        notes.append(f"train.lr={cfg.train.lr:g} is far above what SAEs train at (1e-4..1e-2); expect the weights "
+                     "to diverge and the metrics to read NaN")
+    if cfg.selection.max_core is None and cfg.cycles > 1:
+        notes.append("selection.max_core=null: the core's size is known only after selection, and a core larger "
+                     "than an SAE's width minus its k stops the run there; set a cap to have it checked now")
     for key, value in (("data.attribution_tokens", cfg.data.attribution_tokens),
                        ("data.eval_tokens", cfg.data.eval_tokens)):
         if value < cfg.data.context:
@@ -229,18 +262,21 @@ def config_warnings(cfg: Config) -> list[str]:
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key; check the spelling against configs/quickstart.yaml"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    # a check across sections (loc empty) names its fields in the message
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set selection.tau=0.8")
     key, raw = item.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise UserError(f"--set {item!r}: {key.strip()!r} is not a dotted config key, e.g. --set selection.tau=0.8")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:

@@ -40,6 +40,8 @@ def matched_deltas(table: pd.DataFrame, reference: str = "none") -> pd.DataFrame
     `reference` arm's of the same seed read at the same L0. Columns: arm, k, seed, l0, and per metric the
     value, the reference's reading and the difference (d_<metric>); `extrapolated` marks readings past the
     reference curve's ends."""
+    # a diverged SAE's metrics are stored as null: NaN here, and left out of the curves it would be read on
+    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("l0", *METRICS)})
     rows = []
     for (arm, seed), group in table[table.arm != reference].groupby(["arm", "seed"], sort=True):
         ref = table[(table.arm == reference) & (table.seed == seed)]
@@ -47,7 +49,8 @@ def matched_deltas(table: pd.DataFrame, reference: str = "none") -> pd.DataFrame
             row = {"arm": arm, "k": int(r.k), "seed": int(seed), "l0": float(r.l0), "extrapolated": False}
             for metric in METRICS:
                 value = float(getattr(r, metric))
-                at, extra = read_at_l0(ref.l0.to_numpy(), ref[metric].to_numpy(), float(r.l0))
+                curve = ref[np.isfinite(ref.l0) & (ref.l0 > 0) & np.isfinite(ref[metric])]
+                at, extra = read_at_l0(curve.l0.to_numpy(), curve[metric].to_numpy(), float(r.l0))
                 row[metric], row[f"{reference}_{metric}"] = value, at
                 row[f"d_{metric}"] = value - at
                 row["extrapolated"] |= extra

@@ -34,6 +34,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz", action="store_true",
+                     help="a long property-test run: many more config draws (tests marked fuzz)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before test modules are imported, so their @settings inherit the chosen profile
+    from hypothesis import settings
+
+    settings.register_profile("dmsae-ci", max_examples=200, derandomize=True, database=None, print_blob=True)
+    settings.register_profile("dmsae-fuzz", max_examples=5000, print_blob=True)
+    settings.load_profile("dmsae-fuzz" if config.getoption("--fuzz") else "dmsae-ci")
+
+
 WORDS = [f"w{i:02d}" for i in range(100)]
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BOS_ID = 1

@@ -71,8 +71,18 @@ def test_k_not_below_width_is_rejected(k, width):
 
 
 def test_k_just_below_width_is_accepted():
-    cfg = load_config(None, ["sae.k=63", "sae.width=64"])
+    cfg = load_config(None, ["sae.k=63", "sae.width=64", "selection.max_core=1"])
     assert (cfg.sae.k, cfg.sae.width) == (63, 64)
+
+
+def test_a_cap_the_sae_cannot_hold_is_refused_only_where_a_core_is_loaded():
+    # width 64 at k=63 holds one core latent beside its k: the default cap (0.6 k = 38) cannot fit ...
+    with pytest.raises(UserError, match="core of 38 latents, more than an SAE of width 64 at k=63 can hold"):
+        load_config(None, ["sae.k=63", "sae.width=64"])
+    # ... unless no later cycle loads the core (one cycle, no reuse)
+    assert load_config(None, ["sae.k=63", "sae.width=64", "cycles=1"]).cycles == 1
+    with pytest.raises(UserError, match="raise reuse.width"):
+        load_config(None, ["sae.k=63", "sae.width=64", "cycles=1", "reuse.k=[8]", "reuse.width=20"])
 
 
 def test_set_overrides_parse_numbers_lists_and_strings():

@@ -38,3 +38,18 @@ def test_matched_deltas_compare_at_equal_l0_not_equal_k():
     assert row.d_ce_loss_score == pytest.approx(-0.05)  # worse than no core at its own L0, though better at k=16
     assert row.d_explained_variance == pytest.approx(0.05)
     assert row.none_ce_loss_score == pytest.approx(0.8) and not row.extrapolated  # seed 0's curve, not seed 1's
+
+
+def test_a_diverged_sae_reads_as_nan_and_stays_off_the_curve():
+    # a training that diverged stores its metrics as null (None here): NaN, not a crash, and the reference
+    # curve is read through its finite points only
+    table = pd.DataFrame([
+        {"arm": "none", "k": 16, "seed": 0, "l0": 16.0, "ce_loss_score": 0.7, "explained_variance": 0.5},
+        {"arm": "none", "k": 24, "seed": 0, "l0": 24.0, "ce_loss_score": None, "explained_variance": None},
+        {"arm": "none", "k": 32, "seed": 0, "l0": 32.0, "ce_loss_score": 0.8, "explained_variance": 0.6},
+        {"arm": "distilled", "k": 16, "seed": 0, "l0": 24.0, "ce_loss_score": 0.8, "explained_variance": 0.6},
+        {"arm": "distilled", "k": 32, "seed": 0, "l0": None, "ce_loss_score": None, "explained_variance": None},
+    ])
+    d = matched_deltas(table).set_index("k")
+    assert d.loc[16, "none_ce_loss_score"] == pytest.approx(0.7 + 0.1 * math.log(24 / 16) / math.log(2))
+    assert math.isnan(d.loc[32, "d_ce_loss_score"]) and math.isnan(d.loc[32, "d_explained_variance"])
