@@ -214,23 +214,68 @@ def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
         return store.load(node.stage, node.key), True
 
 
-def model_num_layers(kind: str, location: str) -> int | None:
-    """The model's decoder layers from its config or GGUF header, without loading weights; None when
-    that needs the network (a hub id)."""
+@dataclass(frozen=True)
+class ModelHeader:
+    num_layers: int | None
+    max_positions: int | None
+
+
+def _header_from_config(data: dict[str, Any]) -> ModelHeader:
+    text = data.get("text_config", data)
+    n, ctx = text.get("num_hidden_layers"), text.get("max_position_embeddings")
+    return ModelHeader(int(n) if n is not None else None, int(ctx) if ctx is not None else None)
+
+
+def model_header(kind: str, location: str) -> ModelHeader:
+    """The model's decoder layers and context length from its config or GGUF header, without loading
+    weights. A hub id fetches only its config.json (cached by huggingface_hub), so an id this machine
+    cannot reach is refused here rather than after the run has started."""
     if kind == "dir":
-        data = json.loads((Path(location) / "config.json").read_text())
-        n = data.get("text_config", data).get("num_hidden_layers")
-        return int(n) if n is not None else None
+        return _header_from_config(json.loads((Path(location) / "config.json").read_text()))
     if kind == "gguf":
         from gguf import GGUFReader
 
         try:
             fields = GGUFReader(location).fields
             arch = fields["general.architecture"].contents()
-            return int(fields[f"{arch}.block_count"].contents())
+            ctx = fields.get(f"{arch}.context_length")
+            return ModelHeader(int(fields[f"{arch}.block_count"].contents()),
+                               int(ctx.contents()) if ctx is not None else None)
         except (KeyError, ValueError, OSError):
             raise UserError(f"model.path: {location} has no readable GGUF header; point it at a real .gguf") from None
-    return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _header_from_config(json.loads(Path(hf_hub_download(location, "config.json")).read_text()))
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated, no config: all one user-facing line
+        raise UserError(f"model.path: {location!r} is not a local model and its config could not be fetched from the "
+                        f"Hugging Face hub ({type(e).__name__}); check the id and the network, or give a local "
+                        "folder or .gguf") from None
+
+
+def check_corpus(kind: str, location: str, cfg: Config) -> None:
+    """A corpus that cannot hold the splits is refused before the model is converted. Local corpora are
+    bounded by their size in bytes (a token is at least one byte, plus one separator per document); the
+    exact count is known only once tokenized, in the tokens stage, which writes nothing when short."""
+    d = cfg.data
+    needed = sum(-(-n // d.context) * (d.context - 1) for n in (d.train_tokens, d.attribution_tokens, d.eval_tokens))
+    if kind == "hub":
+        try:
+            from huggingface_hub import HfApi
+
+            HfApi().dataset_info(location)
+        except Exception as e:  # noqa: BLE001 - as for the model: one line whatever the hub says
+            raise UserError(f"data.path: {location!r} is not a local corpus and the Hugging Face hub does not answer "
+                            f"for it ({type(e).__name__}); check the id and the network, or give a local "
+                            ".txt/.jsonl file") from None
+        return
+    path = Path(location)
+    size = sum(f.stat().st_size for f in path.glob("*.txt")) if kind == "txtdir" else path.stat().st_size
+    if size == 0:
+        raise UserError(f"data.path: {location} is empty; give a corpus with some text")
+    if needed > 2 * size:
+        raise UserError(f"data: the splits need about {needed} tokens but the corpus {location} has {size} bytes "
+                        "(far fewer tokens); lower data.train_tokens/attribution_tokens/eval_tokens or add documents")
 
 
 def check_report_dir(report_dir: str) -> None:
@@ -247,15 +292,19 @@ def preflight(cfg: Config, p: Plan, store: Store) -> None:
     store.check_format()
     check_report_dir(cfg.report_dir)
     model = p.find("model")
-    if store.has("model", model.key):
-        n_layers: int | None = store.manifest("model", model.key).metrics["num_layers"]
+    if store.has("model", model.key):  # converted already: a transformers folder, whatever the source was
+        header = model_header("dir", str(store.artifact_dir("model", model.key)))
     else:
-        n_layers = model_num_layers(model.params["kind"], model.args["location"])
+        header = model_header(model.params["kind"], model.args["location"])
+    n_layers = header.num_layers
     if n_layers is not None and not 0 <= cfg.harvest.layer < n_layers:
         raise UserError(f"harvest.layer={cfg.harvest.layer} is out of range: the model has layers 0..{n_layers - 1}")
+    if header.max_positions is not None and cfg.data.context > header.max_positions:
+        raise UserError(f"data.context={cfg.data.context} is longer than the model's context of "
+                        f"{header.max_positions} positions; lower data.context")
     corpus = p.find("tokens")
-    if corpus.params["kind"] in ("txt", "jsonl") and Path(corpus.args["location"]).stat().st_size == 0:
-        raise UserError(f"data.path: {corpus.args['location']} is empty; give a corpus with some text")
+    if not store.has("tokens", corpus.key):
+        check_corpus(corpus.params["kind"], corpus.args["location"], cfg)
     final = p.last_core()
     if cfg.reuse.k and store.has(final.stage, final.key):  # else the reuse stage checks it once the core exists
         core_size = store.manifest(final.stage, final.key).metrics["core_size"]

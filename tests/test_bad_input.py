@@ -80,7 +80,7 @@ CASES: dict[str, Case] = {
     "empty corpus file": Case(run_args(), "is empty", setup=lambda c, w: (
         (w / "empty.txt").write_text(""), write_yaml(c, **{"data.path": str(w / "empty.txt")}))),
     "corpus of blank documents": Case(run_args(), "no non-empty documents", setup=lambda c, w: (
-        (w / "blank.jsonl").write_text('{"text": "  "}\n{"text": ""}\n'),
+        (w / "blank.jsonl").write_text('{"text": "  "}\n{"text": ""}\n' * 1000),  # bytes enough to pass the size bound
         write_yaml(c, **{"data.path": str(w / "blank.jsonl")}))),
     "corpus field missing": Case(run_args("data.field=body"), "has no field 'body'"),
     "missing corpus file": Case(run_args("data.path=/nonexistent/corpus.jsonl"), "data.path: file not found"),
@@ -121,6 +121,11 @@ CASES: dict[str, Case] = {
     "cap larger than the SAE can hold": Case(run_args("selection.max_core=1000"),
                                              "selection.max_core allows a core of 1000 latents"),
     "override with an empty key": Case(run_args("sae.=3"), "is not a dotted config key"),
+    "context longer than the model's": Case(run_args("data.context=256"), "longer than the model's context of 128"),
+    "model id the hub cannot give": Case(run_args("model.path=nobody/no-such-model"),
+                                         "'nobody/no-such-model' is not a local model"),
+    "dataset id the hub cannot give": Case(run_args("data.path=nobody/no-such-data"),
+                                           "'nobody/no-such-data' is not a local corpus"),
     "export of an unknown SAE": Case(lambda c, w: ["export", str(c), "--sae", "train[9]"],
                                      "--sae train[9]: no such SAE"),
 }
@@ -185,9 +190,10 @@ def test_pointless_values_warn_in_one_line_each(make_config, tmp_path):
 
 def test_run_record_of_a_failed_run_says_failed(pipeline_run, make_config, tmp_path, capfd):
     """A stage stopped by bad input marks the run failed, so `dmsae status` tells the truth."""
+    # 40k tokens: within the corpus's byte bound (so preflight lets it through), beyond its ~7k tokens
     store = tmp_path / "store"
     shutil.copytree(pipeline_run.store.root, store, ignore=shutil.ignore_patterns(".locks"))
-    cfg = make_config(store, "data.train_tokens=10000000", f"report_dir={tmp_path / 'reports'}")
+    cfg = make_config(store, "data.train_tokens=40000", f"report_dir={tmp_path / 'reports'}")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["run", str(config), "--no-progress"]) == 2
