@@ -22,7 +22,8 @@ LR_WARN = 0.05  # SAEs train at 1e-4..1e-2 with Adam; far above that the weights
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused everywhere: a key is canonical JSON, and no field means anything at infinity
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -166,6 +167,22 @@ class EvaluationConfig(Strict):
     dense_threshold: float = Field(0.1, gt=0, le=1, description="firing frequency above which a latent is dense")
 
 
+class DaskConfig(Strict):
+    """Where `runner: dask` runs the stages: a LocalCluster of `workers` processes, or the scheduler at
+    `address`. Each worker runs one stage at a time on `threads` torch threads."""
+    workers: int = Field(2, gt=0, description="worker processes of the local Dask cluster")
+    threads: int = Field(1, gt=0, description="torch threads per worker (one stage at a time per worker)")
+    address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://HOST:8786; the store must "
+                                "be on a path every worker shares")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|tls|inproc)://[^\s/]+(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a Dask scheduler address; use tcp://HOST:8786")
+        return v
+
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
@@ -180,6 +197,10 @@ class Config(Strict):
     cycles: int = Field(3, gt=0, le=MAX_CYCLES, description="distillation cycles (the paper runs 8: cycles 0..7)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure (never a user error)")
     retry_delay_seconds: float = Field(10.0, ge=0)
+    runner: Literal["local", "dask"] = Field(
+        "local", description="'local': stages one after the other in this process; 'dask': independent stages "
+        "in parallel on Dask workers (see `dask`)")
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
