@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import io
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from dmsae.config import Config, apply_overrides, config_warnings, load_config
 from dmsae.errors import UserError
 from dmsae.pipeline import Plan, plan, preflight, run_record
-from dmsae.store import RunRecord, Store
+from dmsae.store import RunRecord, Store, SweepRecord
 
 EXIT_USER_ERROR = 2
 
@@ -91,9 +92,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.ensure_writable()
     _quiet_prefect()
     from flows.distill import INVALID_INPUT, distill
+    from flows.runner import check_dask_address, shared_prefect_api, task_runner
 
     start = time.perf_counter()
-    state = distill(cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)
+    if cfg.runner == "dask":
+        if cfg.dask.address:
+            check_dask_address(cfg.dask.address)
+        with shared_prefect_api():
+            state = distill.with_options(task_runner=task_runner(cfg.runner, cfg.dask, cfg.device))(
+                cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)
+    else:
+        state = distill(cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)
     wall = time.perf_counter() - start
     if state.is_failed():
         print(f"dmsae: error: {state.message}", file=sys.stderr)
@@ -150,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     store = Store(args.store)
     records = store.read_runs()
-    if not records:
+    if not records and not store.read_sweeps():
         print(f"no runs recorded in {args.store}; run one (dmsae run configs/quickstart.yaml) "
               "or pass a config: dmsae status configs/quickstart.yaml")
         return 0
@@ -161,12 +170,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
     """Runs as a tree (branches under the run they came from), each with its stages done and, for a
-    branch, the stages it shares with its parent."""
+    branch, the stages it shares with its parent. A sweep is one node (under its base run when that is
+    recorded) with its points beneath it."""
     by_name = {r.name: r for r in records}
+    sweeps = store.read_sweeps()
+    in_sweep = {pt["run"] for sw in sweeps for pt in sw.points}
     children: dict[str | None, list[RunRecord]] = {}
     for r in records:
-        children.setdefault(r.parent if r.parent in by_name else None, []).append(r)
+        if r.name not in in_sweep:
+            children.setdefault(r.parent if r.parent in by_name else None, []).append(r)
     lines: list[str] = []
+
+    def visit_sweep(sw: SweepRecord, prefix: str, last: bool, root: bool) -> None:
+        grid = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in sw.grid.items())
+        lines.append(("" if root else prefix + ("`-- " if last else "|-- "))
+                     + f"sweep {sw.name}  [{sw.status}]  {len(sw.points)} points over {grid}")
+        inner = "" if root else prefix + ("    " if last else "|   ")
+        points = [by_name[pt["run"]] for pt in sw.points if pt["run"] in by_name]
+        for i, r in enumerate(points):
+            lines.append(inner + ("`-- " if i == len(points) - 1 else "|-- ") + describe(r))
 
     def describe(r: RunRecord) -> str:
         done = sum(store.has(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items())
@@ -179,17 +201,84 @@ def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
 
     def visit(r: RunRecord, prefix: str, last: bool, root: bool) -> None:
         lines.append(("" if root else prefix + ("`-- " if last else "|-- ")) + describe(r))
-        kids = children.get(r.name, [])
+        kids: list[RunRecord | SweepRecord] = [*children.get(r.name, []), *(sw for sw in sweeps if sw.base == r.name)]
         for i, kid in enumerate(kids):
-            visit(kid, "" if root else prefix + ("    " if last else "|   "), i == len(kids) - 1, False)
+            inner, kid_last = "" if root else prefix + ("    " if last else "|   "), i == len(kids) - 1
+            if isinstance(kid, SweepRecord):
+                visit_sweep(kid, inner, kid_last, False)
+            else:
+                visit(kid, inner, kid_last, False)
 
     for r in children.get(None, []):
         visit(r, "", True, True)
+    for sw in sweeps:
+        if sw.base not in by_name:
+            visit_sweep(sw, "", True, True)
     return lines
 
 
 def _abbreviate(labels: list[str], n: int = 5) -> str:
     return ", ".join(labels[:n]) + (f", ... {len(labels) - n} more" if len(labels) > n else "") if labels else "none"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Record one run per grid point (branches of the base run), plan them together, and run every stage
+    they need once, in parallel on Dask unless --runner local."""
+    from flows.sweep import parse_grid, sweep_points, unique_nodes
+
+    grid = parse_grid(args.grid, args.grid_file)
+    sets = [*args.set, f"runner={args.runner}"]
+    if args.dask_address:
+        sets.append(f"dask.address={args.dask_address}")
+    if args.workers:
+        sets.append(f"dask.workers={args.workers}")
+    base, name, points = sweep_points(args.config, sets, grid, args.name)
+    store = Store(base.store)
+    if store.sweep_path(name).is_file() and store.read_sweep(name).grid != grid:
+        raise UserError(f"--name {name}: a sweep of another grid is recorded under this name; choose another name")
+    _setup_torch(base)
+    notes: dict[str, None] = {}
+    plans = []
+    for _, _, cfg in points:
+        notes.update(dict.fromkeys(config_warnings(cfg)))
+        p = plan(cfg)
+        preflight(cfg, p, store)
+        plans.append(p)
+    for note in notes:
+        print(f"dmsae: warning: {note}", file=sys.stderr)
+    _quiet_prefect()
+    from flows.runner import check_dask_address, shared_prefect_api, task_runner
+    from flows.sweep import sweep_flow
+
+    if base.runner == "dask" and base.dask.address:
+        check_dask_address(base.dask.address)
+    store.ensure_writable()
+    nodes = unique_nodes(plans)
+    cached = sum(store.has(n.stage, n.key) for n in nodes)
+    print(f"sweep '{name}': {len(points)} points, {sum(len(p.nodes) for p in plans)} stages in their plans, "
+          f"{len(nodes)} distinct ({cached} cached); runner {base.runner}", flush=True)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record = SweepRecord(name=name, base=base.name, grid=grid, status="planned", created=now, updated=now,
+                         points=[{"run": run, "values": values} for run, values, _ in points])
+    start = time.perf_counter()
+    runner = task_runner(base.runner, base.dask, base.device)
+    with shared_prefect_api() if base.runner == "dask" else contextlib.nullcontext():
+        state = sweep_flow.with_options(task_runner=runner)(
+            base.model_dump(mode="json"), [c.model_dump(mode="json") for _, _, c in points],
+            record.model_dump(mode="json"), show_progress=not args.no_progress and base.runner == "local",
+            return_state=True)
+    wall = time.perf_counter() - start
+    from flows.distill import INVALID_INPUT
+
+    if state.is_failed():
+        print(f"dmsae: error: {state.message}", file=sys.stderr)
+        return EXIT_USER_ERROR if state.name == INVALID_INPUT else 1
+    result = state.result()
+    print(f"sweep '{name}' finished in {wall:.1f} s; computed {len(result['computed'])} of {len(nodes)} distinct "
+          "stages")
+    for run, values, _ in points:
+        print(f"  {run:<48} {result['points'][run]:<9} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return 0
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
@@ -338,6 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show which stages of a config (or of every recorded run) are done")
     _config_args(status, required=False)
     status.set_defaults(func=cmd_status)
+    sweep = sub.add_parser("sweep", help="run a grid of branches of a config, each shared stage once, in parallel "
+                           "on Dask")
+    _config_args(sweep, required=True)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a config key and its values, e.g. --grid selection.tau=0.7,0.8 (repeatable; crossed)")
+    sweep.add_argument("--grid-file", default=None, help="a YAML mapping of dotted keys to lists of values")
+    sweep.add_argument("--name", default=None, help="the sweep's name; default <config name>-sweep")
+    sweep.add_argument("--runner", choices=["dask", "local"], default="dask",
+                       help="dask (default): independent stages at once on Dask workers; local: one at a time")
+    sweep.add_argument("--dask-address", default=None, help="an existing Dask scheduler, e.g. tcp://HOST:8786")
+    sweep.add_argument("--workers", type=int, default=None, help="worker processes of the local Dask cluster")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.set_defaults(func=cmd_sweep)
     branch = sub.add_parser("branch", help="record a new run from a recorded one with changed keys; "
                             "it shares every stage upstream of the change")
     branch.add_argument("run", help="name of the recorded run to branch from (see dmsae status)")

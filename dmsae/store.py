@@ -9,6 +9,7 @@ Layout under the store root:
     <root>/.locks/<stage>/<key>.lock     held (flock) by the one process computing that artifact
     <root>/.corrupt/<stage>/<key>-<time>/ damaged artifacts, moved aside before recomputing
     <root>/runs/<name>.json              run records: a run's config, stage keys and parent run
+    <root>/sweeps/<name>.json            sweep records: the grid and the run name of each of its points
     <root>/dmsae-store.json              the layout format of this store
 
 A key is the hash of the stage name, its code version, the parameters it reads and its input keys,
@@ -40,7 +41,7 @@ MANIFEST = "manifest.json"
 KEY_CHARS = 20
 FORMAT_FILE = "dmsae-store.json"
 STORE_FORMAT = 1  # bump when the layout or the manifest schema changes incompatibly
-TMP, PARTIAL, LOCKS, CORRUPT, RUNS = ".tmp", ".partial", ".locks", ".corrupt", "runs"
+TMP, PARTIAL, LOCKS, CORRUPT, RUNS, SWEEPS = ".tmp", ".partial", ".locks", ".corrupt", "runs", "sweeps"
 
 # artifacts whose checksums this process has verified, by path and the size and mtime of every file:
 # a long-lived process (a served deployment) rehashes an artifact only when a file of it changed
@@ -365,6 +366,38 @@ class Store:
         except ValueError:
             raise UserError(f"run record {path} is unreadable; delete it or rerun that config") from None
 
+    # -- sweeps -------------------------------------------------------------------------------
+    def sweep_path(self, name: str) -> Path:
+        return self.root / SWEEPS / f"{name}.json"
+
+    def write_sweep(self, record: SweepRecord) -> Path:
+        path = self.sweep_path(record.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".json.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(record.model_dump_json(indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def read_sweep(self, name: str) -> SweepRecord:
+        path = self.sweep_path(name)
+        if not path.is_file():
+            known = ", ".join(r.name for r in self.read_sweeps()) or "none"
+            raise UserError(f"no sweep named {name!r} in the store {self.root} (recorded sweeps: {known})")
+        try:
+            return SweepRecord.model_validate_json(path.read_text())
+        except ValueError:
+            raise UserError(f"sweep record {path} is unreadable; delete it or rerun the sweep") from None
+
+    def read_sweeps(self) -> list[SweepRecord]:
+        folder = self.root / SWEEPS
+        records = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                records.append(SweepRecord.model_validate_json(path.read_text()))
+            except ValueError:
+                warn(f"skipping unreadable sweep record {path}")
+        return records
+
     def read_runs(self) -> list[RunRecord]:
         records = []
         for path in sorted(self.runs_dir().glob("*.json")) if self.runs_dir().is_dir() else []:
@@ -383,6 +416,18 @@ class RunRecord(BaseModel):
     keys: dict[str, str] = Field(description="stage label -> key, in plan order")
     stages: dict[str, str] = Field(default_factory=dict, description="stage label -> stage name")
     parent: str | None = None
+    status: str = "planned"  # planned | running | complete | failed
+    created: str = ""
+    updated: str = ""
+
+
+class SweepRecord(BaseModel):
+    """A grid of runs branched from one base config: the grid, and each point's overrides and run name."""
+
+    name: str
+    base: str = Field(description="the base config's run name; every point is recorded as its branch")
+    grid: dict[str, list[Any]] = Field(description="dotted key -> values, crossed into the points")
+    points: list[dict[str, Any]] = Field(description="per point: its run name and the grid values it takes")
     status: str = "planned"  # planned | running | complete | failed
     created: str = ""
     updated: str = ""

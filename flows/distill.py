@@ -7,7 +7,9 @@ one-line message, without a traceback and without retries.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmsae.config import Config
 from dmsae.errors import UserError
@@ -55,7 +58,11 @@ def retry_unless_user_error(_task: Any, _task_run: Any, state: State) -> bool:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_user_error)
-def run_stage(store_root: str, node: Node, device: str, show_progress: bool) -> State:
+def run_stage(store_root: str, node: Node, device: str, show_progress: bool, threads: int | None = None) -> State:
+    if threads:  # a Dask worker process: its share of the cores
+        import torch
+
+        torch.set_num_threads(threads)
     store = Store(store_root)
     # the progress artifact only for work that runs: a cached stage is checked and returned at once
     rt = Runtime(device=device, show_progress=show_progress,
@@ -69,7 +76,53 @@ def run_stage(store_root: str, node: Node, device: str, show_progress: bool) -> 
     return Completed(data=node.key, message=f"{node.label} {node.key} computed")
 
 
-@flow(name="dmsae-distill", log_prints=True)
+def execute(nodes: list[Node], cfg: Config, store: Store, show_progress: bool = True) -> tuple[list[str], State | None]:
+    """Submit every node to the flow's task runner, each waiting for its inputs, so a parallel runner runs
+    independent stages at once and a serial one runs them in plan order. Returns the labels computed (not
+    found in the store) and, when a stage failed, the flow's Failed state carrying its one-line message."""
+    from flows.runner import stage_resources
+
+    stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
+    threads = cfg.dask.threads if cfg.runner == "dask" else None
+    futures: dict[tuple[str, str], Any] = {}
+    with dask_annotations(stage_resources(cfg.device) if cfg.runner == "dask" else {}):
+        for node in nodes:
+            waits = [futures[(n.stage, n.key)] for n in node.inputs.values()]
+            futures[(node.stage, node.key)] = stage_task.with_options(task_run_name=node.label).submit(
+                str(store.root), node, cfg.device, show_progress, threads, wait_for=waits)
+    computed: list[str] = []
+    failure: State | None = None
+    for node in nodes:
+        future = futures[(node.stage, node.key)]
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            if state.name != "Cached":
+                computed.append(node.label)
+        elif failure is None and state.is_failed():  # the first failure in plan order; the rest waited on it
+            user_error = state.name == INVALID_INPUT or isinstance(state.result(raise_on_failure=False), UserError)
+            failure = Failed(name=INVALID_INPUT if user_error else "Failed",
+                             message=state.message or f"{node.label} failed")
+    if failure is None and len(computed) + sum(futures[(n.stage, n.key)].state.name == "Cached" for n in nodes) \
+            < len(nodes):
+        failure = Failed(name="Failed", message="a stage did not run: " + ", ".join(
+            n.label for n in nodes if not futures[(n.stage, n.key)].state.is_completed()))
+    return computed, failure
+
+
+@contextlib.contextmanager
+def dask_annotations(resources: dict[str, int]) -> Iterator[None]:
+    """Dask resources for the tasks submitted inside (a stage on a GPU run asks for one GPU)."""
+    if not resources:
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources=resources):
+        yield
+
+
+@flow(name="dmsae-distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, Any]:
     """Run every stage of the plan in order; returns {"keys": {stage label: key}, "computed": [labels
     this run computed, as opposed to found in the store]}."""
@@ -93,21 +146,11 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, Any
     created = previous.created if previous is not None else ""
     # recorded before anything runs, so `dmsae gc` keeps what a running pipeline is about to use
     store.write_run(run_record(cfg, p, "running", parent, created))
-    stage_task = run_stage.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
-    keys: dict[str, str] = {}
-    computed: list[str] = []
-    for node in p.nodes:
-        state = stage_task.with_options(task_run_name=node.label)(
-            str(store.root), node, cfg.device, show_progress, return_state=True
-        )
-        if state.is_failed():
-            store.write_run(run_record(cfg, p, "failed", parent, created))
-            user_error = state.name == INVALID_INPUT or isinstance(state.result(raise_on_failure=False), UserError)
-            name = INVALID_INPUT if user_error else "Failed"
-            return Failed(name=name, message=state.message or f"{node.label} failed")  # type: ignore[return-value]
-        keys[node.label] = node.key
-        if state.name != "Cached":
-            computed.append(node.label)
+    computed, failure = execute(p.nodes, cfg, store, show_progress)
+    if failure is not None:
+        store.write_run(run_record(cfg, p, "failed", parent, created))
+        return failure  # type: ignore[return-value]
+    keys = {node.label: node.key for node in p.nodes}
     store.write_run(run_record(cfg, p, "complete", parent, created))
     summary = write_report(cfg, store, p, Path(cfg.report_dir) / cfg.name)
     create_markdown_artifact(markdown=summary.read_text(), key="dmsae-summary", description=f"dmsae run {cfg.name}")

@@ -1,0 +1,73 @@
+"""Where a flow's stage tasks run: one after the other in this process (`runner: local`), or in parallel
+on Dask workers through prefect-dask (`runner: dask`): a LocalCluster sized by `dask.workers`, or an
+existing scheduler at `dask.address`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dmsae.config import DaskConfig
+from dmsae.errors import UserError
+
+CONNECT_TIMEOUT_S = 5
+
+
+def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
+    """The Prefect task runner for `runner`. Local: one stage at a time (each already uses every core), in
+    plan order. Dask: one stage per worker at a time; a GPU run gives each worker one GPU resource, and a
+    stage that needs the device asks for it (`stage_resources`)."""
+    if runner == "local":
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if dask.address:
+        return DaskTaskRunner(address=dask.address)
+    kwargs: dict[str, Any] = {"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
+                              "dashboard_address": None}
+    if device.startswith("cuda"):
+        kwargs["resources"] = {"GPU": 1}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def stage_resources(device: str) -> dict[str, int]:
+    """Dask worker resources a stage asks for: one GPU when the run is on one, nothing on the CPU."""
+    return {"GPU": 1} if device.startswith("cuda") else {}
+
+
+def check_dask_address(address: str) -> None:
+    """An unreachable scheduler is refused before anything is written."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"dask.address={address}: no Dask scheduler answers there ({type(e).__name__}); start one "
+                        "(dask scheduler) or drop the address for a local cluster") from None
+
+
+@contextlib.contextmanager
+def shared_prefect_api() -> Iterator[None]:
+    """Dask worker processes must report to the same Prefect API as the flow. With no PREFECT_API_URL set,
+    each would start its own temporary server; so start one here, before the cluster, and point this
+    process and every worker (through the environment they inherit) at it."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
