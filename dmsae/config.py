@@ -18,6 +18,8 @@ from dmsae.errors import UserError
 EMBEDDED = "embedded"
 MAX_SEED = 2**63 - 1  # seeds feed torch.Generator.manual_seed and numpy's default_rng: non-negative, 64-bit
 MAX_CYCLES = 100  # the paper runs 8; a plan of thousands would only exhaust memory and patience
+MAX_THREADS = 1024  # torch takes a C int; no machine dmsae runs on has more cores
+MAX_CHUNK_ROWS = 1 << 20  # a chunk is read and written whole: 1M rows of d=2304 floats is already 9 GB
 LR_WARN = 0.05  # SAEs train at 1e-4..1e-2 with Adam; far above that the weights diverge to NaN
 
 
@@ -47,7 +49,8 @@ class DataConfig(Strict):
 
 class HarvestConfig(Strict):
     layer: int = Field(15, ge=0)
-    chunk_rows: int = Field(4096, gt=0, description="rows per Zarr chunk; reads and writes are chunk-aligned")
+    chunk_rows: int = Field(4096, gt=0, le=MAX_CHUNK_ROWS,
+                            description="rows per Zarr chunk; reads and writes are chunk-aligned")
     outlier_factor: float | None = Field(
         10.0, gt=1, description="exclude massive-activation tokens whose norm exceeds this many times the median "
         "norm (like BOS: not stored, not spliced); null keeps them")
@@ -170,8 +173,9 @@ class EvaluationConfig(Strict):
 class DaskConfig(Strict):
     """Where `runner: dask` runs the stages: a LocalCluster of `workers` processes, or the scheduler at
     `address`. Each worker runs one stage at a time on `threads` torch threads."""
-    workers: int = Field(2, gt=0, description="worker processes of the local Dask cluster")
-    threads: int = Field(1, gt=0, description="torch threads per worker (one stage at a time per worker)")
+    workers: int = Field(2, gt=0, le=MAX_THREADS, description="worker processes of the local Dask cluster")
+    threads: int = Field(1, gt=0, le=MAX_THREADS, description="torch threads per worker (one stage at a time per "
+                         "worker)")
     address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://HOST:8786; the store must "
                                 "be on a path every worker shares")
 
@@ -193,7 +197,7 @@ class Config(Strict):
     store: str = "artifacts"
     report_dir: str = Field("reports", description="where `dmsae report` and each run write <report_dir>/<name>/")
     device: str = "cpu"
-    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="torch CPU threads; default: all cores")
     cycles: int = Field(3, gt=0, le=MAX_CYCLES, description="distillation cycles (the paper runs 8: cycles 0..7)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure (never a user error)")
     retry_delay_seconds: float = Field(10.0, ge=0)

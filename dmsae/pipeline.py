@@ -218,12 +218,13 @@ def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
 class ModelHeader:
     num_layers: int | None
     max_positions: int | None
+    hidden_size: int | None = None
 
 
 def _header_from_config(data: dict[str, Any]) -> ModelHeader:
     text = data.get("text_config", data)
-    n, ctx = text.get("num_hidden_layers"), text.get("max_position_embeddings")
-    return ModelHeader(int(n) if n is not None else None, int(ctx) if ctx is not None else None)
+    n, ctx, d = text.get("num_hidden_layers"), text.get("max_position_embeddings"), text.get("hidden_size")
+    return ModelHeader(*(int(v) if v is not None else None for v in (n, ctx, d)))
 
 
 def model_header(kind: str, location: str) -> ModelHeader:
@@ -238,9 +239,10 @@ def model_header(kind: str, location: str) -> ModelHeader:
         try:
             fields = GGUFReader(location).fields
             arch = fields["general.architecture"].contents()
-            ctx = fields.get(f"{arch}.context_length")
+            ctx, d = fields.get(f"{arch}.context_length"), fields.get(f"{arch}.embedding_length")
             return ModelHeader(int(fields[f"{arch}.block_count"].contents()),
-                               int(ctx.contents()) if ctx is not None else None)
+                               int(ctx.contents()) if ctx is not None else None,
+                               int(d.contents()) if d is not None else None)
         except (KeyError, ValueError, OSError):
             raise UserError(f"model.path: {location} has no readable GGUF header; point it at a real .gguf") from None
     try:
@@ -251,6 +253,19 @@ def model_header(kind: str, location: str) -> ModelHeader:
         raise UserError(f"model.path: {location!r} is not a local model and its config could not be fetched from the "
                         f"Hugging Face hub ({type(e).__name__}); check the id and the network, or give a local "
                         "folder or .gguf") from None
+
+
+def check_sae_memory(cfg: Config, d: int) -> None:
+    """An SAE too big for this machine's memory is refused before the harvest, not after it. Training holds
+    the encoder and decoder (width x d each), their gradients and Adam's two moments: 8 float32 copies."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for key, width in (("sae.width", cfg.sae.width), ("reuse.width", cfg.reuse.width or cfg.sae.width)):
+        need = 8 * 4 * width * d
+        if need > total:
+            raise UserError(f"{key}={width}: training an SAE of that width on d={d} needs about {need / 2**30:.0f} GiB "
+                            f"of memory, more than this machine's {total / 2**30:.0f} GiB; lower {key}")
 
 
 def check_corpus(kind: str, location: str, cfg: Config) -> None:
@@ -302,6 +317,8 @@ def preflight(cfg: Config, p: Plan, store: Store) -> None:
     if header.max_positions is not None and cfg.data.context > header.max_positions:
         raise UserError(f"data.context={cfg.data.context} is longer than the model's context of "
                         f"{header.max_positions} positions; lower data.context")
+    if header.hidden_size is not None and cfg.device == "cpu":
+        check_sae_memory(cfg, header.hidden_size)
     corpus = p.find("tokens")
     if not store.has("tokens", corpus.key):
         check_corpus(corpus.params["kind"], corpus.args["location"], cfg)

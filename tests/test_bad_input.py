@@ -116,6 +116,8 @@ CASES: dict[str, Case] = {
                                                   "train.batch_size (100000000) exceeds data.train_tokens"),
     "learning rate of 1e9": Case(run_args("train.lr=1e9"), "train.lr: Input should be less than or equal to 1"),
     "infinite float": Case(run_args("sae.aux_alpha=1e400"), "sae.aux_alpha: Input should be a finite number"),
+    "threads past a C int": Case(run_args("threads=2147483648"), "threads: Input should be less than or equal to 1024"),
+    "SAE wider than memory": Case(run_args("sae.width=1000000000000"), "sae.width=1000000000000: training an SAE"),
     "negative seed": Case(run_args("seed=-1"), "seed: Input should be greater than or equal to 0"),
     "negative split seed": Case(run_args("data.split_seed=-1"), "data.split_seed: Input should be greater"),
     "negative consistency seed": Case(run_args("reuse.consistency_seeds=[0, -3]"), "seeds must be between 0"),
