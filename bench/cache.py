@@ -22,8 +22,8 @@ CACHED_TARGET_S = 30.0
 
 def quickstart_done(store_root: Path) -> tuple[int, int]:
     from dmsae.config import load_config
-    from dmsae.pipeline import plan
     from dmsae.store import Store
+    from flows.pipeline import plan
 
     cfg = load_config(CONFIG, [f"store={store_root}"])
     store = Store(store_root)

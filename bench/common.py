@@ -83,7 +83,7 @@ class Context:
 
 def lm_autocast(device: str) -> str | None:
     """The autocast the pipeline plans for the bench's float32 LM on this device."""
-    from dmsae.pipeline import lm_autocast as planned
+    from flows.pipeline import lm_autocast as planned
 
     return planned(device, "float32")
 
@@ -204,9 +204,9 @@ def bench_config(**overrides: Any) -> Any:
 def materialize_inputs(stages: tuple[str, ...] = ("model", "tokens")) -> dict[str, Any]:
     """Run the quickstart's model and tokens stages (and, when asked, harvest) into the bench store,
     the way the pipeline does; cached after the first run (the GGUF conversion takes about 25 s)."""
-    from dmsae.pipeline import materialize, plan
     from dmsae.runtime import Runtime
     from dmsae.store import Store
+    from flows.pipeline import materialize, plan
 
     cfg = bench_config()
     p = plan(cfg)

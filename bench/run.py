@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench import attribution, cache, harvest, memory, train
+from bench import attribution, cache, harvest, memory, parallel, train
 from bench.common import (
     MODES,
     REPO,
@@ -43,9 +43,13 @@ BENCHES: dict[str, tuple[str, Callable[[Context], list[Row]]]] = {
     "attribution": ("3. Attribution: batches of 8 windows of 128 tokens, layer 15", attribution.run),
     "cache": ("4. Cache: the quickstart, fully cached, and a tau branch", cache.run),
     "memory": ("5. Memory: peak RSS at N and 4N tokens, each in a fresh process", memory.run),
+    "parallel": ("6. Parallel stages on Dask: the reuse-and-evaluate phase, and a 3-point tau sweep", parallel.run),
 }
 
 EXPLAIN = {
+    "parallel": "The real CLI in subprocesses on copies of the quickstart store holding only its cycles "
+                "(model to the last selection), so each side computes the same reuse, random-core, baseline and "
+                "evaluate stages. Walls include the Prefect server's and the Dask cluster's start.",
     "harvest": "Tokens/s over the same windows, all three timed in interleaved passes (median over passes). "
                "The stage is `stages.harvest.run` as the pipeline calls it (Zarr writes, outlier filter, "
                "resumable state after every batch), with the model already loaded; the bare forward runs "

@@ -28,9 +28,9 @@ from safetensors.torch import load_file
 from dmsae.config import Config, load_config
 from dmsae.errors import UserError
 from dmsae.l0match import matched_deltas
-from dmsae.pipeline import Plan, plan
-from dmsae.report import _md_table, core_overlap, results_table
 from dmsae.store import Store
+from flows.pipeline import Plan, plan
+from flows.report import _md_table, core_overlap, results_table
 from stages import train as train_stage
 
 EXIT_USER_ERROR = 2

@@ -1,6 +1,6 @@
 """Prefect wiring of the distillation plan: one task run per stage, Cached when its artifact exists.
 
-The flow only wires: the stage maths live in `stages/`, keys and execution in `dmsae.pipeline`.
+The flow only wires: the stage maths live in `stages/`, keys and execution in `flows.pipeline`.
 A user mistake (bad path, too few tokens, ...) ends the task in a Failed state carrying the
 one-line message, without a traceback and without retries.
 """
@@ -26,10 +26,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmsae.config import Config
 from dmsae.errors import UserError
-from dmsae.pipeline import Node, materialize, plan, preflight, run_record
-from dmsae.report import results_table, write_report
 from dmsae.runtime import Runtime
 from dmsae.store import Store
+from flows.pipeline import Node, materialize, plan, preflight, run_record
+from flows.report import results_table, write_report
 
 PROGRESS_EVERY_S = 2.0
 INVALID_INPUT = "InvalidInput"  # state name of a run stopped by a user mistake

@@ -19,8 +19,8 @@ CONNECT_TIMEOUT_S = 5
 
 def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
     """The Prefect task runner for `runner`. Local: one stage at a time (each already uses every core), in
-    plan order. Dask: one stage per worker at a time; a GPU run gives each worker one GPU resource, and a
-    stage that needs the device asks for it (`stage_resources`)."""
+    plan order. Dask: one stage per worker at a time; every stage of a GPU run asks for one `GPU` resource
+    (`stage_resources`), so no two stages share a GPU."""
     if runner == "local":
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
@@ -30,7 +30,9 @@ def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
     kwargs: dict[str, Any] = {"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
                               "dashboard_address": None}
     if device.startswith("cuda"):
-        kwargs["resources"] = {"GPU": 1}
+        # every stage runs on the one device the config names: one worker holding it; a cluster with one
+        # worker per GPU (each with GPU=1, e.g. dask-cuda's) is reached with dask.address instead
+        kwargs.update(n_workers=1, resources={"GPU": 1})
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 

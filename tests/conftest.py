@@ -144,7 +144,7 @@ def make_config(tiny_model_dir: Path, corpus_path: Path) -> Callable[..., object
 @dataclass
 class PipelineRun:
     cfg: object  # dmsae.config.Config
-    plan: object  # dmsae.pipeline.Plan
+    plan: object  # flows.pipeline.Plan
     store: object  # dmsae.store.Store
     computed: dict[str, bool]
 
@@ -167,9 +167,9 @@ class PipelineRun:
 
 def run_pipeline(cfg) -> PipelineRun:
     """Run every node of the plan without Prefect, in dependency order."""
-    from dmsae.pipeline import materialize, plan
     from dmsae.runtime import Runtime
     from dmsae.store import Store
+    from flows.pipeline import materialize, plan
 
     p = plan(cfg)
     store = Store(cfg.store)
@@ -181,7 +181,7 @@ def run_pipeline(cfg) -> PipelineRun:
 
 @pytest.fixture(scope="session")
 def pipeline_run(make_config, tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
-    """The tiny config run once through dmsae.pipeline (no Prefect), shared by several test files."""
+    """The tiny config run once through flows.pipeline (no Prefect), shared by several test files."""
     cfg = make_config(tmp_path_factory.mktemp("store-a"))
     return run_pipeline(cfg)
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from dmsae.config import load_config
-from dmsae.pipeline import plan
 from dmsae.store import Store
+from flows.pipeline import plan
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from dmsae.cli import main
+from flows.cli import main
 
 
 @dataclass
@@ -179,16 +179,24 @@ def test_there_are_at_least_15_cases():
     assert len(CASES) >= 15
 
 
-def test_pointless_values_warn_in_one_line_each(make_config, tmp_path):
+def test_pointless_values_warn_in_one_line_each_through_the_cli(make_config, tmp_path, capsys):
     from dmsae.config import config_warnings
 
     assert config_warnings(make_config(tmp_path)) == []  # the tiny test config is small but not pointless
-    notes = config_warnings(make_config(tmp_path, "data.train_tokens=64", "train.batch_size=64",
-                                        "data.attribution_tokens=1", "data.eval_tokens=1"))
-    assert len(notes) == 3
-    assert notes[0].startswith("data.train_tokens=64 gives about 1 training steps")
-    assert notes[1].startswith("data.attribution_tokens=1 is less than one window")
-    assert notes[2].startswith("data.eval_tokens=1 is less than one window")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(make_config(tmp_path / "store", f"report_dir={tmp_path / 'r'}")
+                                     .model_dump(mode="json")))
+    assert main(["check", str(config), "--set", "data.train_tokens=64", "--set", "train.batch_size=64",
+                 "--set", "data.attribution_tokens=1", "--set", "data.eval_tokens=1", "--set", "train.lr=0.5",
+                 "--set", "selection.max_core=null"]) == 0  # legal: it would run, so it is not refused
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert all(ln.startswith("dmsae: warning: ") for ln in notes) and len(notes) == 5, notes
+    assert "data.train_tokens=64 gives about 1 training steps" in notes[0]
+    assert "train.lr=0.5 is far above" in notes[1]
+    assert "selection.max_core=null" in notes[2]
+    assert "data.attribution_tokens=1 is less than one window" in notes[3]
+    assert "data.eval_tokens=1 is less than one window" in notes[4]
+    assert not (tmp_path / "store").exists()
 
 
 def test_run_record_of_a_failed_run_says_failed(pipeline_run, make_config, tmp_path, capfd):

@@ -6,7 +6,7 @@ import shutil
 
 import yaml
 
-from dmsae.cli import main
+from flows.cli import main
 
 
 def write_config(cfg, path):

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from dmsae.cli import main
 from dmsae.config import Config
+from flows.cli import main
 
 WRONG_TYPES = ["abc", "[1, 2]", "{a: 1}", "null", "true", "''", "-", "1e400", ".nan", "-.inf"]
 SPECIAL_STRINGS = ["''", "a/b", "..", ".", "-x", " ", "a b", "x" * 101, "/proc/nope", "/dev/null", "/etc/hostname",

@@ -48,7 +48,7 @@ def test_cap_bounds_the_core_and_says_what_it_cost(pipeline_run, gated_runs):
 
 
 def test_fraction_cap_resolves_against_k(make_config, tmp_path):
-    from dmsae.pipeline import plan
+    from flows.pipeline import plan
 
     cfg = make_config(tmp_path, "selection.max_core=0.5", "sae.k=6")
     assert plan(cfg).find("select", 0).params["max_core"] == 3

@@ -1,4 +1,4 @@
-"""Two distillation cycles through dmsae.pipeline (no Prefect) on the tiny model: the cycle transfer,
+"""Two distillation cycles through flows.pipeline (no Prefect) on the tiny model: the cycle transfer,
 lineage, document-disjoint token splits, harvested activations, and determinism across store roots."""
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_services_server_and_worker(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"server", "worker"}
+    assert set(services) == {"server", "worker", "dask-scheduler", "dask-worker"}
     server, worker = services["server"], services["worker"]
     assert shlex.split(server["command"])[:3] == ["prefect", "server", "start"]
     assert "--host 0.0.0.0" in server["command"]  # reachable from the worker container
@@ -70,6 +70,18 @@ def test_named_volumes_for_the_database_and_the_store(compose: dict[str, Any]) -
     assert [args for word, args in _dockerfile() if word == "VOLUME"] == [f"{workdir}/artifacts"]
 
 
+def test_dask_workers_share_the_store_at_the_flow_s_path_and_report_to_the_server(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    scheduler, worker = services["dask-scheduler"], services["dask-worker"]
+    assert scheduler["entrypoint"] == ["dask"] and scheduler["command"][0] == "scheduler"
+    port = scheduler["command"][scheduler["command"].index("--port") + 1]
+    assert worker["command"][:2] == ["worker", f"tcp://dask-scheduler:{port}"]
+    assert worker["deploy"]["replicas"] == 2
+    assert _mounts(worker)["/app/artifacts"] == _mounts(services["worker"])["/app/artifacts"] == "store"
+    assert worker["environment"]["PREFECT_API_URL"] == services["worker"]["environment"]["PREFECT_API_URL"]
+    assert worker["image"] == services["worker"]["image"]  # the same code and packages as the flow
+
+
 def test_prefect_image_matches_the_pinned_prefect_and_python() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     python = [args for word, args in _dockerfile() if word == "FROM"][0].split(":")[1].split("-")[0]
@@ -77,8 +89,8 @@ def test_prefect_image_matches_the_pinned_prefect_and_python() -> None:
 
 
 def test_worker_command_parses_with_the_real_cli(compose: dict[str, Any]) -> None:
-    from dmsae.cli import build_parser, cmd_serve
     from dmsae.config import load_config
+    from flows.cli import build_parser, cmd_serve
     from flows.serve import check_cron
 
     worker = compose["services"]["worker"]

@@ -1,4 +1,4 @@
-"""SAELens export (dmsae.export, `dmsae export`): the JumpReLU formula of SAELens, written out here, on
+"""SAELens export (flows.export, `dmsae export`): the JumpReLU formula of SAELens, written out here, on
 RAW layer-L residuals reproduces dmsae's own encoding of the scaled residuals, and decoding agrees."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def raw_residuals(reuse_run) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(reuse_run, tmp_path_factory):
-    from dmsae.export import export_saelens
+    from flows.export import export_saelens
 
     out = tmp_path_factory.mktemp("saelens") / "sae"
     art = reuse_run.load(LABEL)
@@ -126,7 +126,7 @@ def test_export_without_folding_the_scale_would_not_match(reuse_run, raw_residua
 
 
 def test_cli_export_default_sae(reuse_config_yaml, reuse_run, tmp_path):
-    from dmsae.cli import main
+    from flows.cli import main
 
     out = tmp_path / "default"
     assert main(["export", str(reuse_config_yaml), "--out", str(out)]) == 0
@@ -138,7 +138,7 @@ def test_cli_export_default_sae(reuse_config_yaml, reuse_run, tmp_path):
 
 
 def test_cli_export_a_chosen_sae(reuse_config_yaml, reuse_run, tmp_path, raw_residuals):
-    from dmsae.cli import main
+    from flows.cli import main
 
     out = tmp_path / "chosen"
     assert main(["export", str(reuse_config_yaml), "--sae", LABEL, "--out", str(out)]) == 0
@@ -150,7 +150,7 @@ def test_cli_export_a_chosen_sae(reuse_config_yaml, reuse_run, tmp_path, raw_res
 
 
 def test_cli_export_unknown_sae_is_a_user_error(reuse_config_yaml, tmp_path, capsys):
-    from dmsae.cli import main
+    from flows.cli import main
 
     out = tmp_path / "none"
     assert main(["export", str(reuse_config_yaml), "--sae", "nonexistent", "--out", str(out)]) == 2

@@ -15,7 +15,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from dmsae.cli import main
+from flows.cli import main
 from flows.distill import distill
 
 ALL_LABELS = ["model", "tokens", "harvest", "train[0]", "attribute[0]", "select[0]",
@@ -60,7 +60,7 @@ def flow_runs(make_config, tmp_path_factory):
 
 
 def plan_keys(cfg) -> dict[str, str]:
-    from dmsae.pipeline import plan
+    from flows.pipeline import plan
 
     return {n.label: n.key for n in plan(cfg).nodes}
 

@@ -17,11 +17,11 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from dmsae import pipeline
-from dmsae.cli import main
-from dmsae.pipeline import plan, run_record
 from dmsae.store import Store
+from flows import pipeline
+from flows.cli import main
 from flows.distill import INVALID_INPUT, distill
+from flows.pipeline import plan, run_record
 
 ALL_LABELS = ["model", "tokens", "harvest", "train[0]", "attribute[0]", "select[0]",
               "train[1]", "attribute[1]", "select[1]"]
@@ -133,7 +133,7 @@ def test_two_runs_at_once_compute_each_stage_once(make_config, pipeline_run, tmp
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
     harvest = plan(cfg).find("harvest")
     with Store(cfg.store).lock("harvest", harvest.key):
-        procs = [subprocess.Popen([sys.executable, "-m", "dmsae.cli", "run", str(config), "--no-progress"],
+        procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True) for _ in range(2)]
         readers = [OutputReader(p) for p in procs]

@@ -1,4 +1,4 @@
-"""The report (dmsae.report, `dmsae report`) on the tiny run with reuse arms: files, valid PNGs, the
+"""The report (flows.report, `dmsae report`) on the tiny run with reuse arms: files, valid PNGs, the
 metrics table, and the consistency measures checked against hand computations."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def report_dir(reuse_run, tmp_path_factory):
-    from dmsae.report import write_report
+    from flows.report import write_report
 
     out = tmp_path_factory.mktemp("report")
     summary = write_report(reuse_run.cfg, reuse_run.store, reuse_run.plan, out)
@@ -99,7 +99,7 @@ def brute_force_mean_best_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_mean_best_cosine():
-    from dmsae.report import mean_best_cosine
+    from flows.report import mean_best_cosine
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(40, 12)), rng.normal(size=(25, 12)) * rng.uniform(0.1, 5, size=(25, 1))
@@ -115,7 +115,7 @@ def test_mean_best_cosine():
 
 
 def test_seed_consistency_matches_brute_force_on_the_reuse_saes(reuse_run):
-    from dmsae.report import seed_consistency
+    from flows.report import seed_consistency
 
     df = seed_consistency(reuse_run.store, reuse_run.plan, reuse_run.cfg)
     assert sorted(df.arm) == ["distilled", "none", "random"]
@@ -130,7 +130,7 @@ def test_seed_consistency_matches_brute_force_on_the_reuse_saes(reuse_run):
 
 
 def test_core_overlap_matches_lineage_of_the_select_artifacts(reuse_run):
-    from dmsae.report import core_overlap
+    from flows.report import core_overlap
 
     ids = []
     for cycle in (0, 1):
@@ -147,7 +147,7 @@ def test_core_overlap_matches_lineage_of_the_select_artifacts(reuse_run):
 
 
 def test_cli_report_writes_the_report(reuse_config_yaml, tmp_path, capsys):
-    from dmsae.cli import main
+    from flows.cli import main
 
     out = tmp_path / "cli-report"
     assert main(["report", str(reuse_config_yaml), "--out", str(out)]) == 0
@@ -161,7 +161,7 @@ def test_cli_report_writes_the_report(reuse_config_yaml, tmp_path, capsys):
 def test_cli_report_on_an_empty_store_is_a_user_error(reuse_run, tmp_path, capsys):
     import yaml
 
-    from dmsae.cli import main
+    from flows.cli import main
 
     cfg = reuse_run.cfg.model_dump(mode="json")
     cfg["store"] = str(tmp_path / "empty-store")
@@ -176,9 +176,9 @@ def test_core_overlap_on_hand_made_cores(tmp_path):
     to coincide, Jaccard 1, which would not tell Jaccard from other overlap measures)."""
     from safetensors.torch import save_file
 
-    from dmsae.pipeline import Node, Plan
-    from dmsae.report import core_overlap
     from dmsae.store import Store
+    from flows.pipeline import Node, Plan
+    from flows.report import core_overlap
 
     cores = [[(0, 1), (0, 2), (0, 3)], [(0, 2), (1, 9), (0, 1), (1, 5)], [(1, 5)]]
     store = Store(tmp_path / "store")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmsae.pipeline import plan
 from dmsae.store import Store
+from flows.pipeline import plan
 
 KILLS = [  # (crash point or "poll", what the next run must say it resumed)
     ("harvest:batch:3", "resuming harvest at batch 3"),
@@ -39,7 +39,7 @@ def start_run(config: Path, prefect_home: Path, kill_at: str | None) -> subproce
     if kill_at is not None and kill_at != "poll":
         env["DMSAE_KILL_AT"] = kill_at
     # a session of its own: a kill takes the CLI and its ephemeral Prefect server together
-    return subprocess.Popen([sys.executable, "-m", "dmsae.cli", "run", str(config), "--no-progress"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

@@ -50,7 +50,7 @@ def test_arms_share_seed_training_settings_and_sae_settings(reuse_run, k, seed):
     assert {p.pop("arm") for p in params.values()} == set(ARMS)
     assert params["distilled"] == params["random"]
     # the no-core arm's key leaves out the fields that only concern a core; the rest is the same
-    from dmsae.pipeline import CORE_ONLY_SAE_FIELDS
+    from flows.pipeline import CORE_ONLY_SAE_FIELDS
 
     assert {**params["none"], "sae": None} == {**params["random"], "sae": None}
     assert params["none"]["sae"] == {k_: v for k_, v in params["random"]["sae"].items()
@@ -222,7 +222,7 @@ def test_random_core_indices_are_uniform():
 
 
 def reuse_keys(make_config, store, *overrides: str) -> dict[str, str]:
-    from dmsae.pipeline import plan
+    from flows.pipeline import plan
 
     p = plan(make_config(store, "reuse.k=[4, 8]", "reuse.consistency_seeds=[0, 1]", *overrides))
     return {n.label: n.key for n in p.nodes if n.stage in ("reuse", "random_core", "baseline", "evaluate")}

@@ -167,7 +167,7 @@ class CliRuns:
 @pytest.fixture(scope="module")
 def cli_runs(server: Server, make_config: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> CliRuns:
     """`dmsae run` twice on the same config, in subprocesses pointed at the server."""
-    from dmsae.pipeline import plan
+    from flows.pipeline import plan
 
     root = tmp_path_factory.mktemp("server-run")
     cfg = make_config(root / "store", *SERVER_OVERRIDES, f"report_dir={root / 'reports'}")
@@ -177,7 +177,7 @@ def cli_runs(server: Server, make_config: Callable[..., Any], tmp_path_factory: 
     outputs: list[str] = []
     for _ in range(2):
         before = flow_run_ids(server)
-        proc = subprocess.run([sys.executable, "-m", "dmsae.cli", "run", str(path), "--no-progress"],
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "--no-progress"],
                               env=server.env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         new = flow_run_ids(server) - before
@@ -240,7 +240,7 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dmsae.cli", "serve", str(cli_runs.config_path), "--cron", CRON,
+            [sys.executable, "-m", "flows.cli", "serve", str(cli_runs.config_path), "--cron", CRON,
              "--name", "tiny-nightly"],
             env=server.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_ctrl_c_as_in_a_terminal)
@@ -290,7 +290,7 @@ def _tiny_yaml(make_config: Callable[..., Any], tmp_path: Path) -> Path:
 def test_serve_without_a_server_is_a_user_error(make_config: Callable[..., Any], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The ephemeral API has no scheduler and dies with the process: serving on it would never run."""
-    from dmsae.cli import main
+    from flows.cli import main
 
     assert "PREFECT_API_URL" not in os.environ  # tests/conftest.py keeps this process on the ephemeral API
     assert main(["serve", str(_tiny_yaml(make_config, tmp_path))]) == 2
@@ -300,7 +300,7 @@ def test_serve_without_a_server_is_a_user_error(make_config: Callable[..., Any],
 
 def test_serve_rejects_a_bad_cron(make_config: Callable[..., Any], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from dmsae.cli import main
+    from flows.cli import main
 
     assert main(["serve", str(_tiny_yaml(make_config, tmp_path)), "--cron", "every night"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from dmsae.errors import IntegrityError, UserError
-from dmsae.pipeline import materialize, plan
 from dmsae.runtime import Runtime
 from dmsae.store import MANIFEST, Store, compute_key
+from flows.pipeline import materialize, plan
 
 BASE_PARAMS = {"cycle": 1, "seed": 0, "sae": {"width": 128, "k": 6, "fractions": [0.125, 0.25]}, "tau": 0.9}
 BASE_INPUTS = {"harvest": "a" * 20, "core": "b" * 20}

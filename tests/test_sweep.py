@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +17,10 @@ import psutil
 import pytest
 import yaml
 
-from dmsae.cli import main
-from dmsae.config import load_config
-from dmsae.pipeline import plan
+from dmsae.config import Config, load_config
 from dmsae.store import Store
+from flows.cli import main
+from flows.pipeline import plan
 
 GRID = ["--grid", "selection.tau=0.5,0.9", "--grid", "selection.max_core=2,4"]
 
@@ -110,7 +111,7 @@ def dask_workers(pid: int) -> list[psutil.Process]:
 def test_workers_killed_mid_training_are_survived_with_identical_bytes(swept, make_config, tmp_path):
     base = write_base(make_config, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dmsae.cli", "sweep", str(base), *GRID, "--name", "grid",
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", str(base), *GRID, "--name", "grid",
                              "--workers", "2", "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     killed = []
@@ -125,6 +126,7 @@ def test_workers_killed_mid_training_are_survived_with_identical_bytes(swept, ma
     out, _ = proc.communicate(timeout=900)
     assert killed, "the sweep finished before a training checkpoint appeared"
     assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"resuming train\[\d\] at step [1-9]", out), out[-3000:]  # from its checkpoint, not step 0
     got = artifact_bytes(tmp_path / "store")
     assert got == {k: swept["reference"][k] for k in got} and set(got) == set(artifact_bytes(swept["root"] / "store"))
     assert not any((tmp_path / "store" / ".partial").rglob("*.safetensors"))
@@ -144,3 +146,39 @@ def test_bad_sweep_input_is_one_line_exit_2_and_writes_nothing(argv, expect, mak
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "warning" not in ln]
     assert len(err) == 1 and expect in err[0], err
     assert not (tmp_path / "store").exists()
+
+
+def test_sweep_report_tables_match_the_store(swept, capsys):
+    import pandas as pd
+
+    store = Store(swept["root"] / "store")
+    out = swept["root"] / "sweep-report"
+    assert main(["report", "--sweep", "grid", "--store", str(store.root), "--out", str(out)]) == 0
+    assert (swept["root"] / "reports" / "grid" / "sweep.md").is_file()  # the sweep flow wrote one too
+    text = (out / "sweep.md").read_text()
+    assert "4 of 4 points complete" in text and (out / "sweep.png").stat().st_size > 10_000
+    points = pd.read_csv(out / "sweep_points.csv")
+    assert len(points) == 4
+    for _, row in points.iterrows():
+        cfg = Config.model_validate(store.read_run(row["run"]).config)
+        final = plan(cfg).last_core()
+        assert row["core_size"] == store.manifest("select", final.key).metrics["core_size"]
+        assert row["core_size"] <= row["selection.max_core"] == cfg.selection.max_core
+    assert main(["report", "--sweep", "nope", "--store", str(store.root)]) == 2
+
+
+def test_prefect_records_concurrent_task_runs(swept):
+    """What the UI shows: the sweep's flow run with task runs whose running times overlap on the two workers."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["dmsae-sweep"])))
+        assert flow_runs
+        first = min(flow_runs, key=lambda r: r.start_time)  # the fixture's sweep, on Dask
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])))
+    spans = sorted((t.start_time, t.end_time, t.name) for t in tasks if t.start_time and t.end_time
+                   and t.state and t.state.name == "Completed")
+    assert len(spans) >= 10
+    overlapping = [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
+    assert overlapping, "no two stages of the sweep ran at the same time"

@@ -20,8 +20,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from dmsae.config import Config  # noqa: E402
 from dmsae.l0match import matched_deltas  # noqa: E402
-from dmsae.pipeline import Node, Plan  # noqa: E402
 from dmsae.store import Store  # noqa: E402
+from flows.pipeline import Node, Plan  # noqa: E402
 from stages import select as select_stage  # noqa: E402
 from stages import train as train_stage  # noqa: E402
 

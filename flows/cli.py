@@ -15,8 +15,8 @@ from pathlib import Path
 
 from dmsae.config import Config, apply_overrides, config_warnings, load_config
 from dmsae.errors import UserError
-from dmsae.pipeline import Plan, plan, preflight, run_record
 from dmsae.store import RunRecord, Store, SweepRecord
+from flows.pipeline import Plan, plan, preflight, run_record
 
 EXIT_USER_ERROR = 2
 
@@ -355,8 +355,22 @@ def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dmsae.report import write_report
+    from flows.report import write_report
 
+    if args.sweep:
+        from flows.sweep import write_sweep_report
+
+        store = Store(args.store)
+        record = store.read_sweep(args.sweep)
+        runs = [store.read_run(pt["run"]) for pt in record.points if store.run_path(pt["run"]).is_file()]
+        if not runs:
+            raise UserError(f"sweep {args.sweep}: none of its points is recorded in {args.store}; run the sweep first")
+        out = Path(args.out) if args.out else Path(runs[0].config.get("report_dir", "reports")) / record.name
+        path = write_sweep_report(store, record, out)
+        print(f"sweep report written to {path}")
+        return 0
+    if args.config is None:
+        raise UserError("report: give a CONFIG (or a run name), or --sweep NAME")
     cfg, store, p = _load(args)
     missing = [n.label for n in p.nodes if not store.has(n.stage, n.key)]
     if len(missing) == len(p.nodes):
@@ -373,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dmsae.export import export_saelens
+    from flows.export import export_saelens
 
     cfg, store, p = _load(args)
     saes = [n for n in p.nodes if n.stage in ("train", "reuse")]
@@ -454,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--yes", action="store_true", help="really delete")
     gc.set_defaults(func=cmd_gc)
     report = sub.add_parser("report", help="write the markdown summary, metrics table and plots of a finished run")
-    _config_args(report, required=True)
+    _config_args(report, required=False)
     report.add_argument("--out", help="output folder (default: <report_dir>/<name>)")
+    report.add_argument("--sweep", default=None, metavar="NAME",
+                        help="report a recorded sweep instead: tables and plots across its grid points")
     report.set_defaults(func=cmd_report)
     export = sub.add_parser("export", help="write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)")
     _config_args(export, required=True)
