@@ -25,8 +25,8 @@ TAUS = ("0.6", "0.7", "0.8")
 
 def cycles_cached(store_root: Path) -> tuple[int, int]:
     from dmsae.config import load_config
-    from dmsae.pipeline import plan
     from dmsae.store import Store
+    from flows.pipeline import plan
 
     store = Store(store_root)
     nodes = [n for n in plan(load_config(CONFIG, [f"store={store_root}"])).nodes if n.stage in CYCLE_STAGES]
