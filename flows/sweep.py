@@ -220,7 +220,8 @@ def plot_sweep(points: pd.DataFrame, arms: pd.DataFrame, jaccard: pd.DataFrame, 
     axes[1].set_xlabel("total L0 (eval tokens)")
     axes[1].set_ylabel("CE-loss score")
     axes[1].set_title("Reuse arms per point")
-    axes[1].legend(fontsize=6, ncol=2)
+    if axes[1].get_legend_handles_labels()[0]:  # a grid without reuse arms has nothing to plot here
+        axes[1].legend(fontsize=6, ncol=2)
     im = axes[2].imshow(jaccard.to_numpy(), vmin=0, vmax=1, cmap="viridis")
     labels = [short(n) for n in jaccard.index]
     axes[2].set_xticks(range(len(labels)), labels, rotation=60, fontsize=7, ha="right")

@@ -242,7 +242,7 @@ def test_transient_failure_is_retried(copied, monkeypatch):
 def test_user_error_is_not_retried(copied):
     cfg, _ = copied
     bad = cfg.model_copy(update={"retries": 2, "retry_delay_seconds": 0.0,
-                                 "data": cfg.data.model_copy(update={"train_tokens": 10_000_000})})
+                                 "data": cfg.data.model_copy(update={"train_tokens": 40_000})})  # past its ~7k tokens
     state = distill(bad.model_dump(mode="json"), show_progress=False, return_state=True)
     assert state.is_failed() and state.name == INVALID_INPUT
     assert "train" in state.message and "tokens" in state.message
