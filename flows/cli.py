@@ -72,6 +72,10 @@ def _checked(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
     store = Store(cfg.store)
     p = plan(cfg)
     preflight(cfg, p, store)
+    if cfg.runner == "dask" and cfg.dask.address:
+        from flows.runner import check_dask_address
+
+        check_dask_address(cfg.dask.address)
     return cfg, store, p
 
 
@@ -92,12 +96,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.ensure_writable()
     _quiet_prefect()
     from flows.distill import INVALID_INPUT, distill
-    from flows.runner import check_dask_address, shared_prefect_api, task_runner
+    from flows.runner import shared_prefect_api, task_runner
 
     start = time.perf_counter()
-    if cfg.runner == "dask":
-        if cfg.dask.address:
-            check_dask_address(cfg.dask.address)
+    if cfg.runner == "dask":  # the scheduler's address was checked with the rest, in _checked
         with shared_prefect_api():
             state = distill.with_options(task_runner=task_runner(cfg.runner, cfg.dask, cfg.device))(
                 cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)

@@ -129,6 +129,8 @@ CASES: dict[str, Case] = {
                                          "'nobody/no-such-model' is not a local model"),
     "dataset id the hub cannot give": Case(run_args("data.path=nobody/no-such-data"),
                                            "'nobody/no-such-data' is not a local corpus"),
+    "Dask scheduler that does not answer": Case(run_args("runner=dask", "dask.address=tcp://127.0.0.1:9"),
+                                                "no Dask scheduler answers there"),
     "export of an unknown SAE": Case(lambda c, w: ["export", str(c), "--sae", "train[9]"],
                                      "--sae train[9]: no such SAE"),
 }
