@@ -103,10 +103,9 @@ def execute(nodes: list[Node], cfg: Config, store: Store, show_progress: bool = 
             user_error = state.name == INVALID_INPUT or isinstance(state.result(raise_on_failure=False), UserError)
             failure = Failed(name=INVALID_INPUT if user_error else "Failed",
                              message=state.message or f"{node.label} failed")
-    if failure is None and len(computed) + sum(futures[(n.stage, n.key)].state.name == "Cached" for n in nodes) \
-            < len(nodes):
-        failure = Failed(name="Failed", message="a stage did not run: " + ", ".join(
-            n.label for n in nodes if not futures[(n.stage, n.key)].state.is_completed()))
+    incomplete = [n.label for n in nodes if not futures[(n.stage, n.key)].state.is_completed()]
+    if failure is None and incomplete:  # neither done nor failed: never ran (a crashed worker, say)
+        failure = Failed(name="Failed", message="a stage did not run: " + ", ".join(incomplete))
     return computed, failure
 
 
