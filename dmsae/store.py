@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -38,6 +38,7 @@ from dmsae import faults
 from dmsae.errors import IntegrityError, UserError
 
 MANIFEST = "manifest.json"
+RecordT = TypeVar("RecordT", bound=BaseModel)
 KEY_CHARS = 20
 FORMAT_FILE = "dmsae-store.json"
 STORE_FORMAT = 1  # bump when the layout or the manifest schema changes incompatibly
@@ -349,63 +350,60 @@ class Store:
         return self.runs_dir() / f"{name}.json"
 
     def write_run(self, record: RunRecord) -> Path:
-        self.runs_dir().mkdir(parents=True, exist_ok=True)
-        path = self.run_path(record.name)
-        tmp = path.with_suffix(f".json.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(record.model_dump_json(indent=2))
-        os.replace(tmp, path)
-        return path
+        return _write_record(self.run_path(record.name), record)
 
     def read_run(self, name: str) -> RunRecord:
         path = self.run_path(name)
         if not path.is_file():
             known = ", ".join(r.name for r in self.read_runs()) or "none"
             raise UserError(f"no run named {name!r} in the store {self.root} (recorded runs: {known})")
-        try:
-            return RunRecord.model_validate_json(path.read_text())
-        except ValueError:
-            raise UserError(f"run record {path} is unreadable; delete it or rerun that config") from None
+        return _read_record(path, RunRecord, "run", "delete it or rerun that config")
+
+    def read_runs(self) -> list[RunRecord]:
+        return _read_records(self.runs_dir(), RunRecord, "run")
 
     # -- sweeps -------------------------------------------------------------------------------
     def sweep_path(self, name: str) -> Path:
         return self.root / SWEEPS / f"{name}.json"
 
     def write_sweep(self, record: SweepRecord) -> Path:
-        path = self.sweep_path(record.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".json.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(record.model_dump_json(indent=2))
-        os.replace(tmp, path)
-        return path
+        return _write_record(self.sweep_path(record.name), record)
 
     def read_sweep(self, name: str) -> SweepRecord:
         path = self.sweep_path(name)
         if not path.is_file():
             known = ", ".join(r.name for r in self.read_sweeps()) or "none"
             raise UserError(f"no sweep named {name!r} in the store {self.root} (recorded sweeps: {known})")
-        try:
-            return SweepRecord.model_validate_json(path.read_text())
-        except ValueError:
-            raise UserError(f"sweep record {path} is unreadable; delete it or rerun the sweep") from None
+        return _read_record(path, SweepRecord, "sweep", "delete it or rerun the sweep")
 
     def read_sweeps(self) -> list[SweepRecord]:
-        folder = self.root / SWEEPS
-        records = []
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                records.append(SweepRecord.model_validate_json(path.read_text()))
-            except ValueError:
-                warn(f"skipping unreadable sweep record {path}")
-        return records
+        return _read_records(self.root / SWEEPS, SweepRecord, "sweep")
 
-    def read_runs(self) -> list[RunRecord]:
-        records = []
-        for path in sorted(self.runs_dir().glob("*.json")) if self.runs_dir().is_dir() else []:
-            try:
-                records.append(RunRecord.model_validate_json(path.read_text()))
-            except ValueError:
-                warn(f"skipping unreadable run record {path}")
-        return records
+
+def _write_record(path: Path, record: BaseModel) -> Path:
+    """A run or sweep record, replaced whole (a reader never sees half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".json.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(record.model_dump_json(indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _read_record(path: Path, model: type[RecordT], kind: str, what_to_do: str) -> RecordT:
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValueError:
+        raise UserError(f"{kind} record {path} is unreadable; {what_to_do}") from None
+
+
+def _read_records(folder: Path, model: type[RecordT], kind: str) -> list[RecordT]:
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            records.append(model.model_validate_json(path.read_text()))
+        except ValueError:
+            warn(f"skipping unreadable {kind} record {path}")
+    return records
 
 
 class RunRecord(BaseModel):

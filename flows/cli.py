@@ -72,11 +72,16 @@ def _checked(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
     store = Store(cfg.store)
     p = plan(cfg)
     preflight(cfg, p, store)
+    _check_runner(cfg)
+    return cfg, store, p
+
+
+def _check_runner(cfg: Config) -> None:
+    """An existing Dask scheduler must answer before anything is written."""
     if cfg.runner == "dask" and cfg.dask.address:
         from flows.runner import check_dask_address
 
         check_dask_address(cfg.dask.address)
-    return cfg, store, p
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -249,11 +254,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"dmsae: warning: {note}", file=sys.stderr)
     _quiet_prefect()
-    from flows.runner import check_dask_address, shared_prefect_api, task_runner
+    from flows.runner import shared_prefect_api, task_runner
     from flows.sweep import sweep_flow
 
-    if base.runner == "dask" and base.dask.address:
-        check_dask_address(base.dask.address)
+    _check_runner(base)
     store.ensure_writable()
     nodes = unique_nodes(plans)
     cached = sum(store.has(n.stage, n.key) for n in nodes)
