@@ -16,6 +16,9 @@ class Runtime:
     label: str = ""  # the plan node being computed, e.g. "train[1]"
     args: dict[str, Any] = field(default_factory=dict)  # stage-specific, e.g. source locations, batch sizes
     on_progress: Callable[[float, str], None] | None = None  # fraction done, short message
+    # set by a stage that picked up a killed computation's checkpoint (e.g. {"step": 16}): the manifest
+    # records it, so whoever reads an artifact can tell it was finished from a checkpoint
+    resumed: dict[str, int] = field(default_factory=dict)
 
     def report(self, fraction: float, message: str = "") -> None:
         if self.on_progress is not None:

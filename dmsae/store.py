@@ -107,6 +107,8 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(description="relative path -> sha256 of every file of the artifact")
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    resumed: dict[str, int] = Field(default_factory=dict,
+                                    description="where a killed computation was picked up, e.g. {'step': 16}")
     created: str = ""
 
 
@@ -331,6 +333,7 @@ class Store:
         inputs: dict[str, str],
         timings: dict[str, float] | None = None,
         metrics: dict[str, Any] | None = None,
+        resumed: dict[str, int] | None = None,
     ) -> Manifest:
         files = {
             str(p.relative_to(tmp)): sha256_file(p)
@@ -339,7 +342,7 @@ class Store:
         }
         manifest = Manifest(
             key=key, stage=stage, version=version, params=params, inputs=inputs, files=files,
-            timings=timings or {}, metrics=metrics or {},
+            timings=timings or {}, metrics=metrics or {}, resumed=resumed or {},
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))

@@ -206,7 +206,8 @@ def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
                 metrics = STAGES[node.stage].run(tmp, node.params, inputs, stage_rt)
                 store.finalize(tmp, key=node.key, stage=node.stage, version=node.version, params=node.params,
                                inputs={k: n.key for k, n in node.inputs.items()},
-                               timings={"seconds": time.perf_counter() - start}, metrics=metrics)
+                               timings={"seconds": time.perf_counter() - start}, metrics=metrics,
+                               resumed=stage_rt.resumed)
         except UserError:  # bad input: rerunning the same way cannot help, so keep nothing of it
             store.clear_partial(node.stage, node.key)
             raise

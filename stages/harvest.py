@@ -85,6 +85,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         array = activations.open_array(work / activations.ARRAY, mode="r+")
         writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending)
         first_batch, sq_norm_sum, threshold = state["next_batch"], state["sq_norm_sum"], state["threshold"]
+        rt.resumed = {"batch": first_batch}
         print(f"dmsae: resuming {rt.label or 'harvest'} at batch {first_batch} (offset {writer.offset} rows)",
               file=sys.stderr, flush=True)
     batch = rt.args.get("batch_size", 32)

@@ -81,6 +81,7 @@ def train_sae(
     if ckpt is not None:
         first, curve = load_checkpoint(ckpt, sae, opt, batches)
         if first:
+            rt.resumed = {"step": first}
             print(f"dmsae: resuming {rt.label or 'training'} at step {first}/{n_steps}", file=sys.stderr, flush=True)
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
     for step in range(first, n_steps):

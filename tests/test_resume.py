@@ -96,6 +96,12 @@ def test_interrupted_stages_resumed_from_their_checkpoints(killed_and_resumed):
     for i, (kill_at, message) in enumerate(KILLS):
         if message is not None:
             assert message in killed_and_resumed["outputs"][i + 1], f"after the kill at {kill_at}"
+    # and their manifests say where they were picked up; a stage computed in one go records nothing
+    store, nodes = Store(killed_and_resumed["store"]), {n.label: n for n in plan(killed_and_resumed["cfg"]).nodes}
+    resumed = {label: store.load(n.stage, n.key).manifest.resumed for label, n in nodes.items()}
+    assert resumed["harvest"] == {"batch": 3} and resumed["train[0]"] == {"step": 16}
+    assert resumed.pop("train[1]")["step"] > 0 and resumed.pop("harvest") and resumed.pop("train[0]")
+    assert resumed and all(r == {} for r in resumed.values())
 
 
 def test_no_completed_stage_was_redone(killed_and_resumed):

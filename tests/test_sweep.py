@@ -131,6 +131,10 @@ def test_workers_killed_mid_training_are_survived_with_identical_bytes(swept, ma
     got = artifact_bytes(tmp_path / "store")
     assert got == {k: swept["reference"][k] for k in got} and set(got) == set(artifact_bytes(swept["root"] / "store"))
     assert not any((tmp_path / "store" / ".partial").rglob("*.safetensors"))
+    # the retried training picked up the killed one's checkpoint rather than starting over
+    resumed = [m.resumed for m in (Store(tmp_path / "store").load("train", p.parent.name).manifest
+                                   for p in (tmp_path / "store" / "train").glob("*/manifest.json")) if m.resumed]
+    assert resumed and all(r["step"] > 0 for r in resumed), "no training resumed from its checkpoint"
 
 
 @pytest.mark.parametrize("argv, expect", [
