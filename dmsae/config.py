@@ -170,6 +170,32 @@ class EvaluationConfig(Strict):
     dense_threshold: float = Field(0.1, gt=0, le=1, description="firing frequency above which a latent is dense")
 
 
+class InterpretConfig(Strict):
+    """Feature-quality metrics for every SAE the report compares (absorption, sparse probing) and the data of
+    the latent cards; everything from local data (docs/design.md, "Interpretation")."""
+    enabled: bool = Field(True, description="compute absorption, sparse probing and latent cards in `dmsae run`")
+    absorption_words: int = Field(1000, ge=26, le=100_000,
+                                  description="single-token words drawn from the vocabulary for the first-letter "
+                                  "absorption task")
+    probe_examples: int = Field(150, ge=4, le=100_000,
+                                description="texts per class of each sparse-probing task (80% train, 20% test)")
+    probe_context: int = Field(64, ge=8, le=4096, description="tokens of each probing text (longer ones are cut)")
+    probe_data: str | None = Field(None, description="a JSONL file with `text` and `label` fields: your own probing "
+                                   "task, one-vs-rest per label, beside the embedded ones")
+    probe_k: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], min_length=1,
+                               description="latents per sparse probe")
+    cards_contexts: int = Field(10, ge=1, le=200, description="top-activating contexts per latent card")
+    cards_noncore: int = Field(16, ge=0, le=10_000, description="non-core latents sampled for cards beside the core")
+    batch_size: int = Field(16, gt=0, description="sequences per language-model batch of the interpret stages")
+
+    @field_validator("probe_k")
+    @classmethod
+    def _positive_sorted(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v) or v != sorted(set(v)):
+            raise ValueError(f"probe_k must be distinct positive integers in increasing order, not {v}")
+        return v
+
+
 class DaskConfig(Strict):
     """Where `runner: dask` runs the stages: a LocalCluster of `workers` processes, or the scheduler at
     `address`. Each worker runs one stage at a time on `threads` torch threads."""
@@ -214,6 +240,7 @@ class Config(Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     reuse: ReuseConfig = Field(default_factory=ReuseConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    interpret: InterpretConfig = Field(default_factory=InterpretConfig)
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dmsae.config import Config, apply_overrides, config_warnings, load_config
 from dmsae.errors import UserError
+from dmsae.runtime import Runtime
 from dmsae.store import RunRecord, Store, SweepRecord
 from flows.pipeline import Plan, plan, preflight, run_record
 
@@ -392,6 +393,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_latent_cards(cfg: Config, store: Store, p: Plan, out: Path, show_progress: bool) -> Path:
+    """Compute the cards' data if it is missing (the distillation must be finished) and write the site."""
+    from flows.pipeline import cards_node, materialize
+    from flows.report import render_cards
+
+    node = cards_node(cfg, p.nodes)
+    missing = [n.label for n in node.inputs.values() if not store.has(n.stage, n.key)]
+    if missing:
+        raise UserError(f"the latent cards need the finished distillation of run '{cfg.name}' ({missing[0]} is "
+                        f"missing); run it first: dmsae run CONFIG")
+    art, _ = materialize(store, node, Runtime(device=cfg.device, show_progress=show_progress))
+    return render_cards(cfg, node, art, out)
+
+
+def cmd_cards(args: argparse.Namespace) -> int:
+    cfg, store, p = _load(args)
+    _setup_torch(cfg)
+    out = Path(args.out) if args.out else Path(cfg.report_dir) / cfg.name / "latents"
+    index = write_latent_cards(cfg, store, p, out, show_progress=not args.no_progress)
+    print(f"latent cards written to {index} (open it in a browser)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from flows.export import export_saelens
 
@@ -479,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sweep", default=None, metavar="NAME",
                         help="report a recorded sweep instead: tables and plots across its grid points")
     report.set_defaults(func=cmd_report)
+    cards = sub.add_parser("cards", help="write the latent cards of a finished run: a static HTML site with one card "
+                           "per core latent and a sample of the others")
+    _config_args(cards, required=True)
+    cards.add_argument("--out", help="output folder (default: <report_dir>/<name>/latents)")
+    cards.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    cards.set_defaults(func=cmd_cards)
     export = sub.add_parser("export", help="write an SAE in the SAELens layout (cfg.json + sae_weights.safetensors)")
     _config_args(export, required=True)
     export.add_argument("--sae", help="which SAE, e.g. 'train[2]' or 'reuse[distilled,k=32,seed=0]' "

@@ -16,15 +16,31 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from dmsae import probing
 from dmsae.config import Config
 from dmsae.errors import UserError
 from dmsae.runtime import Runtime
-from dmsae.sources import resolve_corpus, resolve_model
+from dmsae.sources import resolve_corpus, resolve_model, sha256_file
 from dmsae.store import Artifact, RunRecord, Store, compute_key, probe_writable
-from stages import attribute, baseline, evaluate, harvest, model, random_core, reuse, select, tokens, train
+from stages import (
+    attribute,
+    baseline,
+    evaluate,
+    harvest,
+    interpret,
+    latents,
+    model,
+    probes,
+    random_core,
+    reuse,
+    select,
+    tokens,
+    train,
+)
 
 STAGES: dict[str, ModuleType] = {
-    m.NAME: m for m in (model, tokens, harvest, train, attribute, select, random_core, reuse, baseline, evaluate)
+    m.NAME: m for m in (model, tokens, harvest, train, attribute, select, random_core, reuse, baseline, evaluate,
+                        probes, interpret, latents)
 }
 
 
@@ -128,7 +144,44 @@ def plan(cfg: Config) -> Plan:
         nodes += [train_node, attr_node, core]
     if cfg.reuse.k and core is not None:
         nodes += _reuse_nodes(cfg, model_node, tokens_node, harvest_node, core, train_params)
+    if cfg.interpret.enabled:
+        nodes += _interpret_nodes(cfg, nodes)
     return Plan(nodes)
+
+
+def _interpret_nodes(cfg: Config, nodes: list[Node]) -> list[Node]:
+    """The probing data (once per model and layer), an interpret node beside every evaluated SAE, and the
+    latent cards' data."""
+    by_label = {n.label: n for n in nodes}
+    ic = cfg.interpret
+    probe_file = Path(ic.probe_data).expanduser() if ic.probe_data else None
+    if probe_file is not None and not probe_file.is_file():
+        raise UserError(f"interpret.probe_data: {probe_file} not found; give a JSONL file with text and label fields")
+    probe_node = Node("probes", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.seed,
+                                 "absorption_words": ic.absorption_words, "probe_examples": ic.probe_examples,
+                                 "probe_context": ic.probe_context, "offline_tasks": probing.wiki_version(),
+                                 "probe_data": sha256_file(probe_file) if probe_file else None},
+                      {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"]},
+                      args={"batch_size": ic.batch_size,
+                            "probe_data_location": str(probe_file.resolve()) if probe_file else None})
+    out = [probe_node]
+    for ev in [n for n in nodes if n.stage == "evaluate"]:
+        out.append(Node("interpret", {"probe_k": ic.probe_k}, {"probes": probe_node, "sae": ev.inputs["sae"]},
+                        ev.cycle, tag=ev.tag))
+    return out + [cards_node(cfg, nodes)]
+
+
+def cards_node(cfg: Config, nodes: list[Node]) -> Node:
+    """The latent cards' data: the final core (in the last cycle's SAE) and a sample of other latents."""
+    by_label = {n.label: n for n in nodes}
+    last = cfg.cycles - 1
+    selections = {f"select{n.cycle}": n for n in nodes if n.stage == "select"}
+    ic = cfg.interpret
+    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.seed,
+                            "contexts": ic.cards_contexts, "noncore": ic.cards_noncore},
+                {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"],
+                 "train": by_label[f"train[{last}]"], "attribute": by_label[f"attribute[{last}]"], **selections},
+                args={"batch_size": ic.batch_size})
 
 
 def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node: Node, core: Node,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from dmsae.config import Config  # noqa: E402
 from dmsae.l0match import matched_deltas  # noqa: E402
-from dmsae.store import Store  # noqa: E402
+from dmsae.store import Artifact, Store  # noqa: E402
 from flows.pipeline import Node, Plan  # noqa: E402
 from stages import select as select_stage  # noqa: E402
 from stages import train as train_stage  # noqa: E402
@@ -51,6 +51,52 @@ def results_table(store: Store, p: Plan) -> pd.DataFrame:
         })
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return table.astype({"cycle": "Int64"})
+
+
+INTERPRET_COLUMNS = ["absorption_fraction", "absorption_rate", "sparse_probe_k1", "sparse_probe_k2",
+                     "sparse_probe_k5", "sparse_probe_k10", "dense_probe"]
+
+
+def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
+    """Absorption and sparse probing beside each evaluated SAE's L0 (empty when nothing was interpreted)."""
+    rows = []
+    for node in p.of_stage("interpret"):
+        if not store.has(node.stage, node.key):
+            continue
+        m = store.manifest(node.stage, node.key).metrics
+        rows.append({"sae": node.inputs["sae"].label,
+                     **{c: (float("nan") if m.get(c) is None else m[c]) for c in INTERPRET_COLUMNS}})
+    if not rows:
+        return pd.DataFrame()
+    cols = ["sae", "arm", "k", "seed", "l0"]
+    return table[cols].merge(pd.DataFrame(rows), on="sae", how="inner")
+
+
+def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
+    """Absorption and sparse probing of the three arms against L0."""
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    panels = [("absorption_fraction", "absorption fraction (lower is better)"),
+              ("absorption_rate", "full-absorption rate (lower is better)"),
+              ("sparse_probe_k1", "sparse probing, k=1 (test accuracy)"),
+              ("sparse_probe_k5", "sparse probing, k=5 (test accuracy)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (y, title) in zip(axes, panels, strict=True):
+        for arm, color in ARM_COLORS.items():
+            rows = arms[arms.arm == arm].sort_values("l0")
+            if len(rows) and rows[y].notna().any():
+                ax.plot(rows["l0"], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
+        if y.startswith("sparse") and arms["dense_probe"].notna().any():
+            ax.axhline(float(arms["dense_probe"].iloc[0]), color="black", linestyle=":", label="dense probe (residual)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L0 (total, eval tokens)")
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[2].get_legend_handles_labels()
+    if handles:
+        axes[2].legend(fontsize=8)
+    fig.suptitle("Feature quality of the three arms at their measured L0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def core_overlap(store: Store, p: Plan) -> pd.DataFrame:
@@ -284,10 +330,31 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
                       "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
                       "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
                       _md_table(matched)]
+        interp = interpret_table(store, p, table)
+        if not interp.empty:
+            parts += ["", "## Absorption and sparse probing", "",
+                      "First-letter absorption (Chanin et al., as in SAEBench: mean over letters whose probe F1 > "
+                      "0.6; lower is better) and k-sparse probing accuracy on held-out texts (mean over the language "
+                      "and topic tasks; `dense_probe`: all residual dimensions). Definitions: docs/design.md.", "",
+                      _md_table(interp)]
         parts += ["", "## SAEs on held-out eval tokens", "", _md_table(table),
                   "", "## Seed consistency (mean best decoder cosine)", "", _md_table(seed_consistency(store, p, cfg))]
+    if any(store.has(n.stage, n.key) for n in p.of_stage("latents")):
+        parts += ["", "## Latent cards", "", "One card per final-core latent and a sample of the others: "
+                  "[latents/index.html](latents/index.html)."]
     parts += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(parts) + "\n"
+
+
+def render_cards(cfg: Config, node: Node, art: Artifact, out: Path) -> Path:
+    """The latent cards' site from a latents artifact; returns its index.html."""
+    from flows.cards import write_cards
+    from stages import latents as latents_stage
+
+    meta = {"run": cfg.name, "sae": node.inputs["train"].label, "model": cfg.model.path, "layer": cfg.harvest.layer,
+            "k": cfg.sae.k, "width": cfg.sae.width, "held_out_tokens": art.metrics["n_tokens"]}
+    return write_cards(pd.read_parquet(art.file(latents_stage.LATENTS_FILE)),
+                       pd.read_parquet(art.file(latents_stage.CONTEXTS_FILE)), out, meta)
 
 
 def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
@@ -302,6 +369,14 @@ def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
         figures.append("arms.png")
         plot_arms(table, cfg.seed, out_dir / "arms.png")
         table.to_parquet(out_dir / "metrics.parquet", index=False)
+        interp = interpret_table(store, p, table)
+        if not interp.empty:
+            figures.append("interpret.png")
+            plot_interpret(interp, cfg.seed, out_dir / "interpret.png")
+            interp.to_parquet(out_dir / "interpret.parquet", index=False)
+    cards = [n for n in p.of_stage("latents") if store.has(n.stage, n.key)]
+    if cards:
+        render_cards(cfg, cards[0], store.load(cards[0].stage, cards[0].key), out_dir / "latents")
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(cfg, store, p, table, figures))
     return summary

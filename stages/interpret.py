@@ -1,0 +1,74 @@
+"""interpret stage: one SAE's features judged on the probes stage's data, with no language model.
+
+- Sparse probing: each probing text's SAE codes, mean-pooled over its tokens; per task, k-sparse probes
+  (latents ranked by class-mean difference on the train split) scored on the test split (`dmsae.probing`).
+- Absorption: the first-letter task's residuals through the SAE against the letter probe
+  (`dmsae.absorption`): per letter the main latents, the absorption fraction and the full-absorption rate.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from dmsae import absorption, probing
+from dmsae.runtime import Runtime
+from dmsae.store import Artifact
+from stages import probes as probes_stage
+from stages import train as train_stage
+
+NAME = "interpret"
+VERSION = "1"
+PROBING_FILE = "sparse_probing.parquet"
+LETTERS_FILE = "absorption_letters.parquet"
+WORDS_FILE = "absorption_words.parquet"
+
+
+def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
+    sae, scale = train_stage.load_sae(inputs["sae"])
+    w_dec = load_file(str(inputs["sae"].file(train_stage.SAE_FILE)))["W_dec"].float()
+    data = load_file(str(inputs["probes"].file(probes_stage.TENSORS_FILE)))
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(sae.encode(x.float() * scale), dim=1)
+
+    # sparse probing on mean-pooled codes
+    features = probes_stage.pooled(data["text_residuals"], data["text_offsets"], encode)
+    rows = []
+    for task, ids, labels, is_test in probes_stage.load_tasks(inputs["probes"]):
+        test, y = torch.tensor(is_test), torch.tensor(labels)
+        x = features[ids]
+        table = probing.sparse_probe(x[~test], y[~test], x[test], y[test],
+                                     ks=tuple(k for k in params["probe_k"] if k <= x.shape[1]))
+        rows += [{"task": task, **r} for r in table.to_dict("records")]
+    probing_table = pd.DataFrame(rows)
+    probing_table.to_parquet(out_dir / PROBING_FILE, index=False)
+    by_k = probing_table.groupby("k")["test_accuracy"].mean()
+
+    # absorption, in the SAE's input space (residual x scale)
+    letters = data["word_letters"]
+    probe = absorption.LetterProbe(data["letter_probe_weight"], data["letter_probe_bias"], data["letter_probe_train"],
+                                   data["letter_probe_test"], float("nan"), data["letter_probe_f1"])
+    # no words (a vocabulary without single-token alphabetic words) gives NaN means and a reason, not an error
+    result = absorption.absorption(data["word_residuals"] * scale, letters, probe, encode, w_dec)
+    result.letters.to_parquet(out_dir / LETTERS_FILE, index=False)
+    result.words.to_parquet(out_dir / WORDS_FILE, index=False)
+
+    def finite(v: float) -> float | None:
+        return None if v is None or math.isnan(v) else float(v)
+
+    return {
+        "k": sae.k, "core_size": sae.core_size,
+        **{f"sparse_probe_k{k}": float(acc) for k, acc in by_k.items()},
+        "dense_probe": inputs["probes"].metrics["dense_probe_mean"],
+        "absorption_fraction": finite(result.means["absorption_fraction"]),
+        "absorption_rate": finite(result.means["absorption_rate"]),
+        "absorption_letters": int(result.means["n_letters"]),
+        "absorption_note": result.reason,
+    }

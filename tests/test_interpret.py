@@ -1,0 +1,102 @@
+"""The interpret stages on the tiny pipeline: the latent cards' data checked against numbers recomputed
+from the stored SAE, the site written from it, and caching."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dmsae import lm
+from stages import latents as latents_stage
+from stages import tokens as tokens_stage
+from stages import train as train_stage
+from stages.attribute import norm_threshold_of
+
+INTERPRET = ["interpret.enabled=true", "interpret.cards_noncore=5", "interpret.probe_examples=40", "reuse.k=[4,8]"]
+
+
+@pytest.fixture(scope="module")
+def interpreted(make_config, pipeline_runner, tmp_path_factory, single_thread):
+    root = tmp_path_factory.mktemp("interpret")
+    cfg = make_config(root / "store", f"report_dir={root / 'reports'}", *INTERPRET)
+    with single_thread():
+        return pipeline_runner(cfg)
+
+
+def test_a_rerun_computes_nothing_and_a_new_sae_only_its_own(interpreted, make_config, pipeline_runner,
+                                                             single_thread):
+    store = interpreted.store.root
+    with single_thread():
+        again = pipeline_runner(make_config(store, *INTERPRET))
+        assert not any(again.computed.values())
+        more = pipeline_runner(make_config(store, *INTERPRET[:-1], "reuse.k=[4,8,12]"))
+    new = sorted(label for label, computed in more.computed.items() if computed)
+    assert new == sorted(f"{stage}[{arm},k=12,seed=0]" for stage in ("reuse", "evaluate", "interpret")
+                         for arm in ("distilled", "random", "none"))
+
+
+def test_cards_command_writes_the_site_and_the_report_links_it(interpreted, make_config, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(interpreted.cfg.model_dump(mode="json")))
+    out = tmp_path / "site"
+    assert main(["cards", str(config), "--out", str(out), "--no-progress"]) == 0
+    n_cards = len(pd.read_parquet(interpreted.load("latents").file(latents_stage.LATENTS_FILE)))
+    assert (out / "index.html").is_file() and len(list(out.glob("latent-*.html"))) == n_cards
+    assert main(["report", str(config), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Absorption and sparse probing" in summary and "latents/index.html" in summary
+    report = tmp_path / "report"
+    assert (report / "latents" / "index.html").is_file() and (report / "interpret.png").is_file()
+    # without the finished distillation the cards refuse in one line
+    capsys.readouterr()
+    assert main(["cards", str(config), "--set", "seed=9", "--no-progress"]) == 2
+    assert "run it first" in capsys.readouterr().err
+
+
+def test_every_evaluated_sae_is_interpreted(interpreted):
+    run = interpreted
+    evaluated = {n.label.removeprefix("evaluate") for n in run.plan.of_stage("evaluate")}
+    interpreted_saes = {n.label.removeprefix("interpret") for n in run.plan.of_stage("interpret")}
+    assert evaluated == interpreted_saes and len(evaluated) == 2 + 3 * 2 + 2 * 3 - 3
+    probes = run.load("probes").metrics
+    assert probes["n_words"] == 0  # the tiny word-level vocabulary ("w00".."w99") has no alphabetic words
+    for node in run.plan.of_stage("interpret"):
+        m = run.store.load(node.stage, node.key).metrics
+        assert m["absorption_fraction"] is None and "letters" in m["absorption_note"]
+        assert 0.0 <= m["sparse_probe_k1"] <= 1.0
+
+
+def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted):
+    run = interpreted
+    cards = run.load("latents")
+    table = pd.read_parquet(cards.file(latents_stage.LATENTS_FILE))
+    contexts = pd.read_parquet(cards.file(latents_stage.CONTEXTS_FILE))
+    core = load_file(str(run.load("select[1]").file(train_stage.CORE_FILE)))["indices"].tolist()
+    assert table["latent"].tolist()[: len(core)] == core and (table["kind"][: len(core)] == "core").all()
+    assert (table["kind"][len(core):] == "non-core").sum() == 5
+
+    # recompute with plain tensor maths from the files: ReLU((x - b_dec) W_enc + b_enc), kept above threshold
+    sae_art, harvest = run.load("train[1]"), run.load("harvest")
+    t = load_file(str(sae_art.file(train_stage.SAE_FILE)))
+    scale = harvest.metrics["scale"]
+    model = lm.load_model(run.load("model").path)
+    windows = load_file(str(run.load("tokens").file(tokens_stage.FILE)))["eval"].long()
+    bos = run.load("tokens").metrics["bos_id"]
+    h = lm.residual_upto(model, windows, run.cfg.harvest.layer)
+    kept = lm.kept_positions(h, windows, bos, norm_threshold_of(harvest))
+    pre = torch.relu((h.float() * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    codes = torch.where(pre > t["threshold"], pre, torch.zeros_like(pre)) * kept[..., None]
+    for latent in table["latent"].sample(3, random_state=0).tolist():
+        row = table.set_index("latent").loc[latent]
+        acts = codes[..., latent]
+        assert row["density"] == pytest.approx(float((acts > 0).sum()) / float(kept.sum()), rel=1e-6)
+        assert row["max_act"] == pytest.approx(float(acts.max()), rel=1e-4)
+        top = contexts[(contexts["latent"] == latent) & (contexts["rank"] == 0)].iloc[0]
+        assert top["max_act"] == pytest.approx(float(acts.max()), rel=1e-4)
+        assert top["acts"][top["center"]] == top["max_act"]
