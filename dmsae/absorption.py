@@ -297,56 +297,71 @@ class _Codes:
         return torch.searchsorted(self.rows, torch.arange(self.n + 1)).tolist()
 
 
-def _rank_latents(codes: _Codes, letters: Tensor, l1: float, max_iter: int, tol: float = 1e-6) -> Tensor:
+def _rank_latents(codes: _Codes, letters: Tensor, l1: float, max_iter: int, tol: float = 1e-7) -> Tensor:
     """[width, 26] weights of the L1-penalised one-vs-rest probe on SAE codes that ranks latents for k-sparse
     probing: per letter, minimise the pos-weighted mean logistic loss + l1 * |w|_1 (SAEBench's objective).
 
-    Solved to convergence by FISTA with per-letter backtracking (the letters' problems are independent)
-    rather than SAEBench's fixed Adam budget, so the ranking is a property of the objective, not of the
-    optimiser's schedule. Only latents that fire on these rows can get weight, so it runs on those."""
+    Solved by FISTA with per-letter backtracking (the letters' problems are independent) rather than
+    SAEBench's fixed Adam budget, so the ranking is a property of the objective, not of an optimiser
+    schedule. With a free bias the objective is unchanged if each latent is centred and rescaled (with its
+    L1 weight rescaled to match), so it is solved in standardised coordinates: latents that fire on every
+    word, or with large activations, would otherwise stall convergence. Only latents that fire on these
+    rows can get weight, so it runs on those."""
     active = codes.cols.unique()  # sorted
+    # indices built here are in range, so the invariant check can be skipped
     a = torch.sparse_coo_tensor(torch.stack([codes.rows, torch.searchsorted(active, codes.cols)]),
                                 codes.vals.double(), (codes.n, len(active)), check_invariants=False).coalesce()
     a_t = a.t().coalesce()  # COO products are deterministic on CPU, whatever the thread count
+    n = codes.n
+    mean = torch.sparse.sum(a_t, 1).to_dense() / n
+    sq = torch.sparse.sum(a_t * a_t, 1).to_dense() / n
+    std = (sq - mean * mean).clamp_min(0).sqrt()
+    flat = std <= 1e-9 * (sq.sqrt() + 1e-30)  # (near-)constant latents: no signal beyond the bias
+    std = torch.where(flat, 1.0, std)
+    thresh = torch.where(flat, math.inf, l1 / std)[:, None]  # l1 |w| = (l1 / std) |v| for v = w * std
+
+    def design(v: Tensor) -> Tensor:  # standardised codes @ v, keeping the matrix sparse
+        return (torch.sparse.mm(a, v / std[:, None]) - (mean / std) @ v)
+
     y = F.one_hot(letters, len(LETTERS)).double()
     pos = y.sum(0)
-    pw = ((codes.n - pos) / pos.clamp_min(1))[None, :]
+    pw = ((n - pos) / pos.clamp_min(1))[None, :]
     scale = 1 + (pw - 1) * y  # per-element loss weight: pw on positives, 1 on negatives
 
-    def loss(w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        z = torch.sparse.mm(a, w) + b
-        per_letter = (scale * F.softplus(z) - pw * y * z).mean(0)  # = pos-weighted BCE, averaged per letter
-        return per_letter, z
+    def loss(v: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        z = design(v) + b
+        return (scale * F.softplus(z) - pw * y * z).mean(0), z  # pos-weighted BCE, averaged per letter
 
     def soft(v: Tensor, t: Tensor) -> Tensor:
         return v.sign() * (v.abs() - t).clamp_min(0)
 
-    w = torch.zeros(len(active), len(LETTERS), dtype=torch.float64)
+    v = torch.zeros(len(active), len(LETTERS), dtype=torch.float64)
     b = torch.zeros(len(LETTERS), dtype=torch.float64)
-    yw, yb, theta = w, b, 1.0
+    yv, yb, theta = v, b, 1.0
     step = torch.ones(len(LETTERS), dtype=torch.float64)
     for _ in range(max_iter):
-        fy, z = loss(yw, yb)
-        r = (torch.sigmoid(z) * scale - pw * y) / codes.n  # d loss / d z
-        gw, gb = torch.sparse.mm(a_t, r), r.sum(0)
+        fy, z = loss(yv, yb)
+        r = (torch.sigmoid(z) * scale - pw * y) / n  # d loss / d z
+        gv = (torch.sparse.mm(a_t, r) - mean[:, None] * r.sum(0)) / std[:, None]
+        gb = r.sum(0)
         for _ in range(60):  # backtracking: shrink each letter's step until the quadratic bound holds
-            nw, nb = soft(yw - step * gw, step * l1), yb - step * gb
-            fn, _ = loss(nw, nb)
-            dw, db = nw - yw, nb - yb
-            bound = fy + (gw * dw).sum(0) + gb * db + (dw.pow(2).sum(0) + db.pow(2)) / (2 * step)
+            nv, nb = soft(yv - step * gv, step * thresh), yb - step * gb
+            fn, _ = loss(nv, nb)
+            dv, db = nv - yv, nb - yb
+            bound = fy + (gv * dv).sum(0) + gb * db + (dv.pow(2).sum(0) + db.pow(2)) / (2 * step)
             bad = fn > bound + 1e-12 * fy.abs()
             if not bad.any():
                 break
             step = torch.where(bad, step / 2, step)
         theta_next = (1 + math.sqrt(1 + 4 * theta * theta)) / 2
-        yw = nw + (theta - 1) / theta_next * (nw - w)
+        yv = nv + (theta - 1) / theta_next * (nv - v)
         yb = nb + (theta - 1) / theta_next * (nb - b)
-        done = float((nw - w).abs().max()) <= tol * max(1.0, float(nw.abs().max()))
-        w, b, theta = nw, nb, theta_next
+        done = float((nv - v).abs().max()) <= tol * max(1.0, float(nv.abs().max()))
+        v, b, theta = nv, nb, theta_next
         if done:
             break
     full = torch.zeros(codes.width, len(LETTERS))
-    full[active] = w.float()
+    full[active] = (v / std[:, None]).float()
     return full
 
 

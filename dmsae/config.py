@@ -184,6 +184,9 @@ class InterpretConfig(Strict):
                                    "task, one-vs-rest per label, beside the embedded ones")
     probe_k: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], min_length=1,
                                description="latents per sparse probe")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="draws the words, the probing texts and their splits, and "
+                      "the non-core card sample; fixed apart from the run's seed so runs of every seed are judged on "
+                      "the same data")
     cards_contexts: int = Field(10, ge=1, le=200, description="top-activating contexts per latent card")
     cards_noncore: int = Field(16, ge=0, le=10_000, description="non-core latents sampled for cards beside the core")
     batch_size: int = Field(16, gt=0, description="sequences per language-model batch of the interpret stages")

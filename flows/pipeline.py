@@ -157,7 +157,7 @@ def _interpret_nodes(cfg: Config, nodes: list[Node]) -> list[Node]:
     probe_file = Path(ic.probe_data).expanduser() if ic.probe_data else None
     if probe_file is not None and not probe_file.is_file():
         raise UserError(f"interpret.probe_data: {probe_file} not found; give a JSONL file with text and label fields")
-    probe_node = Node("probes", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.seed,
+    probe_node = Node("probes", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
                                  "absorption_words": ic.absorption_words, "probe_examples": ic.probe_examples,
                                  "probe_context": ic.probe_context, "offline_tasks": probing.wiki_version(),
                                  "probe_data": sha256_file(probe_file) if probe_file else None},
@@ -177,7 +177,7 @@ def cards_node(cfg: Config, nodes: list[Node]) -> Node:
     last = cfg.cycles - 1
     selections = {f"select{n.cycle}": n for n in nodes if n.stage == "select"}
     ic = cfg.interpret
-    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.seed,
+    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.interpret.seed,
                             "contexts": ic.cards_contexts, "noncore": ic.cards_noncore},
                 {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"],
                  "train": by_label[f"train[{last}]"], "attribute": by_label[f"attribute[{last}]"], **selections},

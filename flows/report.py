@@ -72,6 +72,32 @@ def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
     return table[cols].merge(pd.DataFrame(rows), on="sae", how="inner")
 
 
+def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+    """Transfer across sparsity, latent by latent: the final core's encoder rows are frozen in every distilled
+    reuse SAE, but each trains its own decoder. Per reuse k, the cosine of each core latent's decoder row with
+    its row in the SAE at the reference k (sae.k if reused, else the middle k): mean, min and the share above
+    0.9."""
+    saes = {n.params["sae"]["k"]: n for n in p.of_stage("reuse")
+            if n.params["arm"] == "distilled" and n.params["seed"] == cfg.seed and store.has(n.stage, n.key)}
+    if len(saes) < 2:
+        return pd.DataFrame()
+    ks = sorted(saes)
+    ref_k = cfg.sae.k if cfg.sae.k in saes else ks[len(ks) // 2]
+
+    def core_decoder(node: Node) -> torch.Tensor:
+        art = store.load(node.stage, node.key)
+        c = art.metrics["core_size"]
+        return load_file(str(art.file(train_stage.SAE_FILE)))["W_dec"][:c].double()
+
+    ref = core_decoder(saes[ref_k])
+    rows = []
+    for k in ks:
+        cos = torch.nn.functional.cosine_similarity(core_decoder(saes[k]), ref, dim=1)
+        rows.append({"k": k, "reference_k": ref_k, "core_size": len(cos), "mean_cosine": float(cos.mean()),
+                     "min_cosine": float(cos.min()), "share_above_0.9": float((cos > 0.9).double().mean())})
+    return pd.DataFrame(rows)
+
+
 def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
     """Absorption and sparse probing of the three arms against L0."""
     arms = table[(table.arm != "cycle") & (table.seed == seed)]
@@ -330,6 +356,11 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
                       "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
                       "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
                       _md_table(matched)]
+        stability = core_decoder_stability(store, p, cfg)
+        if not stability.empty:
+            parts += ["", "## The core's decoders across reuse k", "",
+                      "Each final-core latent's decoder row in the distilled SAE at k against its row at the "
+                      "reference k (the encoder rows are the same frozen vectors).", "", _md_table(stability)]
         interp = interpret_table(store, p, table)
         if not interp.empty:
             parts += ["", "## Absorption and sparse probing", "",

@@ -1,13 +1,14 @@
 """Feature absorption (dmsae.absorption) on a hand-built world where the answer is known.
 
-Residuals: a word of letter L is 2 e_L plus small noise in dims 30..39 (letters a..e, orthogonal
-directions). A hand-set SAE (ReLU(x W_enc + b), unit decoder rows) has:
+Residuals: a word of letter L is 2 e_L plus small noise in dims 30..38 plus 20 e_39, shared by all
+(letters a..e, orthogonal directions). A hand-set SAE (ReLU(x W_enc + b), unit decoder rows) has:
 - a: one main latent; a third of the a-words also carry a token direction u_w (3 u_w, dims 5..28) that the
   main latent's encoder subtracts, so it stays silent on them while a token latent fires whose decoder row
   is (e_a + u_w)/sqrt 2: it carries the a direction. That is absorption, planted on known words.
 - b: split in two latents, one per half of the b-words (told apart by +-1 on dim 29), both decoding to e_b.
 - c, d: one clean latent each. e: no latent at all (the SAE does not represent it).
-- distractors firing on the noise dims, orthogonal to every letter.
+- distractors firing on the noise dims, orthogonal to every letter, and one firing on e_39 whose decoder
+  has a small cosine with e_a: large, but too weakly aligned to count as absorbing.
 Nothing is mocked: the probe, the k-sparse search and the absorption rules all run.
 """
 
@@ -29,7 +30,7 @@ from dmsae.absorption import (
 )
 
 D, N_LETTERS, PER_LETTER = 40, 5, 60
-TOKEN_DIMS, SPLIT_DIM, NOISE_DIMS = 5, 29, slice(30, 40)
+TOKEN_DIMS, SPLIT_DIM, NOISE_DIMS, OFFSET_DIM = 5, 29, slice(30, 39), 39
 # latent ids in world(): 0 a, 1 b (first half), 2 c, 3 d, 4 b (second half), then token latents, distractors
 MAIN = {"a": [0], "b": [1, 4], "c": [2], "d": [3]}
 
@@ -41,7 +42,8 @@ def world(absorb: bool = True, partial: bool = False, seed: int = 0):
     n = len(letters)
     x = torch.zeros(n, D)
     x[torch.arange(n), letters] = 2.0
-    x[:, NOISE_DIMS] = 0.3 * torch.randn(n, 10, generator=g)
+    x[:, NOISE_DIMS] = 0.3 * torch.randn(n, 9, generator=g)
+    x[:, OFFSET_DIM] = 20.0  # a large direction shared by every word, as residual streams have
     b_rows = (letters == 1).nonzero().flatten()
     x[b_rows, SPLIT_DIM] = torch.where(torch.arange(len(b_rows)) % 2 == 0, 1.0, -1.0)
     a_rows = (letters == 0).nonzero().flatten()
@@ -69,6 +71,8 @@ def world(absorb: bool = True, partial: bool = False, seed: int = 0):
         latent(eye[TOKEN_DIMS + j], -1.0, eye[0] + eye[TOKEN_DIMS + j])
     for k in range(NOISE_DIMS.start, NOISE_DIMS.stop):
         latent(eye[k], 0.0, eye[k])
+    # fires hard on every word; its decoder leans slightly towards e_a (cosine < 0.1): never an absorber
+    latent(eye[OFFSET_DIM], 0.0, eye[OFFSET_DIM] + 0.08 * eye[0])
     w_enc, b, w_dec = torch.stack(enc, 1), torch.tensor(bias), torch.stack(dec)
 
     def encode(v: torch.Tensor) -> torch.Tensor:

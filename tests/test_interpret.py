@@ -100,3 +100,19 @@ def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted):
         top = contexts[(contexts["latent"] == latent) & (contexts["rank"] == 0)].iloc[0]
         assert top["max_act"] == pytest.approx(float(acts.max()), rel=1e-4)
         assert top["acts"][top["center"]] == top["max_act"]
+
+
+def test_core_decoder_stability_across_reuse_k(interpreted):
+    from flows.report import core_decoder_stability
+
+    run = interpreted
+    table = core_decoder_stability(run.store, run.plan, run.cfg).set_index("k")
+    assert list(table.index) == [4, 8] and (table["reference_k"] == 8).all()  # sae.k=6 is not reused: middle k
+    assert table.loc[8, "mean_cosine"] == pytest.approx(1.0) and table.loc[8, "share_above_0.9"] == 1.0
+    decs = {k: load_file(str(run.load(f"reuse[distilled,k={k},seed=0]").file(train_stage.SAE_FILE)))["W_dec"]
+            for k in (4, 8)}
+    c = int(table.loc[4, "core_size"])
+    a, b = decs[4][:c].double(), decs[8][:c].double()
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert table.loc[4, "mean_cosine"] == pytest.approx(float(cos.mean())) and c > 0
+    assert table.loc[4, "min_cosine"] == pytest.approx(float(cos.min()))
