@@ -17,7 +17,7 @@ Definitions implemented (letter L, unit probe direction p = row L of the ground-
    the reconstruction's projection on p; P = x . p; M = sum of c_j over main latents. Absorbers are non-main
    latents with cos(w_j, p) >= 0.1 and c_j > 0; A = sum of the top 3 c_j among them.
    absorption fraction = 0 if M >= P or A < 0.4 P; 1 if M <= 0; else B / (B + M) with B = min(A, P - M).
-   full absorption: no main latent fires, the latent with the largest c_j has cos >= 0.025, P >= 0, and
+   full absorption: no main latent fires, the latent with the largest c_j has cos >= 0.025, P > 0, and
    its c_j >= 0.4 P.
 4. Per letter: absorption_fraction = mean fraction over its probe true positives; absorption_rate = share
    of them with full absorption (SAEBench's mean_absorption_fraction_score / mean_full_absorption_score);
@@ -37,6 +37,11 @@ Where this differs from SAEBench, and why:
 - `first_letter_words` keeps lowercase words by default and one token per word (the leading-space form
   when both exist); SAEBench keeps every alphabetic token, whose near-duplicates straddle the split.
 - ICL examples are drawn from an RNG seeded by (seed, word), not the global `random` state.
+- The word's position comes from the tokenizer's offsets (`token_index`), not a fixed index from the end
+  (SAEBench's -6 assumes how the template tokenizes).
+- P <= 0 counts as no absorption explicitly (SAEBench reaches 0 the same way for P < 0, and divides by
+  zero at P = 0). Letters with fewer than `min_words` words are skipped (no SAEBench analogue; tiny test
+  splits make F1 and rates noise).
 - SAEBench reports nothing unless >= 20 letters pass the probe-F1 gate; here `min_letters` defaults to 2
   and the result carries `n_letters`, so a caller can apply the stricter gate.
 """
@@ -46,6 +51,7 @@ from __future__ import annotations
 import math
 import random
 import string
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -208,6 +214,13 @@ def _f1(pred: Tensor, y: Tensor) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
+def _check_inputs(x: Tensor, letters: Tensor) -> None:
+    if x.ndim != 2 or letters.shape != (len(x),):
+        raise ValueError(f"x must be [N, d] and letters [N]; got {tuple(x.shape)} and {tuple(letters.shape)}")
+    if len(letters) and not (0 <= int(letters.min()) and int(letters.max()) < len(LETTERS)):
+        raise ValueError("letters must be integers in 0..25")
+
+
 def train_letter_probe(
     x: Tensor,
     letters: Tensor,
@@ -218,8 +231,7 @@ def train_letter_probe(
     seed: int = 0,
 ) -> LetterProbe:
     """Fit the ground-truth first-letter probe (rows of x: words; letters: 0..25). Deterministic for a seed."""
-    if x.ndim != 2 or letters.shape != (len(x),):
-        raise ValueError(f"x must be [N, d] and letters [N]; got {tuple(x.shape)} and {tuple(letters.shape)}")
+    _check_inputs(x, letters)
     x, letters = x.detach().float().cpu(), letters.detach().long().cpu()
     d = x.shape[1]
     train_idx, test_idx = _split(letters, test_fraction, seed)
@@ -308,20 +320,23 @@ def _rank_latents(codes: _Codes, letters: Tensor, l1: float, max_iter: int, tol:
     word, or with large activations, would otherwise stall convergence. Only latents that fire on these
     rows can get weight, so it runs on those."""
     active = codes.cols.unique()  # sorted
-    # indices built here are in range, so the invariant check can be skipped
-    a = torch.sparse_coo_tensor(torch.stack([codes.rows, torch.searchsorted(active, codes.cols)]),
-                                codes.vals.double(), (codes.n, len(active)), check_invariants=False).coalesce()
-    a_t = a.t().coalesce()  # COO products are deterministic on CPU, whatever the thread count
+    local = torch.searchsorted(active, codes.cols)
     n = codes.n
-    mean = torch.sparse.sum(a_t, 1).to_dense() / n
-    sq = torch.sparse.sum(a_t * a_t, 1).to_dense() / n
+    mean = torch.zeros(len(active), dtype=torch.float64).index_add_(0, local, codes.vals.double()) / n
+    sq = torch.zeros(len(active), dtype=torch.float64).index_add_(0, local, codes.vals.double() ** 2) / n
+    # CSR products: several times faster than COO here, and bit-identical whatever the thread count
+    coo = torch.sparse_coo_tensor(torch.stack([codes.rows, local]), codes.vals.double(), (n, len(active)),
+                                  check_invariants=False).coalesce()  # indices built here are in range
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        a, a_t = coo.to_sparse_csr(), coo.t().coalesce().to_sparse_csr()
     std = (sq - mean * mean).clamp_min(0).sqrt()
     flat = std <= 1e-9 * (sq.sqrt() + 1e-30)  # (near-)constant latents: no signal beyond the bias
     std = torch.where(flat, 1.0, std)
     thresh = torch.where(flat, math.inf, l1 / std)[:, None]  # l1 |w| = (l1 / std) |v| for v = w * std
 
     def design(v: Tensor) -> Tensor:  # standardised codes @ v, keeping the matrix sparse
-        return (torch.sparse.mm(a, v / std[:, None]) - (mean / std) @ v)
+        return a @ (v / std[:, None]) - (mean / std) @ v
 
     y = F.one_hot(letters, len(LETTERS)).double()
     pos = y.sum(0)
@@ -342,7 +357,7 @@ def _rank_latents(codes: _Codes, letters: Tensor, l1: float, max_iter: int, tol:
     for _ in range(max_iter):
         fy, z = loss(yv, yb)
         r = (torch.sigmoid(z) * scale - pw * y) / n  # d loss / d z
-        gv = (torch.sparse.mm(a_t, r) - mean[:, None] * r.sum(0)) / std[:, None]
+        gv = (a_t @ r - mean[:, None] * r.sum(0)) / std[:, None]
         gb = r.sum(0)
         for _ in range(60):  # backtracking: shrink each letter's step until the quadratic bound holds
             nv, nb = soft(yv - step * gv, step * thresh), yb - step * gb
@@ -496,10 +511,11 @@ def absorption(
 
     x: [N, d] residuals at the word tokens, in the SAE's input space; letters: [N] in 0..25; probe: from
     `train_letter_probe` on the same x (its split is reused: main latents are chosen on the train rows,
-    scored and measured on the test rows); encode: [n, d] -> [n, width] codes; w_dec: [width, d].
-    Degenerate inputs give NaN means and a `reason` rather than an exception."""
-    if x.ndim != 2 or letters.shape != (len(x),):
-        raise ValueError(f"x must be [N, d] and letters [N]; got {tuple(x.shape)} and {tuple(letters.shape)}")
+    scored and measured on the test rows); encode: [n, d] -> [n, width] codes, called on CPU float32
+    batches of at most `batch_size` rows; w_dec: [width, d].
+    Degenerate inputs give NaN means and a `reason` rather than an exception; inconsistent ones (shapes,
+    a probe fitted on other rows) raise ValueError."""
+    _check_inputs(x, letters)
     if probe.weight.shape[1] != x.shape[1] or w_dec.ndim != 2 or w_dec.shape[1] != x.shape[1]:
         raise ValueError("probe, x and w_dec must share the model dimension d")
     n_split = len(probe.train_idx) + len(probe.test_idx)
@@ -516,7 +532,7 @@ def absorption(
     if len(tr_codes.vals) == 0:
         return _empty("the SAE has no active latent on any training word")
     ranking = _rank_latents(tr_codes, letters[train], l1, l1_max_iter)
-    dec_norm = w_dec.double().norm(dim=1).clamp_min(1e-12)
+    dec_norm = w_dec.norm(dim=1).double().clamp_min(1e-12)
     test_logits = probe.logits(x[test])
     counts = torch.bincount(letters, minlength=len(LETTERS))
     test_counts = torch.bincount(letters[test], minlength=len(LETTERS))
@@ -549,10 +565,11 @@ def absorption(
         if not is_tp.any():
             row["skip_reason"] = "no probe true positives"
             continue
-        p = (probe.weight[c] / probe.weight[c].norm()).double()
-        dec_dot = w_dec.double() @ p
-        words = _word_rows(letter, test[is_tp], x[test[is_tp]].double() @ p, codes, dec_dot, dec_dot / dec_norm,
-                           main, cos_absorber, cos_full, proj_share, max_absorbers)
+        p = probe.weight[c] / probe.weight[c].norm()
+        dec_dot = (w_dec @ p).double()  # float32 product: w_dec may be [65k, 2304]
+        tp = test[is_tp]
+        words = _word_rows(letter, tp, x[tp].double() @ p.double(), codes, dec_dot, dec_dot / dec_norm, main,
+                           cos_absorber, cos_full, proj_share, max_absorbers)
         word_rows += words
         n_full = sum(w["full_absorption"] for w in words)
         row.update(n_probe_tp=len(words), n_main_miss=sum(not w["main_fired"] for w in words),

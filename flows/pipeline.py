@@ -376,6 +376,11 @@ def preflight(cfg: Config, p: Plan, store: Store) -> None:
     corpus = p.find("tokens")
     if not store.has("tokens", corpus.key):
         check_corpus(corpus.params["kind"], corpus.args["location"], cfg)
+    probes_nodes = p.of_stage("probes")
+    if probes_nodes and probes_nodes[0].args["probe_data_location"] and not store.has("probes", probes_nodes[0].key):
+        # read the user's task file now rather than after the harvest and the cycles
+        probing.jsonl_task(probes_nodes[0].args["probe_data_location"], max_per_class=cfg.interpret.probe_examples,
+                           seed=cfg.interpret.seed)
     final = p.last_core()
     if cfg.reuse.k and store.has(final.stage, final.key):  # else the reuse stage checks it once the core exists
         core_size = store.manifest(final.stage, final.key).metrics["core_size"]

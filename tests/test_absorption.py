@@ -35,6 +35,15 @@ TOKEN_DIMS, SPLIT_DIM, NOISE_DIMS, OFFSET_DIM = 5, 29, slice(30, 39), 39
 MAIN = {"a": [0], "b": [1, 4], "c": [2], "d": [3]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The problems here are tiny: threads only add overhead (and contention on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def world(absorb: bool = True, partial: bool = False, seed: int = 0):
     """(x, letters, encode, w_dec, absorbed rows, partly absorbed rows)."""
     g = torch.Generator().manual_seed(seed)

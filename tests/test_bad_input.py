@@ -133,6 +133,14 @@ CASES: dict[str, Case] = {
                                                 "no Dask scheduler answers there"),
     "export of an unknown SAE": Case(lambda c, w: ["export", str(c), "--sae", "train[9]"],
                                      "--sae train[9]: no such SAE"),
+    "probing task file that is missing": Case(
+        lambda c, w: run_args("interpret.enabled=true", f"interpret.probe_data={w / 'none.jsonl'}")(c, w),
+        "interpret.probe_data:"),
+    "probing task file without labels": Case(
+        lambda c, w: run_args("interpret.enabled=true", f"interpret.probe_data={w / 'task.jsonl'}")(c, w),
+        "no field 'label'",
+        setup=lambda c, w: (w / "task.jsonl").write_text('{"text": "w01 w02"}\n{"text": "w03"}\n')),
+    "latent cards of a run not yet run": Case(lambda c, w: ["cards", str(c), "--set", "seed=7"], "run it first"),
 }
 
 
