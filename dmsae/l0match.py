@@ -35,19 +35,19 @@ def read_at_l0(l0: np.ndarray, values: np.ndarray, at: float, extrapolate: float
     return float(y[i] + slope * (t - x[i])), True
 
 
-def matched_deltas(table: pd.DataFrame, reference: str = "none") -> pd.DataFrame:
+def matched_deltas(table: pd.DataFrame, reference: str = "none", metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """For each SAE of another arm (rows with columns arm, k, seed, l0 and METRICS), its metrics minus the
     `reference` arm's of the same seed read at the same L0. Columns: arm, k, seed, l0, and per metric the
     value, the reference's reading and the difference (d_<metric>); `extrapolated` marks readings past the
     reference curve's ends."""
     # a diverged SAE's metrics are stored as null: NaN here, and left out of the curves it would be read on
-    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("l0", *METRICS)})
+    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("l0", *metrics)})
     rows = []
     for (arm, seed), group in table[table.arm != reference].groupby(["arm", "seed"], sort=True):
         ref = table[(table.arm == reference) & (table.seed == seed)]
         for r in group.sort_values("k").itertuples(index=False):
             row = {"arm": arm, "k": int(r.k), "seed": int(seed), "l0": float(r.l0), "extrapolated": False}
-            for metric in METRICS:
+            for metric in metrics:
                 value = float(getattr(r, metric))
                 curve = ref[np.isfinite(ref.l0) & (ref.l0 > 0) & np.isfinite(ref[metric])]
                 at, extra = read_at_l0(curve.l0.to_numpy(), curve[metric].to_numpy(), float(r.l0))

@@ -30,7 +30,7 @@ from dmsae.errors import UserError
 from dmsae.l0match import matched_deltas
 from dmsae.store import Store
 from flows.pipeline import Plan, plan
-from flows.report import _md_table, core_overlap, results_table
+from flows.report import INTERPRET_COLUMNS, _md_table, core_overlap, interpret_table, results_table
 from stages import train as train_stage
 
 EXIT_USER_ERROR = 2
@@ -63,6 +63,9 @@ def run_point(cfg: Config) -> tuple[bool, float, list[str]]:
 # -- analysis -----------------------------------------------------------------------------------------
 def point_rows(cfg: Config, store: Store, p: Plan) -> pd.DataFrame:
     table = results_table(store, p)
+    interp = interpret_table(store, p, table)
+    if not interp.empty:  # absorption and probing beside each SAE's reconstruction metrics
+        table = table.merge(interp[["sae", *INTERPRET_COLUMNS]], on="sae", how="left")
     table = table[table.arm != "cycle"].copy()
     table["gate"], table["cap"], table["point_seed"] = cfg.sae.core_gate, _cap_label(cfg), cfg.seed
     return table
@@ -139,6 +142,35 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
     pick = pick.rename(columns={"mean": "low_l0_d_ce_vs_none", "std": "sd", "count": "seeds"})
     pick["low_k"] = ",".join(map(str, low))
     return agg, pick.sort_values("low_l0_d_ce_vs_none", ascending=False, ignore_index=True)
+
+
+FEATURE_METRICS = ("absorption_fraction", "absorption_rate", "sparse_probe_k1", "sparse_probe_k5")
+
+
+def summarise_features(rows: pd.DataFrame) -> pd.DataFrame:
+    """Absorption and sparse probing per gate, cap, arm and k: each arm's value and, for the cored arms, the
+    value minus the no-core arm's curve read at the same total L0 (same seed); mean and sd over seeds."""
+    if not set(FEATURE_METRICS) <= set(rows.columns):
+        return pd.DataFrame()
+    out = []
+    for (gate, cap), g in rows.groupby(["gate", "cap"], sort=True):
+        d = matched_deltas(g, metrics=FEATURE_METRICS)
+        values = g[["arm", "k", "seed", "l0", *FEATURE_METRICS]]
+        if not d.empty:
+            values = values.merge(d[["arm", "k", "seed", *(f"d_{m}" for m in FEATURE_METRICS)]],
+                                  on=["arm", "k", "seed"], how="left")
+        values = values.assign(gate=gate, cap=cap)
+        out.append(values)
+    v = pd.concat(out, ignore_index=True)
+    cols = [c for c in v.columns if c in FEATURE_METRICS or c.startswith("d_")]
+    agg = v.groupby(["gate", "cap", "arm", "k"], sort=True).agg(
+        seeds=("seed", "nunique"), l0=("l0", "mean"),
+        **{f"{c}_mean": (c, "mean") for c in cols}, **{f"{c}_sd": (c, "std") for c in cols}).reset_index()
+    table = agg[["gate", "cap", "arm", "k", "seeds", "l0"]].copy()
+    for c in cols:
+        table[c] = [("" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}"))
+                    for m, s in zip(agg[f"{c}_mean"], agg[f"{c}_sd"], strict=True)]
+    return table
 
 
 def pm(mean: float, sd: float) -> str:
@@ -230,6 +262,12 @@ def write_report(points: list[Config], store: Store, out_dir: Path, command: str
                 match_rows.append({"gate": gate, "cap": cap, "pairs": len(pairs),
                                    "mean_best_cosine": float(np.mean([a for a, _ in pairs])),
                                    "matched_above_0.9": float(np.mean([b for _, b in pairs]))})
+        features = summarise_features(rows)
+        if not features.empty:
+            parts += ["## Absorption and sparse probing (mean ± sd over seeds)", "",
+                      "Lower absorption is better, higher probing accuracy is better. `d_*`: the cored arm minus the "
+                      "no-core arm's curve read at the same total L0 (same seed); empty where the curves do not "
+                      "overlap. Definitions: docs/design.md, section 6.", "", _md_table(features), ""]
         parts += ["## The final cores", "", "Per point: the final core's size, cycles where the cap bit, the share "
                   "of the last attribution it explains, and the mean Jaccard of consecutive cycles' cores.", "",
                   _md_table(f.sort_values(["gate", "cap", "seed"]), "{:.3f}"), "",

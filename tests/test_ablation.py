@@ -88,3 +88,27 @@ def test_points_pick_pairs_not_the_cross_product(reuse_config_yaml, tmp_path, ca
     assert main([str(reuse_config_yaml), "--points", "topk"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--points" in err[0]
+
+
+def test_feature_metrics_are_compared_at_equal_l0_over_seeds():
+    """A hand-built grid: the no-core arm's absorption falls linearly in log2 L0; the distilled arm sits 0.1
+    below that line at L0 = 16 (between the no-core points 8 and 32) in seed 0 and 0.3 below in seed 1."""
+    import pandas as pd
+
+    from flows.ablation import summarise_features
+
+    rows = []
+    for seed, gap in ((0, 0.1), (1, 0.3)):
+        for l0 in (8, 32):
+            rows.append({"gate": "topk", "cap": "0.6", "arm": "none", "k": l0, "seed": seed, "l0": float(l0),
+                         "absorption_fraction": 0.5 - 0.05 * {8: 3, 32: 5}[l0], "absorption_rate": 0.0,
+                         "sparse_probe_k1": 0.8, "sparse_probe_k5": 0.9})
+        rows.append({"gate": "topk", "cap": "0.6", "arm": "distilled", "k": 16, "seed": seed, "l0": 16.0,
+                     "absorption_fraction": 0.3 - gap, "absorption_rate": 0.0, "sparse_probe_k1": 0.85,
+                     "sparse_probe_k5": 0.9})
+    table = summarise_features(pd.DataFrame(rows)).set_index(["arm", "k"])
+    distilled = table.loc[("distilled", 16)]
+    # the no-core curve at L0 16 (halfway in log2 between 8 and 32) reads 0.5 - 0.05 * 4 = 0.3
+    assert distilled["d_absorption_fraction"] == "-0.200 ± 0.141"
+    assert distilled["d_sparse_probe_k1"] == "0.050 ± 0.000" and distilled["seeds"] == 2
+    assert table.loc[("none", 8), "absorption_fraction"] == "0.350 ± 0.000"
