@@ -3,6 +3,8 @@ from the stored SAE, the site written from it, and caching."""
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -72,8 +74,22 @@ def test_every_evaluated_sae_is_interpreted(interpreted):
         assert 0.0 <= m["sparse_probe_k1"] <= 1.0
 
 
-def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted):
+def card_values(page: str) -> dict[str, float]:
+    """The exact numbers a card page carries on its <main> element (data-density, data-max-act, ...) and its
+    strongest context's maximum."""
+    main = re.search(r'<main id="card"([^>]*)>', page).group(1)
+    values = {k: float(v) for k, v in re.findall(r'data-([a-z-]+)="([-0-9.e+naif]+)"', main)}
+    values["top-context-max"] = float(re.search(r'data-rank="0" data-max-act="([^"]+)"', page).group(1))
+    return values
+
+
+def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted, tmp_path):
+    from flows.pipeline import cards_node
+    from flows.report import render_cards
+
     run = interpreted
+    node = cards_node(run.cfg, run.plan.nodes)
+    site = render_cards(run.cfg, node, run.store.load(node.stage, node.key), tmp_path / "site").parent
     cards = run.load("latents")
     table = pd.read_parquet(cards.file(latents_stage.LATENTS_FILE))
     contexts = pd.read_parquet(cards.file(latents_stage.CONTEXTS_FILE))
@@ -98,6 +114,9 @@ def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted):
         assert row["density"] == pytest.approx(float((acts > 0).sum()) / float(kept.sum()), rel=1e-6)
         assert row["max_act"] == pytest.approx(float(acts.max()), rel=1e-4)
         top = contexts[(contexts["latent"] == latent) & (contexts["rank"] == 0)].iloc[0]
+        card = card_values((site / f"latent-{latent}.html").read_text(encoding="utf-8"))
+        assert card["density"] == pytest.approx(float((acts > 0).sum()) / float(kept.sum()), rel=1e-6)
+        assert card["max-act"] == pytest.approx(float(acts.max()), rel=1e-4) == card["top-context-max"]
         assert top["max_act"] == pytest.approx(float(acts.max()), rel=1e-4)
         assert top["acts"][top["center"]] == top["max_act"]
 
