@@ -190,7 +190,9 @@ def readable(agg: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def plot_ablation(rows: pd.DataFrame, path: Path) -> None:
+def plot_ablation(rows: pd.DataFrame, path: Path,
+                  metrics: tuple[str, ...] = ("ce_loss_score", "explained_variance"),
+                  title: str = "Core gates: each arm over its measured L0 (one line per seed)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,10 +200,11 @@ def plot_ablation(rows: pd.DataFrame, path: Path) -> None:
 
     variants = sorted({(g, c) for g, c in zip(rows.gate, rows.cap, strict=True)})
     colors = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
-    fig, axes = plt.subplots(2, len(variants), figsize=(4 * len(variants), 7), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), len(variants), figsize=(4 * len(variants), 3.5 * len(metrics)),
+                             squeeze=False)
     for j, (gate, cap) in enumerate(variants):
         g = rows[(rows.gate == gate) & (rows.cap == cap)]
-        for i, metric in enumerate(("ce_loss_score", "explained_variance")):
+        for i, metric in enumerate(metrics):
             ax = axes[i][j]
             for arm, color in colors.items():
                 for seed, s in g[g.arm == arm].groupby("seed"):
@@ -213,7 +216,7 @@ def plot_ablation(rows: pd.DataFrame, path: Path) -> None:
             ax.set_title(f"{gate}, cap {cap}" if i == 0 else "")
             ax.set_ylabel(metric.replace("_", " "))
         axes[0][j].legend(fontsize=7)
-    fig.suptitle("Core gates: each arm over its measured L0 (one line per seed)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,7 +270,10 @@ def write_report(points: list[Config], store: Store, out_dir: Path, command: str
             parts += ["## Absorption and sparse probing (mean ± sd over seeds)", "",
                       "Lower absorption is better, higher probing accuracy is better. `d_*`: the cored arm minus the "
                       "no-core arm's curve read at the same total L0 (same seed); empty where the curves do not "
-                      "overlap. Definitions: docs/design.md, section 6.", "", _md_table(features), ""]
+                      "overlap. Definitions: docs/design.md, section 6.", "", _md_table(features), "",
+                      "![Absorption and sparse probing against L0](features.png)", ""]
+            plot_ablation(rows, out_dir / "features.png", FEATURE_METRICS,
+                          "Absorption and sparse probing: each arm over its measured L0 (one line per seed)")
         parts += ["## The final cores", "", "Per point: the final core's size, cycles where the cap bit, the share "
                   "of the last attribution it explains, and the mean Jaccard of consecutive cycles' cores.", "",
                   _md_table(f.sort_values(["gate", "cap", "seed"]), "{:.3f}"), "",
