@@ -122,7 +122,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         mine = lat == latent
         p, v = pos[mine], val[mine]
         # strongest first; equal activations by position, so the order is reproducible
-        order = sorted(range(len(v)), key=lambda j: (-float(v[j]), int(p[j])))[: params["contexts"]]
+        vl, pl = v.tolist(), p.tolist()
+        order = sorted(range(len(vl)), key=lambda j: (-vl[j], pl[j]))[: params["contexts"]]
         per_latent[latent] = (p, v, order)
         for j in order:
             lo, hi = context_bounds(int(p[j]), windows.shape[1])
