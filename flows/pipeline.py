@@ -177,7 +177,7 @@ def cards_node(cfg: Config, nodes: list[Node]) -> Node:
     last = cfg.cycles - 1
     selections = {f"select{n.cycle}": n for n in nodes if n.stage == "select"}
     ic = cfg.interpret
-    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": cfg.interpret.seed,
+    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
                             "contexts": ic.cards_contexts, "noncore": ic.cards_noncore},
                 {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"],
                  "train": by_label[f"train[{last}]"], "attribute": by_label[f"attribute[{last}]"], **selections},
