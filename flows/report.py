@@ -72,30 +72,43 @@ def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
     return table[cols].merge(pd.DataFrame(rows), on="sae", how="inner")
 
 
-def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+def core_decoder_cosines(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     """Transfer across sparsity, latent by latent: the final core's encoder rows are frozen in every distilled
-    reuse SAE, but each trains its own decoder. Per reuse k, the cosine of each core latent's decoder row with
-    its row in the SAE at the reference k (sae.k if reused, else the middle k): mean, min and the share above
-    0.9."""
+    reuse SAE, but each trains its own decoder. One row per (core latent, reuse k): the cosine of its decoder
+    row with its row in the SAE at the reference k (sae.k if reused, else the middle k). `latent` is its index
+    in the last cycle's SAE, as on its card."""
     saes = {n.params["sae"]["k"]: n for n in p.of_stage("reuse")
             if n.params["arm"] == "distilled" and n.params["seed"] == cfg.seed and store.has(n.stage, n.key)}
-    if len(saes) < 2:
+    final = p.last_core()
+    if len(saes) < 2 or not store.has(final.stage, final.key):
         return pd.DataFrame()
     ks = sorted(saes)
     ref_k = cfg.sae.k if cfg.sae.k in saes else ks[len(ks) // 2]
+    # the reuse SAEs hold the final core first, in selection order
+    latents = load_file(str(store.load(final.stage, final.key).file(select_stage.FILE)))["indices"].tolist()
 
     def core_decoder(node: Node) -> torch.Tensor:
         art = store.load(node.stage, node.key)
-        c = art.metrics["core_size"]
-        return load_file(str(art.file(train_stage.SAE_FILE)))["W_dec"][:c].double()
+        return load_file(str(art.file(train_stage.SAE_FILE)))["W_dec"][: art.metrics["core_size"]].double()
 
     ref = core_decoder(saes[ref_k])
     rows = []
     for k in ks:
         cos = torch.nn.functional.cosine_similarity(core_decoder(saes[k]), ref, dim=1)
-        rows.append({"k": k, "reference_k": ref_k, "core_size": len(cos), "mean_cosine": float(cos.mean()),
-                     "min_cosine": float(cos.min()), "share_above_0.9": float((cos > 0.9).double().mean())})
+        rows += [{"latent": latent, "k": k, "reference_k": ref_k, "cosine": float(c)}
+                 for latent, c in zip(latents, cos.tolist(), strict=True)]
     return pd.DataFrame(rows)
+
+
+def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+    """Per reuse k, the core decoders' cosines to the reference k (`core_decoder_cosines`): mean, min and the
+    share above 0.9."""
+    per_latent = core_decoder_cosines(store, p, cfg)
+    if per_latent.empty:
+        return per_latent
+    return per_latent.groupby(["k", "reference_k"]).cosine.agg(
+        core_size="count", mean_cosine="mean", min_cosine="min",
+        **{"share_above_0.9": lambda c: float((c > 0.9).mean())}).reset_index()
 
 
 def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
@@ -405,6 +418,9 @@ def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
             figures.append("interpret.png")
             plot_interpret(interp, cfg.seed, out_dir / "interpret.png")
             interp.to_parquet(out_dir / "interpret.parquet", index=False)
+        cosines = core_decoder_cosines(store, p, cfg)
+        if not cosines.empty:
+            cosines.to_parquet(out_dir / "core_decoder_cosines.parquet", index=False)
     cards = [n for n in p.of_stage("latents") if store.has(n.stage, n.key)]
     if cards:
         render_cards(cfg, cards[0], store.load(cards[0].stage, cards[0].key), out_dir / "latents")

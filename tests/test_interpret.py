@@ -135,3 +135,10 @@ def test_core_decoder_stability_across_reuse_k(interpreted):
     cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     assert table.loc[4, "mean_cosine"] == pytest.approx(float(cos.mean())) and c > 0
     assert table.loc[4, "min_cosine"] == pytest.approx(float(cos.min()))
+    # latent by latent, keyed by the latent's index in the last cycle's SAE (as on its card)
+    from flows.report import core_decoder_cosines
+
+    per_latent = core_decoder_cosines(run.store, run.plan, run.cfg)
+    at4 = per_latent[per_latent.k == 4]
+    core = load_file(str(run.load("select[1]").file(train_stage.CORE_FILE)))["indices"].tolist()
+    assert at4.latent.tolist() == core and at4.cosine.tolist() == pytest.approx(cos.tolist())
