@@ -100,15 +100,18 @@ def core_decoder_cosines(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
-    """Per reuse k, the core decoders' cosines to the reference k (`core_decoder_cosines`): mean, min and the
-    share above 0.9."""
-    per_latent = core_decoder_cosines(store, p, cfg)
+def summarise_cosines(per_latent: pd.DataFrame) -> pd.DataFrame:
+    """Per reuse k, the core decoders' cosines to the reference k: mean, min and the share above 0.9."""
     if per_latent.empty:
         return per_latent
     return per_latent.groupby(["k", "reference_k"]).cosine.agg(
         core_size="count", mean_cosine="mean", min_cosine="min",
         **{"share_above_0.9": lambda c: float((c > 0.9).mean())}).reset_index()
+
+
+def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+    """`summarise_cosines` of `core_decoder_cosines`."""
+    return summarise_cosines(core_decoder_cosines(store, p, cfg))
 
 
 def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
@@ -344,7 +347,9 @@ def matched_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
               "none_explained_variance", "d_explained_variance", "extrapolated"]]
 
 
-def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str]) -> str:
+def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str],
+                     interp: pd.DataFrame, cosines: pd.DataFrame) -> str:
+    """`interp`: `interpret_table`; `cosines`: `core_decoder_cosines` (either empty when there is none)."""
     final = p.last_core()
     cap = cfg.selection.core_cap(cfg.sae.k)
     parts = [f"# dmsae run `{cfg.name}`", "",
@@ -369,12 +374,11 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
                       "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
                       "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
                       _md_table(matched)]
-        stability = core_decoder_stability(store, p, cfg)
+        stability = summarise_cosines(cosines)
         if not stability.empty:
             parts += ["", "## The core's decoders across reuse k", "",
                       "Each final-core latent's decoder row in the distilled SAE at k against its row at the "
                       "reference k (the encoder rows are the same frozen vectors).", "", _md_table(stability)]
-        interp = interpret_table(store, p, table)
         if not interp.empty:
             parts += ["", "## Absorption and sparse probing", "",
                       "First-letter absorption (Chanin et al., as in SAEBench: mean over letters whose probe F1 > "
@@ -409,6 +413,7 @@ def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
     plot_cumulative_attribution(store, p, cfg.selection.tau, out_dir / figures[0])
     plot_core_origins(store, p, out_dir / figures[1])
     plot_training_curves(store, p, out_dir / figures[2])
+    interp = cosines = pd.DataFrame()
     if not table.empty:
         figures.append("arms.png")
         plot_arms(table, cfg.seed, out_dir / "arms.png")
@@ -425,5 +430,5 @@ def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
     if cards:
         render_cards(cfg, cards[0], store.load(cards[0].stage, cards[0].key), out_dir / "latents")
     summary = out_dir / "summary.md"
-    summary.write_text(summary_markdown(cfg, store, p, table, figures))
+    summary.write_text(summary_markdown(cfg, store, p, table, figures, interp, cosines))
     return summary

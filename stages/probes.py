@@ -40,6 +40,12 @@ def probe_tasks(params: dict[str, Any], location: str | None) -> list[probing.Pr
     return tasks
 
 
+def pad_with_bos(ids: list[list[int]], bos: int, device: str) -> torch.Tensor:
+    """Right-pad sequences with BOS: causal attention keeps real tokens blind to it, and kept_positions drops it."""
+    width = max(len(i) for i in ids)
+    return torch.tensor([i + [bos] * (width - len(i)) for i in ids], device=device)
+
+
 @torch.no_grad()
 def text_residuals(model: torch.nn.Module, tokenizer: Any, texts: list[str], bos: int, layer: int, context: int,
                    norm_threshold: float, batch: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,9 +55,7 @@ def text_residuals(model: torch.nn.Module, tokenizer: Any, texts: list[str], bos
     for b in tqdm(range(n_batches), desc="probe texts", unit="batch", disable=not rt.show_progress):
         chunk = texts[b * batch:(b + 1) * batch]
         ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][: context - 1] for t in chunk]
-        width = max(len(i) for i in ids)
-        # right padding with BOS: causal attention keeps real tokens blind to it, and kept_positions drops it
-        padded = torch.tensor([i + [bos] * (width - len(i)) for i in ids], device=rt.device)
+        padded = pad_with_bos(ids, bos, rt.device)
         h = lm.residual_upto(model, padded, layer)
         kept = lm.kept_positions(h, padded, bos, norm_threshold)
         for j in range(len(chunk)):
@@ -83,8 +87,7 @@ def word_residuals(model: torch.nn.Module, tokenizer: Any, bos: int, params: dic
         ids = [[bos] + e["input_ids"] for e in encoded]
         at = [1 + absorption.token_index(e["offset_mapping"], pr.word_end) for e, pr in zip(encoded, prompts,
                                                                                            strict=True)]
-        width = max(len(i) for i in ids)
-        padded = torch.tensor([i + [bos] * (width - len(i)) for i in ids], device=rt.device)
+        padded = pad_with_bos(ids, bos, rt.device)
         h = lm.residual_upto(model, padded, params["layer"])
         kept = lm.kept_positions(h, padded, bos, norm_threshold)
         for j, w in enumerate(chunk):
