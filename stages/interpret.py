@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from dmsae import absorption, probing
 from dmsae.runtime import Runtime
+from dmsae.sae import MatryoshkaSAE
 from dmsae.store import Artifact
 from stages import probes as probes_stage
 from stages import train as train_stage
@@ -29,25 +31,38 @@ LETTERS_FILE = "absorption_letters.parquet"
 WORDS_FILE = "absorption_words.parquet"
 
 
+def encoder(sae: MatryoshkaSAE, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Residual rows -> the SAE's codes (core and non-core side by side), in the SAE's input scale."""
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(sae.encode(x.float() * scale), dim=1)
+    return encode
+
+
+def sparse_probing(features: torch.Tensor, probes: Artifact, ks: list[int] | tuple[int, ...],
+                   skip_latents: int = 0) -> pd.DataFrame:
+    """Per task of the probes artifact and per k, the k-sparse probe on pooled codes `features` (texts x
+    latents). `skip_latents` leaves the first n latents (a core) out of the candidates; the `latents` column
+    keeps the SAE's own indices."""
+    rows = []
+    for task, ids, labels, is_test in probes_stage.load_tasks(probes):
+        test, y = torch.tensor(is_test), torch.tensor(labels)
+        x = features[ids][:, skip_latents:]
+        table = probing.sparse_probe(x[~test], y[~test], x[test], y[test], ks=tuple(k for k in ks if k <= x.shape[1]))
+        rows += [{"task": task, **r, "latents": [i + skip_latents for i in r["latents"]]}
+                 for r in table.to_dict("records")]
+    return pd.DataFrame(rows)
+
+
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     sae, scale = train_stage.load_sae(inputs["sae"])
     w_dec = load_file(str(inputs["sae"].file(train_stage.SAE_FILE)))["W_dec"].float()
     data = load_file(str(inputs["probes"].file(probes_stage.TENSORS_FILE)))
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat(sae.encode(x.float() * scale), dim=1)
-
+    encode = encoder(sae, scale)
     # sparse probing on mean-pooled codes
-    features = probes_stage.pooled(data["text_residuals"], data["text_offsets"], encode)
-    rows = []
-    for task, ids, labels, is_test in probes_stage.load_tasks(inputs["probes"]):
-        test, y = torch.tensor(is_test), torch.tensor(labels)
-        x = features[ids]
-        table = probing.sparse_probe(x[~test], y[~test], x[test], y[test],
-                                     ks=tuple(k for k in params["probe_k"] if k <= x.shape[1]))
-        rows += [{"task": task, **r} for r in table.to_dict("records")]
-    probing_table = pd.DataFrame(rows)
+    probing_table = sparse_probing(probes_stage.pooled(data["text_residuals"], data["text_offsets"], encode),
+                                   inputs["probes"], params["probe_k"])
     probing_table.to_parquet(out_dir / PROBING_FILE, index=False)
     by_k = probing_table.groupby("k")["test_accuracy"].mean()
 

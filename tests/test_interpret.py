@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmsae import lm
+from dmsae import lm, probing
 from stages import latents as latents_stage
 from stages import tokens as tokens_stage
 from stages import train as train_stage
@@ -142,3 +142,45 @@ def test_core_decoder_stability_across_reuse_k(interpreted):
     at4 = per_latent[per_latent.k == 4]
     core = load_file(str(run.load("select[1]").file(train_stage.CORE_FILE)))["indices"].tolist()
     assert at4.latent.tolist() == core and at4.cosine.tolist() == pytest.approx(cos.tolist())
+
+
+def test_probing_without_core_keeps_the_stage_numbers_and_leaves_the_core_out(interpreted):
+    from safetensors.torch import load_file as load_tensors
+
+    from flows.ablation import probing_without_core
+    from stages import interpret as interpret_stage
+    from stages import probes as probes_stage
+
+    run = interpreted
+    table = probing_without_core(run.cfg, run.store, run.plan, ks=(1, 5))
+    cored = [n for n in run.plan.of_stage("interpret")
+             if n.inputs["sae"].stage == "reuse" and n.inputs["sae"].params["arm"] != "none"]
+    assert len(table) == 2 * len(cored) and set(table.arm) == {"distilled", "random"}
+    for node in cored:
+        stage_metrics = run.store.load(node.stage, node.key).metrics
+        sae_art = run.store.load("reuse", node.inputs["sae"].key)
+        params = node.inputs["sae"].params
+        rows = table[(table.arm == params["arm"]) & (table.k == sae_art.metrics["k"]) & (table.seed == params["seed"])]
+        # every latent a candidate: exactly the interpret stage's own score
+        for k in (1, 5):
+            assert rows[rows.probe_k == k].accuracy_all_latents.item() == pytest.approx(
+                stage_metrics[f"sparse_probe_k{k}"], abs=1e-12)
+        # the core left out: no chosen latent is a core latent, and the indices are the SAE's own
+        sae, scale = train_stage.load_sae(sae_art)
+        probes = run.store.load("probes", node.inputs["probes"].key)
+        data = load_tensors(str(probes.file(probes_stage.TENSORS_FILE)))
+        features = probes_stage.pooled(data["text_residuals"], data["text_offsets"],
+                                       interpret_stage.encoder(sae, scale))
+        without = interpret_stage.sparse_probing(features, probes, (1, 5), skip_latents=sae.core_size)
+        chosen = [i for lat in without.latents for i in lat]
+        assert sae.core_size and chosen and min(chosen) >= sae.core_size
+        # independently: the whole dictionary ranked on the train split, core latents dropped, the first five
+        for (task, ids, labels, is_test), lat in zip(probes_stage.load_tasks(probes),
+                                                     without[without.k == 5].latents, strict=True):
+            train = ~torch.tensor(is_test)
+            order = probing.rank_latents(features[ids][train], torch.tensor(labels)[train]).tolist()
+            assert list(lat) == [i for i in order if i >= sae.core_size][:5], task
+        stored = pd.read_parquet(run.store.load(node.stage, node.key).file(interpret_stage.PROBING_FILE))
+        again = interpret_stage.sparse_probing(features, probes, (1, 2, 5, 10))
+        assert again.test_accuracy.tolist() == stored.test_accuracy.tolist()
+        assert [list(x) for x in again.latents] == [list(x) for x in stored.latents]
