@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = [f"--points {args.points}"] if args.points is not None else [f"--gates {args.gates}", f"--caps {args.caps}"]
     command = "python -m flows.ablation " + " ".join(
         [args.config, *grid, f"--seeds {args.seeds}"]
-        + [f"--set {s}" for s in args.set])
+        + [f"--set {s}" for s in args.set] + (["--probe-without-core"] if args.probe_without_core else []))
     timings: dict[str, float] = {}
     if not args.report_only:
         for i, cfg in enumerate(points):
