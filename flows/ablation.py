@@ -168,6 +168,8 @@ def probing_without_core(cfg: Config, store: Store, p: Plan, ks: tuple[int, ...]
         both = [interpret_stage.sparse_probing(features, probes, ks, skip_latents=skip) for skip in (0, core)]
         for k in ks:
             every, noncore = (t[t.k == k] for t in both)
+            if every.empty:  # k above the dictionary's width
+                continue
             rows.append({"gate": cfg.sae.core_gate, "cap": _cap_label(cfg), "seed": sae_node.params["seed"],
                          "arm": sae_node.params["arm"], "k": sae.k, "probe_k": k,
                          "core_share_of_chosen": sum(i < core for lat in every.latents for i in lat) / (k * len(every)),
