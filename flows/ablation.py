@@ -148,8 +148,8 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
 
 
 def probing_without_core(cfg: Config, store: Store, p: Plan, ks: tuple[int, ...] = (1, 5)) -> pd.DataFrame:
-    """A diagnostic for cored reuse SAEs: k-sparse probing as the interpret stage does it (every latent a
-    candidate, ranked by class-mean difference) against the same probes with the core left out, and the share of
+    """A diagnostic for cored reuse SAEs: the interpret stage's k-sparse probes (every latent a candidate,
+    ranked by class-mean difference) against the same probes with the core left out, and the share of
     the chosen latents that are core latents. Frequent latents have large mean differences, so a core of them can
     crowd the chosen set; this says whether a probing deficit is the core's or the rest of the dictionary's."""
     rows = []
@@ -163,12 +163,13 @@ def probing_without_core(cfg: Config, store: Store, p: Plan, ks: tuple[int, ...]
             continue
         probes = store.load("probes", n.inputs["probes"].key)
         data = load_file(str(probes.file(probes_stage.TENSORS_FILE)))
-        features = probes_stage.pooled(data["text_residuals"], data["text_offsets"],
-                                       interpret_stage.encoder(sae, scale))
-        both = [interpret_stage.sparse_probing(features, probes, ks, skip_latents=skip) for skip in (0, core)]
+        # every latent a candidate: the stage's own table; only the probes without the core are new
+        every_table = pd.read_parquet(store.load(n.stage, n.key).file(interpret_stage.PROBING_FILE))
+        noncore_table = interpret_stage.sparse_probing(interpret_stage.pooled_codes(sae, scale, data), probes, ks,
+                                                       skip_latents=core)
         for k in ks:
-            every, noncore = (t[t.k == k] for t in both)
-            if every.empty:  # k above the dictionary's width
+            every, noncore = every_table[every_table.k == k], noncore_table[noncore_table.k == k]
+            if every.empty:  # k not among the stage's probe_k, or above the dictionary's width
                 continue
             rows.append({"gate": cfg.sae.core_gate, "cap": _cap_label(cfg), "seed": sae_node.params["seed"],
                          "arm": sae_node.params["arm"], "k": sae.k, "probe_k": k,

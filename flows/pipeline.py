@@ -187,7 +187,7 @@ def cards_node(cfg: Config, nodes: list[Node]) -> Node:
 def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node: Node, core: Node,
                  train_params: dict[str, Any]) -> list[Node]:
     """Reuse SAEs in three arms at every k (plus a second seed at k=sae.k), and their evaluations."""
-    cycle_saes = [n for n in _ancestors(core) if n.stage == "train"]
+    cycle_saes = [n for n in ancestors(core) if n.stage == "train"]
     cycle0 = next(n for n in cycle_saes if n.cycle == 0)
     rand = Node("random_core", {"seed": cfg.reuse.random_core_seed}, {"cycle0": cycle0, "core": core},
                 tag="seed=" + str(cfg.reuse.random_core_seed))
@@ -221,7 +221,7 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     return nodes
 
 
-def _ancestors(node: Node) -> list[Node]:
+def ancestors(node: Node) -> list[Node]:
     """Every upstream node, each once, in dependency order."""
     seen: dict[str, Node] = {}
 

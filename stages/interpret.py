@@ -39,6 +39,11 @@ def encoder(sae: MatryoshkaSAE, scale: float) -> Callable[[torch.Tensor], torch.
     return encode
 
 
+def pooled_codes(sae: MatryoshkaSAE, scale: float, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per probing text of the probes stage's tensors, the mean of the SAE's codes over its tokens."""
+    return probes_stage.pooled(data["text_residuals"], data["text_offsets"], encoder(sae, scale))
+
+
 def sparse_probing(features: torch.Tensor, probes: Artifact, ks: list[int] | tuple[int, ...],
                    skip_latents: int = 0) -> pd.DataFrame:
     """Per task of the probes artifact and per k, the k-sparse probe on pooled codes `features` (texts x
@@ -59,10 +64,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     w_dec = load_file(str(inputs["sae"].file(train_stage.SAE_FILE)))["W_dec"].float()
     data = load_file(str(inputs["probes"].file(probes_stage.TENSORS_FILE)))
 
-    encode = encoder(sae, scale)
-    # sparse probing on mean-pooled codes
-    probing_table = sparse_probing(probes_stage.pooled(data["text_residuals"], data["text_offsets"], encode),
-                                   inputs["probes"], params["probe_k"])
+    probing_table = sparse_probing(pooled_codes(sae, scale, data), inputs["probes"], params["probe_k"])
     probing_table.to_parquet(out_dir / PROBING_FILE, index=False)
     by_k = probing_table.groupby("k")["test_accuracy"].mean()
 
@@ -71,7 +73,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     probe = absorption.LetterProbe(data["letter_probe_weight"], data["letter_probe_bias"], data["letter_probe_train"],
                                    data["letter_probe_test"], float("nan"), data["letter_probe_f1"])
     # no words (a vocabulary without single-token alphabetic words) gives NaN means and a reason, not an error
-    result = absorption.absorption(data["word_residuals"] * scale, letters, probe, encode, w_dec)
+    result = absorption.absorption(data["word_residuals"] * scale, letters, probe, encoder(sae, scale), w_dec)
     result.letters.to_parquet(out_dir / LETTERS_FILE, index=False)
     result.words.to_parquet(out_dir / WORDS_FILE, index=False)
 

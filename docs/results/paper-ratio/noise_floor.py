@@ -19,39 +19,28 @@ from dmsae.l0match import read_at_l0
 from dmsae.runtime import Runtime
 from dmsae.store import Store
 from flows.ablation import point_config
-from flows.pipeline import Node, materialize, plan
+from flows.pipeline import Node, ancestors, materialize, plan
 
 METRICS = {"evaluate": ("l0", "ce_loss_score", "explained_variance"),
            "interpret": ("absorption_fraction", "sparse_probe_k1", "sparse_probe_k5")}
 
 
+def sae_k(node: Node) -> int:
+    return node.inputs["sae"].params["sae"]["k"]
+
+
 def no_core_nodes(store_root: str, seed: int, ks: list[int]) -> tuple[Store, list[Node]]:
     cfg = point_config("configs/paper-ratio.yaml", [f"store={store_root}"], "topk", "0.6", seed)
-    nodes = [n for n in plan(cfg).nodes if n.stage in METRICS and n.tag and n.tag.startswith("none,")
-             and int(n.tag.split("k=")[1].split(",")[0]) in ks]
+    nodes = [n for n in plan(cfg).nodes if n.stage in METRICS and n.inputs["sae"].stage == "reuse"
+             and n.inputs["sae"].params["arm"] == "none" and sae_k(n) in ks]
     return Store(cfg.store), nodes
-
-
-def with_inputs(nodes: list[Node]) -> list[Node]:
-    order: list[Node] = []
-
-    def visit(n: Node) -> None:
-        for i in n.inputs.values():
-            visit(i)
-        if n not in order:
-            order.append(n)
-
-    for n in nodes:
-        visit(n)
-    return order
 
 
 def table(store: Store, nodes: list[Node], seed: int) -> pd.DataFrame:
     rows: dict[str, dict[str, float]] = {}
     for n in nodes:
         m = store.manifest(n.stage, n.key).metrics
-        row = rows.setdefault(n.tag, {"seed": seed, "k": int(n.tag.split("k=")[1].split(",")[0])})
-        row.update({c: m[c] for c in METRICS[n.stage]})
+        rows.setdefault(n.inputs["sae"].key, {"seed": seed, "k": sae_k(n)}).update({c: m[c] for c in METRICS[n.stage]})
     return pd.DataFrame(rows.values())
 
 
@@ -65,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.k.split(",")]
     store, other = no_core_nodes(args.store, args.seed, ks)
-    for n in with_inputs(other):
+    todo = {a.key: a for n in other for a in [*ancestors(n), n]}  # inputs first, each once
+    for n in todo.values():
         materialize(store, n, Runtime(show_progress=True))
     _, base_nodes = no_core_nodes(args.store, 0, [20, 40, 80, 160, 320])
     base = table(store, [n for n in base_nodes if store.has(n.stage, n.key)], 0).sort_values("l0")
