@@ -29,10 +29,11 @@ def sae_k(node: Node) -> int:
     return node.inputs["sae"].params["sae"]["k"]
 
 
-def no_core_nodes(store_root: str, seed: int, ks: list[int]) -> tuple[Store, list[Node]]:
+def no_core_nodes(store_root: str, seed: int, ks: list[int] | None = None) -> tuple[Store, list[Node]]:
+    """The no-core arm's evaluate and interpret nodes at `ks` (every reuse k when None)."""
     cfg = point_config("configs/paper-ratio.yaml", [f"store={store_root}"], "topk", "0.6", seed)
     nodes = [n for n in plan(cfg).nodes if n.stage in METRICS and n.inputs["sae"].stage == "reuse"
-             and n.inputs["sae"].params["arm"] == "none" and sae_k(n) in ks]
+             and n.inputs["sae"].params["arm"] == "none" and (ks is None or sae_k(n) in ks)]
     return Store(cfg.store), nodes
 
 
@@ -57,13 +58,12 @@ def main() -> None:
     todo = {a.key: a for n in other for a in [*ancestors(n), n]}  # inputs first, each once
     for n in todo.values():
         materialize(store, n, Runtime(show_progress=True))
-    _, base_nodes = no_core_nodes(args.store, 0, [20, 40, 80, 160, 320])
+    _, base_nodes = no_core_nodes(args.store, 0)
     base = table(store, [n for n in base_nodes if store.has(n.stage, n.key)], 0).sort_values("l0")
     again = table(store, other, args.seed).sort_values("k")
     for metric in ("ce_loss_score", "explained_variance", *METRICS["interpret"]):
-        again[f"d_{metric}"] = [read_at_l0(base.l0.to_numpy(), base[metric].to_numpy(dtype=float), at)[0]
-                                for at in again.l0]
-        again[f"d_{metric}"] = again[metric] - again[f"d_{metric}"]
+        reference = [read_at_l0(base.l0.to_numpy(), base[metric].to_numpy(dtype=float), at)[0] for at in again.l0]
+        again[f"d_{metric}"] = again[metric] - reference
     print(again.round(4).to_string(index=False))
     print("mean |d|:", {c: round(float(np.abs(again[c]).mean()), 4) for c in again.columns if c.startswith("d_")})
 
