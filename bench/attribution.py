@@ -6,13 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-from safetensors.torch import load_file
 
 from bench.common import ATTR_BATCH, LAYER, Context, Row, lm_autocast, log, median, time_call
 from bench.train import CORE, SEED, D, build_sae, sae_params
-from dmsae import lm
-from stages import tokens as tokens_stage
-from stages.attribute import attribution_batch, loss_mask
+from dmsae import lm, readers
+from stages.attribute import attribution_batch
 
 
 def reference(model: torch.nn.Module, ids: torch.Tensor, bos: int) -> None:
@@ -23,7 +21,7 @@ def reference(model: torch.nn.Module, ids: torch.Tensor, bos: int) -> None:
 
     with torch.enable_grad(), lm.splice(model, LAYER, leaf), lm.autocast(model):
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        total = lm.token_losses(logits, ids, loss_mask(ids, bos)).sum()
+        total = lm.token_losses(logits, ids, lm.loss_mask(ids, bos)).sum()
         total.backward()
 
 
@@ -31,7 +29,7 @@ def run(ctx: Context) -> list[Row]:
     device = ctx.device
     model_art, tokens_art = ctx.shared["model"], ctx.shared["tokens"]
     bos = int(tokens_art.metrics["bos_id"])
-    windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"]
+    windows = readers.token_windows(tokens_art, "train")
     n = (ctx.mode.attr_batches + 1) * ATTR_BATCH  # the first batch is the warm-up
     batches = [windows[i:i + ATTR_BATCH].long().to(device) for i in range(0, min(n, windows.shape[0]), ATTR_BATCH)]
     model = lm.load_model(model_art.path, device, "float32", lm_autocast(device))

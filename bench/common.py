@@ -226,10 +226,10 @@ def write_windows(folder: Path, windows: torch.Tensor, bos: int, split: str = "t
     """A tokens artifact holding only `windows` as its `split`, for running a stage on a subset."""
     from safetensors.torch import save_file
 
-    from stages import tokens as tokens_stage
+    from dmsae.readers import TOKENS_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({split: windows.contiguous()}, str(folder / tokens_stage.FILE))
+    save_file({split: windows.contiguous()}, str(folder / TOKENS_FILE))
     return FakeArtifact(folder, {"bos_id": bos})
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from bench.common import (
     LAYER,
@@ -23,10 +22,9 @@ from bench.common import (
     time_call,
     write_windows,
 )
-from dmsae import lm
+from dmsae import lm, readers
 from dmsae.runtime import Runtime
 from stages import harvest as harvest_stage
-from stages import tokens as tokens_stage
 
 STAGE_PARAMS = {"layer": LAYER, "chunk_rows": 4096, "store_dtype": "float32", "dtype": "float32",
                 "outlier_factor": 10.0}  # plus "autocast" on CUDA, as the pipeline plans it
@@ -58,7 +56,7 @@ def run(ctx: Context) -> list[Row]:
     mode, device = ctx.mode, ctx.device
     model_art, tokens_art = ctx.shared["model"], ctx.shared["tokens"]
     bos = int(tokens_art.metrics["bos_id"])
-    all_windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"]
+    all_windows = readers.token_windows(tokens_art, "train")
     n_win = min(all_windows.shape[0], mode.harvest_batches * LM_BATCH)
     windows = all_windows[:n_win]
     batches = [windows[i:i + LM_BATCH].long().to(device) for i in range(0, n_win, LM_BATCH)]

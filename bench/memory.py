@@ -33,12 +33,12 @@ def worker_harvest(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.common import write_windows
     from bench.harvest import STAGE_PARAMS
+    from dmsae.readers import TOKENS_FILE
     from dmsae.runtime import Runtime
     from stages import harvest as harvest_stage
-    from stages import tokens as tokens_stage
 
     work = Path(args.work)
-    windows = load_file(str(Path(args.tokens) / tokens_stage.FILE))["train"][: args.windows]
+    windows = load_file(str(Path(args.tokens) / TOKENS_FILE))["train"][: args.windows]
     tokens = write_windows(work / "tokens", windows, args.bos)
     out = work / "out"
     out.mkdir(parents=True)
@@ -52,7 +52,7 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
     from bench.train import BATCH, D, sae_params
     from dmsae.config import TrainConfig
     from dmsae.runtime import Runtime
-    from stages.train import fit
+    from dmsae.training import fit
 
     work = Path(args.work)
     harvest = FakeArtifact(Path(args.array), {"d": D, "n_tokens": args.n_tokens_train, "scale": args.scale})
@@ -152,7 +152,7 @@ def run(ctx: Context) -> list[Row]:
         log(f"memory: training on {tokens} tokens ({label}) in a fresh process")
         res[label] = _run_worker(ctx, f"train-{label}", ["train", "--array", str(folder), "--scale", str(scale),
                                                          "--n-tokens", str(tokens)])
-    row = _row("train stage (stages.train.fit, 1 epoch), N vs 4N tokens", res["N"], res["4N"], n, "tokens",
+    row = _row("train stage (dmsae.training.fit, 1 epoch), N vs 4N tokens", res["N"], res["4N"], n, "tokens",
                4 * n * 576 * 4 / 2**20)
     row.note += f"; harvested rows tiled to 4N{src_note}"
     rows.append(row)

@@ -66,7 +66,7 @@ EXPLAIN = {
              "on the same held-out rows with the training-time BatchTopK encoding. The anchors run in "
              "`bench/.venv` (torch pinned to the project's version) as subprocesses, through their own update "
              "functions. Same lr (5e-4) and a 5 % warm-up / 20 % decay schedule for all. The dmsae rows call "
-             "`stages.train.train_sae`, the train stage's loop (Adam, gradient projection, clipping, decoder "
+             "`dmsae.training.train_sae`, the train stage's loop (Adam, gradient projection, clipping, decoder "
              "normalisation, dead-latent and threshold statistics).",
     "attribution": "Per-batch times, interleaved, median over batches (after one warm-up batch). The reference "
                    "runs the model with the layer-15 residual replaced by a leaf that requires grad and "
@@ -76,7 +76,7 @@ EXPLAIN = {
              "any stage key, so the copy is exactly as cached), with its own Prefect home warmed up by one untimed "
              "run. The quickstart itself is never computed here.",
     "memory": "Peak RSS (VmHWM) of a fresh Python process that runs only that stage function "
-              "(`stages.harvest.run` with its own model load; `stages.train.fit` for one epoch at batch 4096). "
+              "(`stages.harvest.run` with its own model load; `dmsae.training.fit` for one epoch at batch 4096). "
               "The peak includes Python, torch and the model; the note gives the size the 4N activations would "
               "take if they were held in memory. N is at least one LM batch (harvest) and one full shuffle buffer "
               "(training: 16 chunks of 4096 rows), so the N run is not smaller for reasons unrelated to streaming. "

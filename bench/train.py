@@ -1,4 +1,4 @@
-"""2. SAE training: the train stage's step (`stages.train.train_sae` around `MatryoshkaSAE.train_step`)
+"""2. SAE training: the train stage's step (`dmsae.training.train_sae` around `dmsae.sparse_step.train_step`)
 against SAELens's and dictionary_learning's Matryoshka BatchTopK trainers and a plain dense PyTorch step,
 on identical batches of the same harvested activations, compared at equal steps by held-out FVU; and the
 step against one bare encoder matmul of the same shape, timed in the same run."""
@@ -27,10 +27,10 @@ from bench.common import (
     repeat,
     sync,
 )
-from dmsae import activations
+from dmsae import activations, readers
 from dmsae.config import SAEConfig, TrainConfig
 from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
-from stages.train import B_DEC_SAMPLE, build_sae, train_sae
+from dmsae.training import B_DEC_SAMPLE, Step, build_sae, train_sae
 
 D, WIDTH, K, BATCH = 576, 4096, 32, 4096
 PREFIXES = [128, 512, 1024, 2048, 4096]
@@ -50,20 +50,18 @@ def train_params(steps: int) -> dict[str, Any]:
     return TrainConfig(batch_size=BATCH).model_dump(exclude={"checkpoint_every"}) | {"log_every": max(1, steps)}
 
 
-class DenseReferenceSAE(MatryoshkaSAE):
+def dense_reference_step(sae: MatryoshkaSAE, x: torch.Tensor) -> tuple[StepStats, torch.Tensor, torch.Tensor]:
     """The plain dense PyTorch step: `forward_train` (dense decoder matmuls, a full top-k) and autograd."""
-
-    def train_step(self, x: torch.Tensor) -> tuple[StepStats, torch.Tensor, torch.Tensor]:
-        out = self.forward_train(x)
-        out.loss.backward()
-        f = out.f_noncore.detach()
-        nz = f.nonzero()
-        cols, vals = nz[:, 1], f[nz[:, 0], nz[:, 1]]
-        B = x.shape[0]
-        stats = StepStats(loss=float(out.loss.detach()), prefix_losses=out.prefix_losses, aux_loss=float(out.aux_loss),
-                          l0_core=float((out.f_core > 0).sum()) / B, l0_noncore=float(vals.numel()) / B,
-                          k_noncore=out.k_noncore, core_code=out.f_core.detach())
-        return stats, cols, vals
+    out = sae.forward_train(x)
+    out.loss.backward()
+    f = out.f_noncore.detach()
+    nz = f.nonzero()
+    cols, vals = nz[:, 1], f[nz[:, 0], nz[:, 1]]
+    B = x.shape[0]
+    stats = StepStats(loss=float(out.loss.detach()), prefix_losses=out.prefix_losses, aux_loss=float(out.aux_loss),
+                      l0_core=float((out.f_core > 0).sum()) / B, l0_noncore=float(vals.numel()) / B,
+                      k_noncore=out.k_noncore, core_code=out.f_core.detach())
+    return stats, cols, vals
 
 
 class TimedBatches:
@@ -122,16 +120,13 @@ def pool_rows(ctx: Context) -> tuple[np.ndarray, float, str]:
 
 
 def harvest_once(ctx: Context) -> None:
-    from safetensors.torch import load_file
-
     from bench.common import LM_BATCH, write_windows
     from bench.harvest import run_stage
     from dmsae import lm
-    from stages import tokens as tokens_stage
 
     model_art, tokens_art = ctx.shared["model"], ctx.shared["tokens"]
-    windows = load_file(str(tokens_art.file(tokens_stage.FILE)))["train"][: ctx.mode.harvest_batches * LM_BATCH]
-    tokens = write_windows(ctx.work / "harvest-tokens", windows, int(tokens_art.metrics["bos_id"]))
+    windows = readers.token_windows(tokens_art, "train")[: ctx.mode.harvest_batches * LM_BATCH]
+    tokens = write_windows(ctx.work / "harvest-tokens", windows, readers.bos_of(tokens_art))
     model = lm.load_model(model_art.path, ctx.device, "float32", lm_autocast(ctx.device))
     out = ctx.work / "harvest-out"
     ctx.shared["harvest_metrics"] = run_stage(model, model_art, tokens, out, ctx.device)
@@ -154,12 +149,12 @@ def write_batches(folder: Path, pool: np.ndarray, steps: int) -> tuple[torch.Ten
 
 
 def run_dmsae(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, x_eval: torch.Tensor, steps: int,
-              device: str) -> dict[str, Any]:
+              device: str, step_fn: Step | None = None) -> dict[str, Any]:
     sae.to(device)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(pool[: min(B_DEC_SAMPLE, pool.shape[0])]))  # as stages.train.fit
+        sae.b_dec.copy_(geometric_median(pool[: min(B_DEC_SAMPLE, pool.shape[0])]))  # as dmsae.training.fit
     batches = TimedBatches(pool, idx, device, sae)
-    train_sae(sae, batches, steps, train_params(steps))
+    train_sae(sae, batches, steps, train_params(steps), **({} if step_fn is None else {"step_fn": step_fn}))
     batches.finish()
     return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device))}
 
@@ -239,8 +234,8 @@ def run(ctx: Context) -> list[Row]:
     ctx.shared["train_profile"] = profile_steps(core_sae, pool, idx, PROFILE_STEPS, device)
     log("train: plain dense PyTorch step (MatryoshkaSAE.forward_train + autograd)")
     dense = build_sae(sae_params(), D, None, SEED)
-    dense.__class__ = DenseReferenceSAE  # same parameters and init, only the step differs
-    results["dense"] = run_dmsae(dense, pool, idx, x_eval, steps, device)
+    # same parameters and init, only the step differs
+    results["dense"] = run_dmsae(dense, pool, idx, x_eval, steps, device, dense_reference_step)
     anchors = [("dictionary_learning", None), ("saelens", None)]
     if mode.saelens_unit_decoder:
         anchors.append(("saelens", 1.0))
@@ -276,7 +271,7 @@ def rows(results: dict[str, dict[str, Any]], matmul_s: float, steps: int, dead_a
     ours = results["dmsae"]
     ours_tps, ours_fvu = _tps(ours), ours["fvu"]
     assert ours_tps is not None
-    out = [Row("dmsae train stage step (train_sae + MatryoshkaSAE.train_step), no core", ours_tps, "tokens/s",
+    out = [Row("dmsae train stage step (train_sae + sparse_step.train_step), no core", ours_tps, "tokens/s",
                note=f"FVU {ours_fvu:.3f} after {steps} steps; {_spread(ours)}; {_aux(ours)}")]
     fastest = None
     names = {"dictionary_learning-None": "dictionary_learning MatryoshkaBatchTopKTrainer",

@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dmsae.errors import UserError
+
+
+def bos_id(tokenizer: Any) -> int:
+    """The token that marks document starts: the tokenizer's BOS, else its EOS."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token; dmsae needs one to mark documents")
+    return int(bos)
 
 
 class _StopForward(Exception):
@@ -112,3 +121,17 @@ def token_losses(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return nll * mask[:, :-1]
+
+
+def loss_mask(ids: Tensor, bos: int) -> Tensor:
+    """1 where both the position and its next-token target are real tokens (not BOS)."""
+    real = ids != bos
+    mask = torch.zeros_like(ids, dtype=torch.float32)
+    mask[:, :-1] = (real[:, :-1] & real[:, 1:]).float()
+    return mask
+
+
+def pad_with_bos(ids: list[list[int]], bos: int, device: str) -> Tensor:
+    """Right-pad sequences with BOS: causal attention keeps real tokens blind to it, and kept_positions drops it."""
+    width = max(len(i) for i in ids)
+    return torch.tensor([i + [bos] * (width - len(i)) for i in ids], device=device)

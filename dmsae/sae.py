@@ -1,4 +1,4 @@
-"""The Matryoshka BatchTopK SAE with a shared core (DESIGN.md section 2).
+"""The Matryoshka BatchTopK SAE with a shared core (docs/design.md section 2).
 
 Latents are ordered [core | non-core]. Core and non-core parameters are separate tensors so a frozen
 transferred core encoder stays bit-identical (it is a buffer, never touched by the optimizer).
@@ -71,7 +71,7 @@ UNSET_THRESHOLD = 3.0e38  # how a threshold still at +inf (a latent never select
 
 class MatryoshkaSAE(nn.Module):
     """Encode, gate, decode and the losses, with autograd (`forward_train`) as the reference for the
-    fast step in `dmsae.sparse_step`.
+    fast step `dmsae.sparse_step.train_step(sae, x)` that training uses.
 
     How the core is gated (`core_gate`):
     - `relu`: every positive core pre-activation is kept, outside BatchTopK; the non-core k shrinks by the
@@ -240,13 +240,6 @@ class MatryoshkaSAE(nn.Module):
         if self.core_gate == "topk" and self.core_size:
             self.core_threshold.copy_(ema_thresholds(self.core_threshold, smallest_active(f_core), ema))
 
-    # -- fast training step (dmsae.sparse_step) -------------------------------------------------
-    def train_step(self, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
-        """Loss and gradients of `forward_train` without autograd; see `dmsae.sparse_step.train_step`."""
-        from dmsae.sparse_step import train_step
-
-        return train_step(self, x)
-
     def decoder_params(self) -> list[nn.Parameter]:
         return [self.dec_core, self.dec]
 
@@ -309,9 +302,3 @@ def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
         y = y_new
     return y.float()
 
-
-def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """Fraction of variance unexplained, mean-centred."""
-    num = (x - x_hat).pow(2).sum()
-    den = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return float(num / den)

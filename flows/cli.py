@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import io
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-from dmsae.config import Config, apply_overrides, config_warnings, load_config
+from dmsae.config import Config, config_warnings
 from dmsae.errors import UserError
+from dmsae.plan import Plan
+from dmsae.runs import abbreviate, branch_config, garbage, remove, resolve_config, run_tree, status_rows
 from dmsae.runtime import Runtime
-from dmsae.store import RunRecord, Store, SweepRecord
-from flows.pipeline import Plan, plan, preflight, run_record
+from dmsae.store import Store
+from flows.pipeline import plan, preflight, run_record
+from flows.runner import setup_torch
 
 EXIT_USER_ERROR = 2
 
@@ -28,18 +29,6 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def _setup_torch(cfg: Config) -> None:
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
-    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
-        raise UserError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered from 0")
-
-
 def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("config", nargs=None if required else "?",
                    help="YAML preset (e.g. configs/quickstart.yaml) or the name of a run recorded in --store")
@@ -48,26 +37,11 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--store", default="artifacts", help="store root where a run name is looked up")
 
 
-def resolve_config(config: str, overrides: list[str], store_root: str) -> Config:
-    """A YAML preset, or a run recorded in the store (e.g. one made by `dmsae branch`)."""
-    if Path(config).is_file() or config.endswith((".yaml", ".yml")) or "/" in config:
-        return load_config(config, overrides)
-    store = Store(store_root)
-    if not store.run_path(config).is_file():
-        raise UserError(f"{config}: neither a config file nor a run recorded in the store {store_root}; "
-                        "pass a YAML preset such as configs/quickstart.yaml (or --store for another store)")
-    data = apply_overrides(store.read_run(config).config, overrides)
-    try:
-        return Config.model_validate(data)
-    except ValueError as e:
-        raise UserError(f"run {config}: {str(e).splitlines()[0]}") from None
-
-
 def _checked(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
     """The config, its store and plan after every check that needs no write: what `dmsae run` and
     `dmsae check` both do first."""
     cfg = resolve_config(args.config, args.set, args.store)
-    _setup_torch(cfg)
+    setup_torch(cfg)
     for note in config_warnings(cfg):
         print(f"dmsae: warning: {note}", file=sys.stderr)
     store = Store(cfg.store)
@@ -101,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, store, p = _checked(args)
     store.ensure_writable()
     _quiet_prefect()
+    from dmsae.reports.run import cycle_text
     from flows.distill import INVALID_INPUT, distill
     from flows.runner import shared_prefect_api, task_runner
 
@@ -118,48 +93,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     computed = state.result()["computed"]
     print(f"\ndmsae run '{cfg.name}' finished in {wall:.1f} s; computed {len(computed)} of {len(p.nodes)} stages"
           + (f" ({', '.join(computed)})" if computed else " (everything was cached)"))
-    print(_cycle_table(cfg, store, p))
+    print(cycle_text(cfg, store, p))
     final = p.last_core()
     print(f"final core: {store.artifact_dir(final.stage, final.key)}")
     print(f"report: {Path(cfg.report_dir) / cfg.name / 'summary.md'}")
     return 0
 
 
-def _cycle_table(cfg: Config, store: Store, p: Plan) -> str:
-    rows = ["cycle  core in  train FVU  attr. FVU  L0      core out"]
-    for c in range(cfg.cycles):
-        tr = store.manifest("train", p.find("train", c).key).metrics
-        at = store.manifest("attribute", p.find("attribute", c).key).metrics
-        se = store.manifest("select", p.find("select", c).key).metrics
-        rows.append(f"{c:<6} {tr['core_size']:<8} {tr['train_fvu']:<10.3f} {at['fvu']:<10.3f} "
-                    f"{at['l0']:<7.1f} {se['core_size']}")
-    return "\n".join(rows)
-
-
-def _status_rows(cfg: Config) -> list[dict[str, str]]:
-    store = Store(cfg.store)
-    rows = []
-    for node in plan(cfg).nodes:
-        done = store.has(node.stage, node.key)
-        detail = ""
-        if done:
-            m = store.manifest(node.stage, node.key).metrics
-            if node.stage == "select":
-                detail = f"core size {m['core_size']}"
-            elif node.stage == "train":
-                detail = f"core in {m['core_size']}, train FVU {m['train_fvu']:.3f}"
-            elif node.stage == "harvest":
-                detail = f"{m['n_tokens']} tokens, d={m['d']}"
-            elif node.stage == "attribute":
-                detail = f"FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}"
-        rows.append({"stage": node.label, "key": node.key, "state": "done" if done else "missing", "detail": detail})
-    return rows
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     if args.config is not None:
+        from flows.pipeline import stage_detail
+
         cfg = resolve_config(args.config, args.set, args.store)
-        rows = _status_rows(cfg)
+        rows = status_rows(Store(cfg.store), plan(cfg), stage_detail)
         done = sum(r["state"] == "done" for r in rows)
         print(f"run '{cfg.name}' (store {cfg.store}): {done}/{len(rows)} stages done")
         for r in rows:
@@ -176,63 +122,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
-    """Runs as a tree (branches under the run they came from), each with its stages done and, for a
-    branch, the stages it shares with its parent. A sweep is one node (under its base run when that is
-    recorded) with its points beneath it."""
-    by_name = {r.name: r for r in records}
-    sweeps = store.read_sweeps()
-    in_sweep = {pt["run"] for sw in sweeps for pt in sw.points}
-    children: dict[str | None, list[RunRecord]] = {}
-    for r in records:
-        if r.name not in in_sweep:
-            children.setdefault(r.parent if r.parent in by_name else None, []).append(r)
-    lines: list[str] = []
-
-    def visit_sweep(sw: SweepRecord, prefix: str, last: bool, root: bool) -> None:
-        grid = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in sw.grid.items())
-        lines.append(("" if root else prefix + ("`-- " if last else "|-- "))
-                     + f"sweep {sw.name}  [{sw.status}]  {len(sw.points)} points over {grid}")
-        inner = "" if root else prefix + ("    " if last else "|   ")
-        points = [by_name[pt["run"]] for pt in sw.points if pt["run"] in by_name]
-        for i, r in enumerate(points):
-            lines.append(inner + ("`-- " if i == len(points) - 1 else "|-- ") + describe(r))
-
-    def describe(r: RunRecord) -> str:
-        done = sum(store.has(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items())
-        text = f"{r.name}  [{r.status}]  {done}/{len(r.keys)} stages done"
-        if r.parent in by_name:
-            parent_keys = set(by_name[r.parent].keys.values())
-            shared = [label for label, key in r.keys.items() if key in parent_keys]
-            text += f"; shares {len(shared)} with {r.parent} ({_abbreviate(shared)}), {len(r.keys) - len(shared)} own"
-        return text
-
-    def visit(r: RunRecord, prefix: str, last: bool, root: bool) -> None:
-        lines.append(("" if root else prefix + ("`-- " if last else "|-- ")) + describe(r))
-        kids: list[RunRecord | SweepRecord] = [*children.get(r.name, []), *(sw for sw in sweeps if sw.base == r.name)]
-        for i, kid in enumerate(kids):
-            inner, kid_last = "" if root else prefix + ("    " if last else "|   "), i == len(kids) - 1
-            if isinstance(kid, SweepRecord):
-                visit_sweep(kid, inner, kid_last, False)
-            else:
-                visit(kid, inner, kid_last, False)
-
-    for r in children.get(None, []):
-        visit(r, "", True, True)
-    for sw in sweeps:
-        if sw.base not in by_name:
-            visit_sweep(sw, "", True, True)
-    return lines
-
-
-def _abbreviate(labels: list[str], n: int = 5) -> str:
-    return ", ".join(labels[:n]) + (f", ... {len(labels) - n} more" if len(labels) > n else "") if labels else "none"
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Record one run per grid point (branches of the base run), plan them together, and run every stage
     they need once, in parallel on Dask unless --runner local."""
-    from flows.sweep import parse_grid, sweep_points, unique_nodes
+    from flows.sweep import parse_grid, prepare_sweep, run_sweep, unique_nodes
 
     grid = parse_grid(args.grid, args.grid_file)
     sets = [*args.set, f"runner={args.runner}"]
@@ -240,40 +133,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sets.append(f"dask.address={args.dask_address}")
     if args.workers:
         sets.append(f"dask.workers={args.workers}")
-    base, name, points = sweep_points(args.config, sets, grid, args.name)
-    store = Store(base.store)
-    if store.sweep_path(name).is_file() and store.read_sweep(name).grid != grid:
-        raise UserError(f"--name {name}: a sweep of another grid is recorded under this name; choose another name")
-    _setup_torch(base)
-    notes: dict[str, None] = {}
-    plans = []
-    for _, _, cfg in points:
-        notes.update(dict.fromkeys(config_warnings(cfg)))
-        p = plan(cfg)
-        preflight(cfg, p, store)
-        plans.append(p)
-    for note in notes:
+    sweep = prepare_sweep(args.config, sets, grid, args.name)
+    for note in sweep.warnings:
         print(f"dmsae: warning: {note}", file=sys.stderr)
     _quiet_prefect()
-    from flows.runner import shared_prefect_api, task_runner
-    from flows.sweep import sweep_flow
-
-    _check_runner(base)
+    _check_runner(sweep.base)
+    store = Store(sweep.base.store)
     store.ensure_writable()
-    nodes = unique_nodes(plans)
+    nodes = unique_nodes(sweep.plans)
     cached = sum(store.has(n.stage, n.key) for n in nodes)
-    print(f"sweep '{name}': {len(points)} points, {sum(len(p.nodes) for p in plans)} stages in their plans, "
-          f"{len(nodes)} distinct ({cached} cached); runner {base.runner}", flush=True)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    record = SweepRecord(name=name, base=base.name, grid=grid, status="planned", created=now, updated=now,
-                         points=[{"run": run, "values": values} for run, values, _ in points])
+    print(f"sweep '{sweep.name}': {len(sweep.points)} points, {sum(len(p.nodes) for p in sweep.plans)} stages in "
+          f"their plans, {len(nodes)} distinct ({cached} cached); runner {sweep.base.runner}", flush=True)
     start = time.perf_counter()
-    runner = task_runner(base.runner, base.dask, base.device)
-    with shared_prefect_api() if base.runner == "dask" else contextlib.nullcontext():
-        state = sweep_flow.with_options(task_runner=runner)(
-            base.model_dump(mode="json"), [c.model_dump(mode="json") for _, _, c in points],
-            record.model_dump(mode="json"), show_progress=not args.no_progress and base.runner == "local",
-            return_state=True)
+    state = run_sweep(sweep, grid, show_progress=not args.no_progress)
     wall = time.perf_counter() - start
     from flows.distill import INVALID_INPUT
 
@@ -281,10 +153,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"dmsae: error: {state.message}", file=sys.stderr)
         return EXIT_USER_ERROR if state.name == INVALID_INPUT else 1
     result = state.result()
-    print(f"sweep '{name}' finished in {wall:.1f} s; computed {len(result['computed'])} of {len(nodes)} distinct "
-          "stages")
-    for run, values, _ in points:
+    print(f"sweep '{sweep.name}' finished in {wall:.1f} s; computed {len(result['computed'])} of {len(nodes)} "
+          "distinct stages")
+    for run, values, _ in sweep.points:
         print(f"  {run:<48} {result['points'][run]:<9} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """The core-gate ablation: every (gate, cap, seed) point through the distill flow, then its report."""
+    from flows.ablate import ablation_from_args, parse_ints, run_ablation
+
+    noise_seed = None
+    if args.noise_floor_seed is not None:
+        seeds = parse_ints("--noise-floor-seed", args.noise_floor_seed)
+        if len(seeds) != 1:
+            raise UserError(f"--noise-floor-seed {args.noise_floor_seed}: give one seed, e.g. --noise-floor-seed 1")
+        noise_seed = seeds[0]
+    ablation = ablation_from_args(args.config, args.set, args.gates, args.caps, args.seeds, args.points, args.out,
+                                  args.probe_without_core, noise_seed, args.noise_floor_k)
+    setup_torch(ablation.base)
+    _quiet_prefect()
+    path = run_ablation(ablation, report_only=args.report_only)
+    print(f"ablation report: {path}")
     return 0
 
 
@@ -292,25 +183,15 @@ def cmd_branch(args: argparse.Namespace) -> int:
     """Record a new run from a recorded one with some keys changed; it shares every upstream key."""
     store = Store(args.store)
     parent = store.read_run(args.run)
-    if not args.set:
-        raise UserError("branch: give at least one --set KEY=VALUE, e.g. --set selection.tau=0.8")
-    name = args.name or f"{parent.name}-branch"
-    if store.run_path(name).is_file():
-        raise UserError(f"--name {name}: a run with this name is already recorded; choose another name")
-    data = apply_overrides(dict(parent.config), [*args.set, f"name={name}"])
-    try:
-        cfg = Config.model_validate(data)
-    except ValueError as e:
-        raise UserError(f"branch {name}: {str(e).splitlines()[0]}") from None
-    if Path(cfg.store).resolve() != store.root.resolve():
-        raise UserError("branch: a branch lives in its parent's store; drop the --set store=... override")
+    cfg = branch_config(store, parent, args.set, args.name)
+    name = cfg.name
     p = plan(cfg)
     store.write_run(run_record(cfg, p, "planned", parent=parent.name))
     parent_keys = set(parent.keys.values())
     shared = [n.label for n in p.nodes if n.key in parent_keys]
     todo = [n.label for n in p.nodes if not store.has(n.stage, n.key)]
     print(f"branch '{name}' of '{parent.name}' recorded: shares {len(shared)} of {len(p.nodes)} stages "
-          f"({_abbreviate(shared)}); {len(todo)} to compute ({_abbreviate(todo)})")
+          f"({abbreviate(shared)}); {len(todo)} to compute ({abbreviate(todo)})")
     if args.run_now:
         return cmd_run(argparse.Namespace(config=name, set=[], store=args.store, no_progress=args.no_progress))
     print(f"run it with: dmsae run {name}" + (f" --store {args.store}" if args.store != "artifacts" else ""))
@@ -322,38 +203,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     store = Store(args.store)
     if not store.root.is_dir():
         raise UserError(f"--store {args.store}: no such store folder")
-    referenced: set[tuple[str, str]] = set()
-    for r in store.read_runs():
-        referenced |= {(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items()}
-        try:  # keys of the current code too, in case a stage version changed since the run was recorded
-            referenced |= {(n.stage, n.key) for n in plan(Config.model_validate(r.config)).nodes}
-        except (UserError, ValueError):
-            pass
-    garbage = [(f"{stage}/{key}", store.artifact_dir(stage, key), (stage, key))
-               for stage in store.stages() for key in store.keys(stage) if (stage, key) not in referenced]
-    garbage += [(f"{p.relative_to(store.root)}", p, None) for p in store.leftovers(referenced)]
-    if not garbage:
+    from flows.pipeline import referenced
+
+    items = garbage(store, referenced(store))
+    if not items:
         print(f"nothing to remove in {args.store}: every artifact belongs to a recorded run")
         return 0
-    total = 0
-    for label, path, stage_key in garbage:
-        size = _size(path)
-        total += size
-        if args.yes:
-            if stage_key is not None and store.is_locked(*stage_key):
-                print(f"  kept {label} (being written by a running process)")
-                continue
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        print(f"  {'removed' if args.yes else 'would remove'} {label}  {size / 1e6:.1f} MB")
+    for item in items:
+        if args.yes and not remove(store, item):
+            print(f"  kept {item.label} (being written by a running process)")
+            continue
+        print(f"  {'removed' if args.yes else 'would remove'} {item.label}  {item.size / 1e6:.1f} MB")
     verb = "removed" if args.yes else "would free"
-    print(f"{verb} {total / 1e6:.1f} MB in {len(garbage)} entries" + ("" if args.yes else "; run with --yes to delete"))
+    print(f"{verb} {sum(i.size for i in items) / 1e6:.1f} MB in {len(items)} entries"
+          + ("" if args.yes else "; run with --yes to delete"))
     return 0
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
@@ -362,10 +226,11 @@ def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import write_report
+    from dmsae.reports.run import write_report
 
     if args.sweep:
-        from flows.sweep import write_sweep_report
+        from dmsae.reports.sweep import write_sweep_report
+        from flows.sweep import sweep_plans
 
         store = Store(args.store)
         record = store.read_sweep(args.sweep)
@@ -373,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not runs:
             raise UserError(f"sweep {args.sweep}: none of its points is recorded in {args.store}; run the sweep first")
         out = Path(args.out) if args.out else Path(runs[0].config.get("report_dir", "reports")) / record.name
-        path = write_sweep_report(store, record, out)
+        path = write_sweep_report(store, record, sweep_plans(store, record), out)
         print(f"sweep report written to {path}")
         return 0
     if args.config is None:
@@ -395,8 +260,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def write_latent_cards(cfg: Config, store: Store, p: Plan, out: Path, show_progress: bool) -> Path:
     """Compute the cards' data if it is missing (the distillation must be finished) and write the site."""
+    from dmsae.reports.run import render_cards
     from flows.pipeline import cards_node, materialize
-    from flows.report import render_cards
 
     node = cards_node(cfg, p.nodes)
     missing = [n.label for n in node.inputs.values() if not store.has(n.stage, n.key)]
@@ -409,7 +274,7 @@ def write_latent_cards(cfg: Config, store: Store, p: Plan, out: Path, show_progr
 
 def cmd_cards(args: argparse.Namespace) -> int:
     cfg, store, p = _load(args)
-    _setup_torch(cfg)
+    setup_torch(cfg)
     out = Path(args.out) if args.out else Path(cfg.report_dir) / cfg.name / "latents"
     index = write_latent_cards(cfg, store, p, out, show_progress=not args.no_progress)
     print(f"latent cards written to {index} (open it in a browser)")
@@ -417,19 +282,10 @@ def cmd_cards(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.export import export_saelens
+    from dmsae.export import choose_sae, export_saelens
 
     cfg, store, p = _load(args)
-    saes = [n for n in p.nodes if n.stage in ("train", "reuse")]
-    if args.sae:
-        chosen = [n for n in saes if n.label == args.sae]
-        if not chosen:
-            raise UserError(f"--sae {args.sae}: no such SAE in run '{cfg.name}'; one of: "
-                            + ", ".join(n.label for n in saes))
-        node = chosen[0]
-    else:  # the distilled-core reuse SAE at the config's k, else the last cycle's SAE
-        preferred = [n for n in saes if n.label == f"reuse[distilled,k={cfg.sae.k},seed={cfg.seed}]"]
-        node = preferred[0] if preferred else [n for n in saes if n.stage == "train"][-1]
+    node = choose_sae(p, cfg.name, args.sae, cfg.sae.k, cfg.seed)
     if not store.has(node.stage, node.key):
         raise UserError(f"{node.label} is not in the store yet; run it first: dmsae run {args.config}")
     out = Path(args.out) if args.out else Path(cfg.report_dir) / cfg.name / "saelens" / node.label
@@ -442,7 +298,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the config's flow as a Prefect deployment on a cron schedule; runs until interrupted."""
     cfg = resolve_config(args.config, args.set, args.store)
-    _setup_torch(cfg)
+    setup_torch(cfg)
     Store(cfg.store).ensure_writable()
     _quiet_prefect()
     from flows.serve import serve_config
@@ -484,6 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=None, help="worker processes of the local Dask cluster")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=cmd_sweep)
+    ablate = sub.add_parser("ablate", help="the core-gate ablation: a whole distillation per (gate, cap, seed) "
+                            "from a base preset, every arm compared with no core at equal L0 (replaces "
+                            "`python -m flows.ablation`)")
+    ablate.add_argument("config", help="base preset, e.g. configs/quickstart.yaml")
+    ablate.add_argument("--gates", default="relu,relu_bias,topk", help="comma-separated sae.core_gate values")
+    ablate.add_argument("--caps", default="none", help="comma-separated max_core values; 'none' for no cap")
+    ablate.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each is a whole distillation")
+    ablate.add_argument("--points", default=None, metavar="GATE:CAP,...",
+                        help="run these (gate, cap) pairs instead of every gate with every cap, "
+                             "e.g. topk:0.6,relu:none")
+    ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
+    ablate.add_argument("--out", default=None, help="report folder; default <report_dir>/<base name>-ablation")
+    ablate.add_argument("--report-only", action="store_true", help="render what the store holds; run nothing")
+    ablate.add_argument("--probe-without-core", action="store_true",
+                        help="add the probing diagnostic: each cored reuse SAE's sparse probes with the core left out "
+                             "(re-encodes the probing texts: about 30 s per SAE at width 16,384 on a CPU)")
+    ablate.add_argument("--noise-floor-seed", default=None, metavar="SEED",
+                        help="also train the no-core arm with this seed and read it against the first seed's no-core "
+                             "curve at equal L0: the seed noise of the differences (computes only those stages)")
+    ablate.add_argument("--noise-floor-k", default=None, metavar="K,...",
+                        help="the reuse k of the noise floor (default: every reuse.k), e.g. 20,40,80")
+    ablate.set_defaults(func=cmd_ablate)
     branch = sub.add_parser("branch", help="record a new run from a recorded one with changed keys; "
                             "it shares every stage upstream of the change")
     branch.add_argument("run", help="name of the recorded run to branch from (see dmsae status)")

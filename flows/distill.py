@@ -26,10 +26,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmsae.config import Config
 from dmsae.errors import UserError
+from dmsae.plan import Node
+from dmsae.reports.run import write_report
+from dmsae.reports.tables import results_table
 from dmsae.runtime import Runtime
 from dmsae.store import Store
-from flows.pipeline import Node, materialize, plan, preflight, run_record
-from flows.report import results_table, write_report
+from flows.pipeline import materialize, plan, preflight, run_record
 
 PROGRESS_EVERY_S = 2.0
 INVALID_INPUT = "InvalidInput"  # state name of a run stopped by a user mistake

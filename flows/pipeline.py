@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from dmsae import probing
 from dmsae.config import Config
 from dmsae.errors import UserError
+from dmsae.eval import tasks as probe_tasks
+from dmsae.plan import Node, Plan, ancestors
 from dmsae.runtime import Runtime
 from dmsae.sources import resolve_corpus, resolve_model, sha256_file
-from dmsae.store import Artifact, RunRecord, Store, compute_key, probe_writable
+from dmsae.store import Artifact, RunRecord, Store, probe_writable
 from stages import (
     attribute,
     baseline,
@@ -44,44 +44,10 @@ STAGES: dict[str, ModuleType] = {
 }
 
 
-@dataclass(frozen=True)
-class Node:
-    stage: str
-    params: dict[str, Any]
-    inputs: dict[str, Node]
-    cycle: int | None = None
-    args: dict[str, Any] = field(default_factory=dict, compare=False)  # runtime-only, not in the key
-    tag: str | None = None  # label suffix for nodes that are not per cycle
-
-    @property
-    def version(self) -> str:
-        return STAGES[self.stage].VERSION
-
-    @cached_property
-    def key(self) -> str:
-        return compute_key(self.stage, self.version, self.params, {k: n.key for k, n in self.inputs.items()})
-
-    @property
-    def label(self) -> str:
-        suffix = self.tag if self.tag is not None else self.cycle
-        return self.stage if suffix is None else f"{self.stage}[{suffix}]"
-
-
-@dataclass
-class Plan:
-    nodes: list[Node]  # in dependency order
-
-    def find(self, stage: str, cycle: int | None = None) -> Node:
-        for n in self.nodes:
-            if n.stage == stage and n.cycle == cycle:
-                return n
-        raise KeyError(f"{stage}[{cycle}]")
-
-    def last_core(self) -> Node:
-        return [n for n in self.nodes if n.stage == "select"][-1]
-
-    def of_stage(self, stage: str) -> list[Node]:
-        return [n for n in self.nodes if n.stage == stage]
+def stage_node(stage: str, params: dict[str, Any], inputs: dict[str, Node], cycle: int | None = None,
+               **kwargs: Any) -> Node:
+    """A plan node of `stage` at the stage's current VERSION."""
+    return Node(stage, STAGES[stage].VERSION, params, inputs, cycle, **kwargs)
 
 
 def lm_autocast(device: str, dtype: str) -> str | None:
@@ -109,16 +75,16 @@ def plan(cfg: Config) -> Plan:
     msrc = resolve_model(cfg.model.path)
     csrc = resolve_corpus(cfg.data.path)
     d = cfg.data
-    model_node = Node("model", {"kind": msrc.kind, "fingerprint": msrc.fingerprint, "dtype": cfg.model.dtype},
+    model_node = stage_node("model", {"kind": msrc.kind, "fingerprint": msrc.fingerprint, "dtype": cfg.model.dtype},
                       {}, args={"location": msrc.location})
-    tokens_node = Node("tokens", {
+    tokens_node = stage_node("tokens", {
         "kind": csrc.kind, "fingerprint": csrc.fingerprint,
         "field": d.field if csrc.kind in ("jsonl", "hub") else None,
         "split": d.split if csrc.kind == "hub" else None,
         "context": d.context, "train_tokens": d.train_tokens, "attribution_tokens": d.attribution_tokens,
         "eval_tokens": d.eval_tokens, "split_seed": d.split_seed,
     }, {"model": model_node}, args={"location": csrc.location})
-    harvest_node = Node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
+    harvest_node = stage_node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
                                     "store_dtype": cfg.harvest.store_dtype, **lm_params(cfg),
                                     "outlier_factor": cfg.harvest.outlier_factor},
                         {"model": model_node, "tokens": tokens_node}, args={"batch_size": d.batch_size})
@@ -129,17 +95,17 @@ def plan(cfg: Config) -> Plan:
         train_inputs: dict[str, Node] = {"harvest": harvest_node}
         if core is not None:
             train_inputs["core"] = core
-        train_node = Node("train", {"cycle": cycle, "seed": cfg.seed,
+        train_node = stage_node("train", {"cycle": cycle, "seed": cfg.seed,
                                     "sae": sae_params_for(cfg.sae.model_dump(), core is not None),
                                     "train": train_params}, train_inputs, cycle,
                           args={"checkpoint_every": cfg.train.checkpoint_every})
-        attr_node = Node("attribute", {"layer": cfg.harvest.layer, "score": cfg.attribution.score,
+        attr_node = stage_node("attribute", {"layer": cfg.harvest.layer, "score": cfg.attribution.score,
                                        "q": cfg.attribution.q, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "train": train_node},
                          cycle,
                          args={"batch_size": cfg.attribution.batch_size})
         cap = cfg.selection.core_cap(cfg.sae.k)
-        core = Node("select", {"cycle": cycle, "tau": cfg.selection.tau} | ({"max_core": cap} if cap else {}),
+        core = stage_node("select", {"cycle": cycle, "tau": cfg.selection.tau} | ({"max_core": cap} if cap else {}),
                     {"attribute": attr_node, "train": train_node}, cycle)
         nodes += [train_node, attr_node, core]
     if cfg.reuse.k and core is not None:
@@ -157,16 +123,16 @@ def _interpret_nodes(cfg: Config, nodes: list[Node]) -> list[Node]:
     probe_file = Path(ic.probe_data).expanduser() if ic.probe_data else None
     if probe_file is not None and not probe_file.is_file():
         raise UserError(f"interpret.probe_data: {probe_file} not found; give a JSONL file with text and label fields")
-    probe_node = Node("probes", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
+    probe_node = stage_node("probes", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
                                  "absorption_words": ic.absorption_words, "probe_examples": ic.probe_examples,
-                                 "probe_context": ic.probe_context, "offline_tasks": probing.wiki_version(),
+                                 "probe_context": ic.probe_context, "offline_tasks": probe_tasks.wiki_version(),
                                  "probe_data": sha256_file(probe_file) if probe_file else None},
                       {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"]},
                       args={"batch_size": ic.batch_size,
                             "probe_data_location": str(probe_file.resolve()) if probe_file else None})
     out = [probe_node]
     for ev in [n for n in nodes if n.stage == "evaluate"]:
-        out.append(Node("interpret", {"probe_k": ic.probe_k}, {"probes": probe_node, "sae": ev.inputs["sae"]},
+        out.append(stage_node("interpret", {"probe_k": ic.probe_k}, {"probes": probe_node, "sae": ev.inputs["sae"]},
                         ev.cycle, tag=ev.tag))
     return out + [cards_node(cfg, nodes)]
 
@@ -177,7 +143,7 @@ def cards_node(cfg: Config, nodes: list[Node]) -> Node:
     last = cfg.cycles - 1
     selections = {f"select{n.cycle}": n for n in nodes if n.stage == "select"}
     ic = cfg.interpret
-    return Node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
+    return stage_node("latents", {"layer": cfg.harvest.layer, **lm_params(cfg), "seed": ic.seed,
                             "contexts": ic.cards_contexts, "noncore": ic.cards_noncore},
                 {"model": by_label["model"], "tokens": by_label["tokens"], "harvest": by_label["harvest"],
                  "train": by_label[f"train[{last}]"], "attribute": by_label[f"attribute[{last}]"], **selections},
@@ -189,13 +155,13 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     """Reuse SAEs in three arms at every k (plus a second seed at k=sae.k), and their evaluations."""
     cycle_saes = [n for n in ancestors(core) if n.stage == "train"]
     cycle0 = next(n for n in cycle_saes if n.cycle == 0)
-    rand = Node("random_core", {"seed": cfg.reuse.random_core_seed}, {"cycle0": cycle0, "core": core},
+    rand = stage_node("random_core", {"seed": cfg.reuse.random_core_seed}, {"cycle0": cycle0, "core": core},
                 tag="seed=" + str(cfg.reuse.random_core_seed))
     cores: dict[str, Node | None] = {"distilled": core, "random": rand, "none": None}
     runs = [(k, cfg.seed) for k in cfg.reuse.k]
     consistency_k = cfg.sae.k if cfg.sae.k in cfg.reuse.k else cfg.reuse.k[len(cfg.reuse.k) // 2]
     runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
-    baseline_node = Node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
+    baseline_node = stage_node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
                          args={"batch_size": cfg.evaluation.batch_size})
     nodes = [rand, baseline_node]
@@ -204,7 +170,7 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     eval_inputs = {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "baseline": baseline_node}
     eval_args = {"batch_size": cfg.evaluation.batch_size}
     for n in cycle_saes:
-        nodes.append(Node("evaluate", eval_params, {**eval_inputs, "sae": n}, n.cycle, args=eval_args,
+        nodes.append(stage_node("evaluate", eval_params, {**eval_inputs, "sae": n}, n.cycle, args=eval_args,
                           tag=f"cycle={n.cycle}"))
     for k, seed in runs:
         for arm, arm_core in cores.items():
@@ -214,25 +180,11 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
             tag = f"{arm},k={k},seed={seed}"
             sae = sae_params_for({**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width},
                                  arm_core is not None)
-            r = Node("reuse", {"arm": arm, "seed": seed, "sae": sae,
+            r = stage_node("reuse", {"arm": arm, "seed": seed, "sae": sae,
                                "train": train_params}, inputs, tag=tag,
                      args={"checkpoint_every": cfg.train.checkpoint_every})
-            nodes += [r, Node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
+            nodes += [r, stage_node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
     return nodes
-
-
-def ancestors(node: Node) -> list[Node]:
-    """Every upstream node, each once, in dependency order."""
-    seen: dict[str, Node] = {}
-
-    def visit(n: Node) -> None:
-        for parent in n.inputs.values():
-            if parent.key not in seen:
-                visit(parent)
-                seen[parent.key] = parent
-
-    visit(node)
-    return list(seen.values())
 
 
 def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
@@ -379,7 +331,7 @@ def preflight(cfg: Config, p: Plan, store: Store) -> None:
     probes_nodes = p.of_stage("probes")
     if probes_nodes and probes_nodes[0].args["probe_data_location"] and not store.has("probes", probes_nodes[0].key):
         # read the user's task file now rather than after the harvest and the cycles
-        probing.jsonl_task(probes_nodes[0].args["probe_data_location"], max_per_class=cfg.interpret.probe_examples,
+        probe_tasks.jsonl_task(probes_nodes[0].args["probe_data_location"], max_per_class=cfg.interpret.probe_examples,
                            seed=cfg.interpret.seed)
     final = p.last_core()
     if cfg.reuse.k and store.has(final.stage, final.key):  # else the reuse stage checks it once the core exists
@@ -395,3 +347,22 @@ def run_record(cfg: Config, p: Plan, status: str, parent: str | None = None, cre
     return RunRecord(name=cfg.name, config=cfg.model_dump(mode="json"), keys={n.label: n.key for n in p.nodes},
                      stages={n.label: n.stage for n in p.nodes}, parent=parent, status=status,
                      created=created or now, updated=now)
+
+
+def stage_detail(stage: str, metrics: dict[str, Any]) -> str:
+    """The stage's one-line summary of its manifest metrics for `dmsae status` ("" for a stage without one)."""
+    describe = getattr(STAGES[stage], "describe", None)
+    return describe(metrics) if describe is not None else ""
+
+
+def referenced(store: Store) -> set[tuple[str, str]]:
+    """Every (stage, key) a recorded run references: the keys it recorded and, in case a stage's version changed
+    since, the keys its config plans today. What `dmsae gc` keeps."""
+    keep: set[tuple[str, str]] = set()
+    for r in store.read_runs():
+        keep |= {(r.stages.get(label, label.split("[")[0]), key) for label, key in r.keys.items()}
+        try:
+            keep |= {(n.stage, n.key) for n in plan(Config.model_validate(r.config)).nodes}
+        except (UserError, ValueError):  # a config the current code no longer accepts keeps its recorded keys
+            pass
+    return keep

@@ -9,12 +9,23 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from dmsae.config import DaskConfig
+from dmsae.config import Config, DaskConfig
 from dmsae.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
+
+
+def setup_torch(cfg: Config) -> None:
+    """This process's torch threads, and the device checked: a CUDA run needs a CUDA device it can number."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
 
 
 def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
@@ -22,6 +33,8 @@ def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
     plan order. Dask: one stage per worker at a time; every stage of a GPU run asks for one `GPU` resource
     (`stage_resources`), so no two stages share a GPU."""
     if runner == "local":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 

@@ -9,24 +9,28 @@ sweep record lists them with their grid values.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed
+from prefect.states import Failed, State
 
-from dmsae.config import Config, load_config
+from dmsae.config import Config, config_warnings, load_config
 from dmsae.errors import UserError
+from dmsae.plan import Node, Plan
+from dmsae.reports.run import write_report
+from dmsae.reports.sweep import write_sweep_report
 from dmsae.store import Store, SweepRecord
-from flows.distill import INVALID_INPUT, execute
-from flows.pipeline import Node, Plan, plan, run_record
-from flows.report import write_report
+from flows.distill import execute
+from flows.pipeline import plan, preflight, run_record
+from flows.runner import setup_torch
 
 # run-level keys a point cannot vary: the points share one store, one report folder and one task runner
 FIXED_KEYS = ("name", "store", "report_dir", "runner", "dask", "device", "threads")
@@ -108,6 +112,50 @@ def sweep_points(config: str, sets: list[str], grid: dict[str, list[str]], name:
     return base, sweep, points
 
 
+@dataclass
+class Sweep:
+    """A sweep checked and planned, before anything is written."""
+
+    base: Config
+    name: str
+    points: list[tuple[str, dict[str, str], Config]]  # run name, grid values, config
+    plans: list[Plan]
+    warnings: list[str]  # config warnings of the points, each once
+
+
+def prepare_sweep(config: str, sets: list[str], grid: dict[str, list[str]], name: str | None) -> Sweep:
+    """Every point's config, plan and preflight: the checks `dmsae sweep` makes before it writes anything."""
+    base, sweep, points = sweep_points(config, sets, grid, name)
+    store = Store(base.store)
+    if store.sweep_path(sweep).is_file() and store.read_sweep(sweep).grid != grid:
+        raise UserError(f"--name {sweep}: a sweep of another grid is recorded under this name; choose another name")
+    setup_torch(base)
+    notes: dict[str, None] = {}
+    plans = []
+    for _, _, cfg in points:
+        notes.update(dict.fromkeys(config_warnings(cfg)))
+        p = plan(cfg)
+        preflight(cfg, p, store)
+        plans.append(p)
+    return Sweep(base, sweep, points, plans, list(notes))
+
+
+def run_sweep(sweep: Sweep, grid: dict[str, list[str]], show_progress: bool) -> State:
+    """Record the sweep and run `sweep_flow` on the base config's task runner (progress bars only when local)."""
+    from flows.runner import shared_prefect_api, task_runner
+
+    base = sweep.base
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record = SweepRecord(name=sweep.name, base=base.name, grid=grid, status="planned", created=now, updated=now,
+                         points=[{"run": run, "values": values} for run, values, _ in sweep.points])
+    runner = task_runner(base.runner, base.dask, base.device)
+    with shared_prefect_api() if base.runner == "dask" else contextlib.nullcontext():
+        return sweep_flow.with_options(task_runner=runner)(
+            base.model_dump(mode="json"), [c.model_dump(mode="json") for _, _, c in sweep.points],
+            record.model_dump(mode="json"), show_progress=show_progress and base.runner == "local",
+            return_state=True)
+
+
 def unique_nodes(plans: list[Plan]) -> list[Node]:
     """Every plan's nodes once, in an order where inputs come first: equal (stage, key) is equal work."""
     seen: dict[tuple[str, str], Node] = {}
@@ -115,6 +163,15 @@ def unique_nodes(plans: list[Plan]) -> list[Node]:
         for node in p.nodes:
             seen.setdefault((node.stage, node.key), node)
     return list(seen.values())
+
+
+def sweep_plans(store: Store, record: SweepRecord) -> dict[str, Plan]:
+    """The plan of each of the sweep's points whose run is recorded, by run name (what its report reads)."""
+    plans = {}
+    for pt in record.points:
+        if store.run_path(pt["run"]).is_file():
+            plans[pt["run"]] = plan(Config.model_validate(store.read_run(pt["run"]).config))
+    return plans
 
 
 @flow(name="dmsae-sweep", log_prints=True)
@@ -143,118 +200,8 @@ def sweep_flow(base: dict[str, Any], points: list[dict[str, Any]], sweep: dict[s
     status = "complete" if failure is None else "failed"
     record = record.model_copy(update={"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     store.write_sweep(record)
-    report = write_sweep_report(store, record, Path(base_cfg.report_dir) / record.name)
+    report = write_sweep_report(store, record, sweep_plans(store, record), Path(base_cfg.report_dir) / record.name)
     create_markdown_artifact(markdown=report.read_text(), key="dmsae-sweep", description=f"sweep {record.name}")
     if failure is not None:
         return Failed(name=failure.name, message=failure.message)  # type: ignore[return-value]
     return {"points": statuses, "computed": computed, "unique_stages": len(nodes)}
-
-
-__all__ = ["INVALID_INPUT", "parse_grid", "sweep_flow", "sweep_points", "unique_nodes", "write_sweep_report"]
-
-
-# -- the sweep report -----------------------------------------------------------------------------------------
-def sweep_tables(store: Store, record: SweepRecord) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(per point: grid values and final-core facts; per point, arm and k: the SAE metrics; the Jaccard of
-    the final cores' lineage ids between points) for the points whose runs are complete."""
-    from flows.report import _lineage_ids, core_overlap, results_table
-
-    points, arms, cores = [], [], {}
-    for pt in record.points:
-        if not store.run_path(pt["run"]).is_file():
-            continue
-        cfg = Config.model_validate(store.read_run(pt["run"]).config)
-        p = plan(cfg)
-        if not all(store.has(n.stage, n.key) for n in p.nodes):
-            continue
-        final = p.last_core()
-        m = store.manifest("select", final.key).metrics
-        overlap = core_overlap(store, p)
-        points.append({"run": pt["run"], **pt["values"], "core_size": m["core_size"],
-                       "cap_bit": bool(m.get("cap_bit")), "explained_fraction": m.get("explained_fraction"),
-                       "cycle_jaccard": float(overlap.jaccard.mean()) if len(overlap) else None})
-        table = results_table(store, p)
-        table = table[table.arm != "cycle"].copy()
-        table.insert(0, "run", pt["run"])
-        arms.append(table)
-        cores[pt["run"]] = _lineage_ids(store, final)
-    names = list(cores)
-    jaccard = pd.DataFrame([[len(cores[a] & cores[b]) / max(1, len(cores[a] | cores[b])) for b in names]
-                            for a in names], index=names, columns=names)
-    return pd.DataFrame(points), (pd.concat(arms, ignore_index=True) if arms else pd.DataFrame()), jaccard
-
-
-def plot_sweep(points: pd.DataFrame, arms: pd.DataFrame, jaccard: pd.DataFrame, record: SweepRecord,
-               path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = record.grid
-    first = next(iter(grid))
-
-    def short(run: str) -> str:
-        return run.removeprefix(record.name + "-")
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    x = pd.to_numeric(points[first], errors="coerce")
-    others = [k for k in grid if k != first]
-    for label, g in (points.assign(_x=x).groupby(others) if others else [("", points.assign(_x=x))]):
-        g = g.sort_values("_x")
-        axes[0].plot(g._x if g._x.notna().all() else g[first].astype(str), g.core_size, marker="o",
-                     label=", ".join(f"{k}={v}" for k, v in zip(others, label if isinstance(label, tuple)
-                                                                else (label,), strict=False)) or None)
-    axes[0].set_xlabel(first)
-    axes[0].set_ylabel("final core size")
-    axes[0].set_title("Core size across the grid")
-    if others:
-        axes[0].legend(fontsize=7)
-    styles = {"distilled": "-", "random": ":", "none": "--"}
-    for (run, arm), g in arms.groupby(["run", "arm"]) if not arms.empty else []:
-        if arm in styles:
-            g = g.sort_values("l0")
-            axes[1].plot(g.l0, g.ce_loss_score, styles[arm], marker="o", ms=3,
-                         label=f"{short(run)} {arm}")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("total L0 (eval tokens)")
-    axes[1].set_ylabel("CE-loss score")
-    axes[1].set_title("Reuse arms per point")
-    if axes[1].get_legend_handles_labels()[0]:  # a grid without reuse arms has nothing to plot here
-        axes[1].legend(fontsize=6, ncol=2)
-    im = axes[2].imshow(jaccard.to_numpy(), vmin=0, vmax=1, cmap="viridis")
-    labels = [short(n) for n in jaccard.index]
-    axes[2].set_xticks(range(len(labels)), labels, rotation=60, fontsize=7, ha="right")
-    axes[2].set_yticks(range(len(labels)), labels, fontsize=7)
-    axes[2].set_title("Final-core Jaccard between points")
-    fig.colorbar(im, ax=axes[2], fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_sweep_report(store: Store, record: SweepRecord, out_dir: Path) -> Path:
-    """<out_dir>/sweep.md with the tables, sweep.png with the plots, sweep_points.csv and sweep_arms.csv."""
-    from flows.report import _md_table
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    points, arms, jaccard = sweep_tables(store, record)
-    grid = ", ".join(f"`{k}` = {', '.join(v)}" for k, v in record.grid.items())
-    parts = [f"# Sweep {record.name}", "", f"Base run `{record.base}`; grid: {grid}; "
-             f"{len(points)} of {len(record.points)} points complete.", ""]
-    if not points.empty:
-        points.to_csv(out_dir / "sweep_points.csv", index=False)
-        arms.to_csv(out_dir / "sweep_arms.csv", index=False)
-        plot_sweep(points, arms, jaccard, record, out_dir / "sweep.png")
-        cols = [c for c in ("run", "arm", "k", "core_size", "l0", "explained_variance", "ce_loss_score",
-                            "dead_fraction") if c in arms.columns]
-        parts += ["## Points: the final core", "", _md_table(points), "",
-                  "## Reuse arms per point (held-out eval tokens)", "",
-                  _md_table(arms[cols].sort_values(["run", "arm", "k"]), "{:.4f}"), "",
-                  "## Final-core Jaccard between points (lineage ids; across seeds they never match)", "",
-                  _md_table(jaccard.reset_index(names="run")), "", "![the sweep](sweep.png)", ""]
-    path = out_dir / "sweep.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    tmp.replace(path)
-    return path

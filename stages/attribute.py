@@ -12,34 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dmsae import faults, lm
+from dmsae import faults, lm, readers
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE
 from dmsae.store import Artifact
-from stages import tokens as tokens_stage
-from stages import train as train_stage
 
 NAME = "attribute"
 VERSION = "3"
-FILE = "scores.safetensors"
-
-
-def norm_threshold_of(harvest: Artifact) -> float:
-    """The harvest's outlier threshold (raw norm), inf when outliers are kept."""
-    value = harvest.metrics.get("norm_threshold")
-    return math.inf if value is None else float(value)
-
-
-def loss_mask(ids: Tensor, bos: int) -> Tensor:
-    """1 where both the position and its next-token target are real tokens (not BOS)."""
-    real = ids != bos
-    mask = torch.zeros_like(ids, dtype=torch.float32)
-    mask[:, :-1] = (real[:, :-1] & real[:, 1:]).float()
-    return mask
 
 
 def attribution_batch(
@@ -64,7 +47,7 @@ def attribution_batch(
 
     with torch.enable_grad(), lm.splice(model, layer, replace), lm.autocast(model):
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        mask = loss_mask(ids, bos)
+        mask = lm.loss_mask(ids, bos)
         losses = lm.token_losses(logits, ids, mask)
         total = losses.sum()
         total.backward()
@@ -79,11 +62,11 @@ def attribution_batch(
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
-    sae, scale = train_stage.load_sae(inputs["train"])
+    sae, scale = readers.load_sae(inputs["train"])
     sae.to(rt.device)
-    windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["attribution"]
-    bos = inputs["tokens"].metrics["bos_id"]
-    threshold = norm_threshold_of(inputs["harvest"])
+    windows = readers.token_windows(inputs["tokens"], "attribution")
+    bos = readers.bos_of(inputs["tokens"])
+    threshold = readers.norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 8)
     n_inner = sae.core_size + sae.ends[0]
     abs_sum = torch.zeros(n_inner, dtype=torch.float64)
@@ -120,7 +103,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         scores = torch.quantile(torch.cat(kept).double(), params["q"], dim=0) if kept else abs_sum
     else:
         scores = abs_sum / max(1, n_tok)
-    save_file({"scores": scores.contiguous(), "candidates": torch.arange(n_inner)}, str(out_dir / FILE))
+    save_file({"scores": scores.contiguous(), "candidates": torch.arange(n_inner)}, str(out_dir / readers.SCORES_FILE))
     total_var = x_sq - float(x_sum.pow(2).sum()) / max(1, n_tok)  # sum ||x - mean||^2
     return {
         "n_candidates": n_inner, "n_tokens": n_tok, "score_total": float(scores.sum()),
@@ -131,3 +114,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         "nonzero_scores": int((scores > 0).sum()),
         "score_quantile_q": params["q"] if params["score"] == "quantile" else None,
     }
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished attribute stage."""
+    return f"FVU {metrics['fvu']:.3f}, L0 {metrics['l0']:.1f}"

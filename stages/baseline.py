@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dmsae import lm
+from dmsae import lm, readers
+from dmsae.eval.reconstruction import lm_divergences
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
-from stages import tokens as tokens_stage
-from stages.attribute import norm_threshold_of
-from stages.evaluate import lm_divergences
 
 NAME = "baseline"
 VERSION = "2"
@@ -24,9 +21,9 @@ VERSION = "2"
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     lm.check_layer(model, params["layer"])
-    windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
-    bos = inputs["tokens"].metrics["bos_id"]
-    threshold = norm_threshold_of(inputs["harvest"])
+    windows = readers.token_windows(inputs["tokens"], "eval")
+    bos = readers.bos_of(inputs["tokens"])
+    threshold = readers.norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 8)
     sums = {"ce_clean": 0.0, "ce_patched": 0.0, "kl": 0.0, "count": 0.0}
     n_batches = math.ceil(windows.shape[0] / batch)
@@ -37,3 +34,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     n = sums["count"]
     return {"ce_orig": sums["ce_clean"] / n, "ce_zero": sums["ce_patched"] / n, "kl_zero": sums["kl"] / n,
             "n_positions": int(n)}
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished baseline stage (none)."""
+    return ""

@@ -18,15 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dmsae import activations, faults, lm
+from dmsae import activations, faults, lm, readers
 from dmsae.errors import UserError
 from dmsae.memory import release_free_heap
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
-from stages import tokens as tokens_stage
 
 NAME = "harvest"
 VERSION = "2"
@@ -66,8 +65,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     layer = params["layer"]
     lm.check_layer(model, layer)
-    windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["train"]
-    bos = inputs["tokens"].metrics["bos_id"]
+    windows = readers.token_windows(inputs["tokens"], "train")
+    bos = readers.bos_of(inputs["tokens"])
     max_rows = int((windows != bos).sum())
     d = int(model.config.hidden_size)
     # Written where a killed run can find it again (the stage's partial folder), moved into the
@@ -124,3 +123,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         "norm_threshold": threshold if math.isfinite(threshold) else None,
         "mean_sq_norm": mean_sq_norm, "scale": math.sqrt(d / mean_sq_norm),
     }
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished harvest stage."""
+    return f"{metrics['n_tokens']} tokens, d={metrics['d']}"

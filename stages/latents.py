@@ -17,22 +17,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
-from dmsae import lm
+from dmsae import lm, readers
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
-from stages import attribute as attribute_stage
-from stages import tokens as tokens_stage
-from stages import train as train_stage
-from stages.attribute import norm_threshold_of
 
 NAME = "latents"
 VERSION = "1"
-LATENTS_FILE = "latents.parquet"
-CONTEXTS_FILE = "contexts.parquet"
 WINDOW_BEFORE, WINDOW_AFTER = 12, 4  # tokens of a context around its strongest token
 HIST_BINS = 24
 N_LOGITS = 10
@@ -89,29 +82,29 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
 
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"].path))
-    sae, scale = train_stage.load_sae(inputs["train"])
+    sae, scale = readers.load_sae(inputs["train"])
     sae.to(rt.device)
-    windows = load_file(str(inputs["tokens"].file(tokens_stage.FILE)))["eval"]
-    bos = inputs["tokens"].metrics["bos_id"]
-    pos, lat, val, n_modelled = sparse_codes(model, sae, scale, windows, bos, params["layer"],
-                                             norm_threshold_of(inputs["harvest"]), rt.args.get("batch_size", 16), rt)
+    windows = readers.token_windows(inputs["tokens"], "eval")
+    bos = readers.bos_of(inputs["tokens"])
+    threshold = readers.norm_threshold_of(inputs["harvest"])
+    pos, lat, val, n_modelled = sparse_codes(model, sae, scale, windows, bos, params["layer"], threshold,
+                                             rt.args.get("batch_size", 16), rt)
     fires = torch.bincount(lat, minlength=sae.width)
 
     selections = sorted((name for name in inputs if name.startswith("select")), key=lambda n: int(n[len("select"):]))
-    final = load_file(str(inputs[selections[-1]].file(train_stage.CORE_FILE)))
+    final = readers.core(inputs[selections[-1]])
     core = final["indices"].tolist()
     rest = sorted(set(torch.nonzero(fires).squeeze(1).tolist()) - set(core))
     rng = np.random.default_rng(params["seed"])
     sample = sorted(rng.choice(rest, size=min(params["noncore"], len(rest)), replace=False).tolist()) if rest else []
     chosen = core + sample
 
-    lineage = load_file(str(inputs["train"].file(train_stage.LINEAGE_FILE)))["lineage"]
-    selected = times_selected(lineage, [load_file(str(inputs[s].file(train_stage.CORE_FILE)))["lineage"]
-                                        for s in selections])
-    scores = load_file(str(inputs["attribute"].file(attribute_stage.FILE)))["scores"].double()
+    lineage = readers.lineage(inputs["train"])["lineage"]
+    selected = times_selected(lineage, [readers.core(inputs[s])["lineage"] for s in selections])
+    scores = readers.attribution_scores(inputs["attribute"]).double()
     w_u = model.get_output_embeddings().weight.detach().float().cpu()  # [vocab, d]
     # the residual-stream direction of one unit of each code
-    w_dec = load_file(str(inputs["train"].file(train_stage.SAE_FILE)))["W_dec"].float() / scale
+    w_dec = readers.sae_tensors(inputs["train"])["W_dec"].float() / scale
     logits = w_dec[chosen] @ w_u.T
     flat_ids = windows.long().flatten()
 
@@ -161,8 +154,13 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
             "bottom_logit_tokens": [vocab_text[t] for t in bottom.indices.tolist()],
             "bottom_logit_values": (-bottom.values).tolist(),
         })
-    pd.DataFrame(rows).to_parquet(out_dir / LATENTS_FILE, index=False)
+    pd.DataFrame(rows).to_parquet(out_dir / readers.LATENTS_FILE, index=False)
     pd.DataFrame(contexts, columns=["latent", "rank", "tokens", "acts", "center", "max_act"]).to_parquet(
-        out_dir / CONTEXTS_FILE, index=False)
+        out_dir / readers.CONTEXTS_FILE, index=False)
     return {"n_latents": len(chosen), "n_core": len(core), "n_tokens": n_modelled,
             "mean_density_core": float(np.mean([r["density"] for r in rows[: len(core)]])) if core else 0.0}
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished latents stage (none)."""
+    return ""

@@ -55,3 +55,8 @@ def convert(kind: str, location: str, dtype: str, out_dir: Path) -> dict[str, An
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     return convert(params["kind"], rt.args["location"], params["dtype"], out_dir)
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished model stage (none)."""
+    return ""

@@ -1,11 +1,11 @@
 """probes stage: the labelled data every SAE's interpret stage is judged on, computed once per model and layer.
 
-- Sparse probing (`dmsae.probing`): the offline tasks (language id and topic on the embedded Wikipedia
-  summaries) plus an optional task from the user's JSONL file. Each distinct text is cut to
-  `probe_context` tokens after BOS and run to layer L; the residual of every modelled token (not BOS, not
-  an outlier) is kept in float16, so an SAE's pooled codes need no language model. The dense baseline
-  probe (all residual dimensions, mean-pooled) is trained here.
-- Absorption (`dmsae.absorption`): single-token words of the model's vocabulary in the first-letter
+- Sparse probing (`dmsae.eval.probing`, tasks from `dmsae.eval.tasks`): the offline tasks (language id and
+  topic on the embedded Wikipedia summaries) plus an optional task from the user's JSONL file. Each distinct
+  text is cut to `probe_context` tokens after BOS and run to layer L; the residual of every modelled token
+  (not BOS, not an outlier) is kept in float16, so an SAE's pooled codes need no language model. The dense
+  baseline probe (all residual dimensions, mean-pooled) is trained here.
+- Absorption (`dmsae.eval.absorption`): single-token words of the model's vocabulary in the first-letter
   prompt; the residual at the word's token and the letter probe trained on them.
 """
 
@@ -20,30 +20,22 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dmsae import absorption, lm, probing
+from dmsae import lm, readers
+from dmsae.eval import absorption, tasks
+from dmsae.eval.probing import dense_probe, pooled
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
-from stages.attribute import norm_threshold_of
 
 NAME = "probes"
 VERSION = "1"
-TENSORS_FILE = "probes.safetensors"
-TASKS_FILE = "tasks.parquet"
-TEXTS_FILE = "texts.parquet"
-WORDS_FILE = "words.parquet"
 
 
-def probe_tasks(params: dict[str, Any], location: str | None) -> list[probing.ProbeTask]:
-    tasks = probing.offline_tasks(max_per_class=params["probe_examples"], seed=params["seed"])
+def probe_tasks(params: dict[str, Any], location: str | None) -> list[tasks.ProbeTask]:
+    """The offline tasks, and the user's JSONL task when a file is given."""
+    found = tasks.offline_tasks(max_per_class=params["probe_examples"], seed=params["seed"])
     if location is not None:
-        tasks.append(probing.jsonl_task(location, max_per_class=params["probe_examples"], seed=params["seed"]))
-    return tasks
-
-
-def pad_with_bos(ids: list[list[int]], bos: int, device: str) -> torch.Tensor:
-    """Right-pad sequences with BOS: causal attention keeps real tokens blind to it, and kept_positions drops it."""
-    width = max(len(i) for i in ids)
-    return torch.tensor([i + [bos] * (width - len(i)) for i in ids], device=device)
+        found.append(tasks.jsonl_task(location, max_per_class=params["probe_examples"], seed=params["seed"]))
+    return found
 
 
 @torch.no_grad()
@@ -55,7 +47,7 @@ def text_residuals(model: torch.nn.Module, tokenizer: Any, texts: list[str], bos
     for b in tqdm(range(n_batches), desc="probe texts", unit="batch", disable=not rt.show_progress):
         chunk = texts[b * batch:(b + 1) * batch]
         ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][: context - 1] for t in chunk]
-        padded = pad_with_bos(ids, bos, rt.device)
+        padded = lm.pad_with_bos(ids, bos, rt.device)
         h = lm.residual_upto(model, padded, layer)
         kept = lm.kept_positions(h, padded, bos, norm_threshold)
         for j in range(len(chunk)):
@@ -87,7 +79,7 @@ def word_residuals(model: torch.nn.Module, tokenizer: Any, bos: int, params: dic
         ids = [[bos] + e["input_ids"] for e in encoded]
         at = [1 + absorption.token_index(e["offset_mapping"], pr.word_end) for e, pr in zip(encoded, prompts,
                                                                                            strict=True)]
-        padded = pad_with_bos(ids, bos, rt.device)
+        padded = lm.pad_with_bos(ids, bos, rt.device)
         h = lm.residual_upto(model, padded, params["layer"])
         kept = lm.kept_positions(h, padded, bos, norm_threshold)
         for j, w in enumerate(chunk):
@@ -99,43 +91,25 @@ def word_residuals(model: torch.nn.Module, tokenizer: Any, bos: int, params: dic
     return kept_words, torch.stack(rows) if rows else torch.zeros(0, d)
 
 
-def pooled(residuals: torch.Tensor, offsets: torch.Tensor, fn: Any = None, chunk: int = 4096) -> torch.Tensor:
-    """Per text, the mean over its tokens of fn(residual rows) (the residual itself when fn is None), float64;
-    a text without tokens pools to zeros."""
-    counts = offsets[1:] - offsets[:-1]
-    text_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    sums = None
-    for start in range(0, len(residuals), chunk):
-        x = residuals[start:start + chunk].float()
-        feats = (x if fn is None else fn(x)).double()
-        if sums is None:
-            sums = torch.zeros(len(counts), feats.shape[1], dtype=torch.float64)
-        sums.index_add_(0, text_of_row[start:start + chunk], feats)
-    if sums is None:
-        width = residuals.shape[1] if fn is None else fn(residuals[:1].float()).shape[1]
-        return torch.zeros(len(counts), width, dtype=torch.float64)
-    return sums / counts.clamp_min(1).double()[:, None]
-
-
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"].path))
-    bos = inputs["tokens"].metrics["bos_id"]
-    threshold = norm_threshold_of(inputs["harvest"])
+    bos = readers.bos_of(inputs["tokens"])
+    threshold = readers.norm_threshold_of(inputs["harvest"])
     batch = rt.args.get("batch_size", 16)
 
-    tasks = probe_tasks(params, rt.args.get("probe_data_location"))
-    texts = sorted({t for task in tasks for t in task.texts})  # each distinct text is run once
+    all_tasks = probe_tasks(params, rt.args.get("probe_data_location"))
+    texts = sorted({t for task in all_tasks for t in task.texts})  # each distinct text is run once
     index = {t: i for i, t in enumerate(texts)}
     residuals, offsets = text_residuals(model, tokenizer, texts, bos, params["layer"], params["probe_context"],
                                         threshold, batch, rt)
     features = pooled(residuals, offsets)
     task_rows, dense = [], {}
-    for task in tasks:
+    for task in all_tasks:
         ids = [index[t] for t in task.texts]
-        dense[task.name] = probing.dense_probe(*task.split(features[ids]))
+        dense[task.name] = dense_probe(*task.split(features[ids]))
         task_rows += [{"task": task.name, "text": i, "label": y, "is_test": s, "source": task.source}
                       for i, y, s in zip(ids, task.labels, task.is_test, strict=True)]
 
@@ -149,20 +123,19 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
                "word_residuals": word_x.contiguous(), "word_letters": letters,
                "letter_probe_weight": probe.weight.contiguous(), "letter_probe_bias": probe.bias.contiguous(),
                "letter_probe_train": probe.train_idx.contiguous(), "letter_probe_test": probe.test_idx.contiguous(),
-               "letter_probe_f1": probe.f1.contiguous()}, str(out_dir / TENSORS_FILE))
+               "letter_probe_f1": probe.f1.contiguous()}, str(out_dir / readers.PROBES_TENSORS_FILE))
     pd.DataFrame([w._asdict() for w in words], columns=list(absorption.VocabWord._fields)).to_parquet(
-        out_dir / WORDS_FILE, index=False)
-    pd.DataFrame(task_rows).to_parquet(out_dir / TASKS_FILE, index=False)
-    pd.DataFrame({"text": texts}).to_parquet(out_dir / TEXTS_FILE, index=False)
-    return {"n_texts": len(texts), "n_tokens": int(offsets[-1]), "tasks": [t.name for t in tasks],
+        out_dir / readers.PROBES_WORDS_FILE, index=False)
+    pd.DataFrame(task_rows).to_parquet(out_dir / readers.PROBES_TASKS_FILE, index=False)
+    pd.DataFrame({"text": texts}).to_parquet(out_dir / readers.PROBES_TEXTS_FILE, index=False)
+    return {"n_texts": len(texts), "n_tokens": int(offsets[-1]), "tasks": [t.name for t in all_tasks],
             "n_words": len(words), "n_letters": int(letters.unique().numel()),
             "letter_probe_accuracy": probe.accuracy,
             "dense_probe_accuracy": dense,
             "dense_probe_mean": sum(dense.values()) / len(dense)}
 
 
-def load_tasks(artifact: Artifact) -> list[tuple[str, list[int], list[int], list[bool]]]:
-    """(task, text rows, labels, is_test) of every task, in the stored order."""
-    df = pd.read_parquet(artifact.file(TASKS_FILE))
-    return [(name, g["text"].tolist(), g["label"].tolist(), g["is_test"].tolist())
-            for name, g in df.groupby("task", sort=False)]
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished probes stage (none)."""
+    return ""

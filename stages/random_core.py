@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from dmsae import readers
 from dmsae.runtime import Runtime
 from dmsae.sae import UNSET_THRESHOLD
 from dmsae.store import Artifact
-from stages import train as train_stage
 
 NAME = "random_core"
 VERSION = "2"  # 2: live latents only; birth bias and threshold
@@ -30,8 +30,8 @@ def draw_indices(live: torch.Tensor, size: int, seed: int) -> torch.Tensor:
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     size = inputs["core"].metrics["core_size"]
-    sae = load_file(str(inputs["cycle0"].file(train_stage.SAE_FILE)))
-    lineage = load_file(str(inputs["cycle0"].file(train_stage.LINEAGE_FILE)))
+    sae = readers.sae_tensors(inputs["cycle0"])
+    lineage = readers.lineage(inputs["cycle0"])
     live = (lineage["birth_threshold"] < UNSET_THRESHOLD).nonzero().squeeze(1)  # latents that ever fired
     if live.numel() < size:  # a cycle-0 SAE with fewer live latents than the core: fill with dead ones
         live = torch.arange(sae["W_enc"].shape[1])
@@ -39,5 +39,10 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     save_file({"indices": idx, "encoder": sae["W_enc"][:, idx].contiguous(),
                "lineage": lineage["lineage"][idx].contiguous(), "bias": lineage["birth_bias"][idx].contiguous(),
                "threshold": lineage["birth_threshold"][idx].contiguous()},
-              str(out_dir / train_stage.CORE_FILE))
+              str(out_dir / readers.CORE_FILE))
     return {"core_size": size, "seed": params["seed"], "n_live": int(live.numel())}
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished random_core stage (none)."""
+    return ""

@@ -12,16 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from dmsae import readers
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
-from stages import attribute as attribute_stage
-from stages import train as train_stage
 
 NAME = "select"
 VERSION = "2"  # 2: max_core; the birth bias and threshold travel with the core
-FILE = train_stage.CORE_FILE
 
 
 def select_prefix(scores: np.ndarray, tau: float) -> tuple[np.ndarray, int, np.ndarray]:
@@ -38,12 +36,12 @@ def select_prefix(scores: np.ndarray, tau: float) -> tuple[np.ndarray, int, np.n
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
-    scores = load_file(str(inputs["attribute"].file(attribute_stage.FILE)))["scores"].double().numpy()
+    scores = readers.attribution_scores(inputs["attribute"]).double().numpy()
     order, n_reach_tau, cumulative = select_prefix(scores, params["tau"])
     cap = params.get("max_core")
     n_keep = n_reach_tau if cap is None else min(n_reach_tau, cap)
-    sae_tensors = load_file(str(inputs["train"].file(train_stage.SAE_FILE)))
-    lineage_file = load_file(str(inputs["train"].file(train_stage.LINEAGE_FILE)))
+    sae_tensors = readers.sae_tensors(inputs["train"])
+    lineage_file = readers.lineage(inputs["train"])
     lineage = lineage_file["lineage"]
     kept = torch.from_numpy(order[:n_keep].copy()).long()
     core_size = inputs["train"].metrics["core_size"]
@@ -56,7 +54,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         "order": torch.from_numpy(order.copy()).long(),
         "sorted_scores": torch.from_numpy(scores[order].copy()),
         "cumulative": torch.from_numpy(cumulative.copy()),
-    }, str(out_dir / FILE))
+    }, str(out_dir / readers.CORE_FILE))
     born = lineage[kept][:, 0].tolist()
     return {
         "cycle": params["cycle"], "tau": params["tau"], "core_size": n_keep, "n_candidates": int(scores.size),
@@ -66,3 +64,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         "kept_from_previous_core": int((kept < core_size).sum()),
         "born_in_cycle": {str(c): born.count(c) for c in sorted(set(born))},
     }
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished select stage."""
+    return f"core size {metrics['core_size']}"

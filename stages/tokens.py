@@ -15,23 +15,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from dmsae import readers
 from dmsae.errors import UserError
+from dmsae.lm import bos_id
 from dmsae.runtime import Runtime
 from dmsae.sources import CorpusSource, read_documents
 from dmsae.store import Artifact
 
 NAME = "tokens"
 VERSION = "1"
-SPLITS = ("train", "attribution", "eval")
-FILE = "tokens.safetensors"
 HUB_CHARS_PER_TOKEN = 8  # generous: English runs about 4-5 characters per token
-
-
-def bos_id(tokenizer: Any) -> int:
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise UserError("the tokenizer has neither a BOS nor an EOS token; dmsae needs one to mark documents")
-    return int(bos)
 
 
 def split_documents(
@@ -74,20 +67,25 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
 
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"].path))
     src = CorpusSource(params["kind"], rt.args["location"], params["fingerprint"])
-    wanted = sum(params[f"{s}_tokens"] for s in SPLITS)
+    wanted = sum(params[f"{s}_tokens"] for s in readers.SPLITS)
     docs = read_documents(src, params["field"], params["split"], max_chars=HUB_CHARS_PER_TOKEN * wanted)
     doc_tokens = tokenizer(docs, add_special_tokens=False)["input_ids"]
     bos = bos_id(tokenizer)
-    sizes = {s: params[f"{s}_tokens"] for s in SPLITS}
+    sizes = {s: params[f"{s}_tokens"] for s in readers.SPLITS}
     splits = split_documents(doc_tokens, bos, params["context"], sizes, params["split_seed"])
     tensors: dict[str, torch.Tensor] = {}
     for name, (windows, doc_ids) in splits.items():
         tensors[name] = torch.from_numpy(windows)
         tensors[f"{name}_docs"] = torch.from_numpy(doc_ids)
-    save_file(tensors, str(out_dir / FILE))
+    save_file(tensors, str(out_dir / readers.TOKENS_FILE))
     metrics: dict[str, Any] = {"bos_id": bos, "documents": len(docs), "context": params["context"]}
     for name, (windows, doc_ids) in splits.items():
         metrics[f"{name}_windows"] = int(windows.shape[0])
         metrics[f"{name}_documents"] = int(doc_ids.shape[0])
         metrics[f"{name}_tokens"] = int((windows != bos).sum())  # positions with an activation (BOS excluded)
     return metrics
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished tokens stage (none)."""
+    return ""

@@ -1,219 +1,17 @@
-"""train stage: fit a Matryoshka BatchTopK SAE, optionally seeded with a transferred core encoder."""
+"""train stage: fit a Matryoshka BatchTopK SAE, optionally seeded with a transferred core encoder
+(the training itself is `dmsae.training`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
-
-from dmsae import activations, faults
-from dmsae.errors import UserError
 from dmsae.runtime import Runtime
-from dmsae.sae import MatryoshkaSAE, geometric_median
-from dmsae.sparse_step import update_stats_sparse
 from dmsae.store import Artifact
+from dmsae.training import derive_seed, fit
 
-CHECKPOINT_FILE = "train.ckpt"
 NAME = "train"
 VERSION = "4"  # 4: core gates, birth bias/threshold in the lineage; 3: the autograd-free train step
-SAE_FILE = "sae.safetensors"
-LINEAGE_FILE = "lineage.safetensors"
-CURVE_FILE = "curve.parquet"
-B_DEC_SAMPLE = 8192
-META_KEY = "dmsae"
-
-
-def derive_seed(*parts: object) -> int:
-    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8], 16)
-
-
-def lr_at(step: int, n_steps: int, lr: float, warmup_fraction: float, decay_fraction: float) -> float:
-    warm = max(1, int(warmup_fraction * n_steps))
-    decay = int(decay_fraction * n_steps)
-    factor = min(1.0, (step + 1) / warm)
-    if decay and step >= n_steps - decay:
-        factor *= (n_steps - step) / decay
-    return lr * factor
-
-
-def build_sae(sae_params: dict[str, Any], d: int, core_encoder: torch.Tensor | None, seed: int,
-              core_birth: dict[str, torch.Tensor] | None = None) -> MatryoshkaSAE:
-    """`core_birth`: the core latents' encoder bias and threshold in their birth SAE ("bias", "threshold")."""
-    birth = core_birth or {}
-    return MatryoshkaSAE(
-        d=d, width=sae_params["width"], k=sae_params["k"], group_fractions=sae_params["group_fractions"],
-        core_encoder=core_encoder, l0_mode=sae_params.get("l0_mode", "dynamic"), aux_alpha=sae_params["aux_alpha"],
-        dead_after_tokens=sae_params["dead_after_tokens"],
-        freeze_core_encoder=sae_params.get("freeze_core_encoder", True),
-        generator=torch.Generator().manual_seed(seed), core_gate=sae_params.get("core_gate", "relu"),
-        core_bias=birth.get("bias"), core_threshold=birth.get("threshold"),
-        freeze_core_bias=bool(sae_params.get("freeze_core_bias")),
-    )
-
-
-def train_sae(
-    sae: MatryoshkaSAE,
-    batches: Any,
-    n_steps: int,
-    train_params: dict[str, Any],
-    rt: Runtime | None = None,
-) -> list[dict[str, float]]:
-    """The training loop; returns the logged curve. `batches` yields scaled [B, d] tensors."""
-    rt = rt or Runtime(show_progress=False)
-    params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=train_params["lr"], fused=True)
-    curve: list[dict[str, float]] = []
-    log_every = train_params["log_every"]
-    every = rt.args.get("checkpoint_every")
-    ckpt = rt.checkpoint_dir / CHECKPOINT_FILE if rt.checkpoint_dir is not None and every else None
-    if not isinstance(batches, activations.ShuffledBatches):
-        ckpt = None  # only a stream with a restorable position can resume
-    first = 0
-    if ckpt is not None:
-        first, curve = load_checkpoint(ckpt, sae, opt, batches)
-        if first:
-            rt.resumed = {"step": first}
-            print(f"dmsae: resuming {rt.label or 'training'} at step {first}/{n_steps}", file=sys.stderr, flush=True)
-    bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
-    for step in range(first, n_steps):
-        x = next(batches).to(rt.device)
-        opt.zero_grad(set_to_none=True)
-        stats, active_cols, active_vals = sae.train_step(x)
-        sae.project_decoder_grads()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = lr_at(step, n_steps, train_params["lr"], train_params["warmup_fraction"], train_params["decay_fraction"])
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        sae.normalize_decoder()
-        update_stats_sparse(sae, active_cols, active_vals, stats.core_code, x.shape[0], train_params["threshold_ema"])
-        if step % log_every == 0 or step == n_steps - 1:
-            var = float((x - x.mean(0)).pow(2).sum(-1).mean())
-            row = {
-                "step": step, "tokens": (step + 1) * x.shape[0], "lr": lr,
-                "loss": stats.loss, "aux_loss": stats.aux_loss,
-                "fvu": float(stats.prefix_losses[-1]) / var, "fvu_inner": float(stats.prefix_losses[0]) / var,
-                "l0": stats.l0_core + stats.l0_noncore, "l0_noncore": stats.l0_noncore,
-                "k_noncore": stats.k_noncore,
-                "dead_fraction": float(sae.dead_mask().float().mean()),
-            }
-            curve.append(row)
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
-        bar.update(1)
-        rt.report((step + 1) / n_steps, f"step {step + 1}/{n_steps}")
-        if ckpt is not None and (step + 1) % every == 0 and step + 1 < n_steps:
-            save_checkpoint(ckpt, step + 1, sae, opt, batches, curve)
-        faults.point(f"{rt.label}:step:{step + 1}")
-    bar.close()
-    return curve
-
-
-def save_checkpoint(path: Path, steps_done: int, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
-                    batches: activations.ShuffledBatches, curve: list[dict[str, float]]) -> None:
-    """Everything the next step depends on: weights and statistics, Adam moments, the data position
-    and the RNG; written whole to a temporary file and renamed, so a kill never leaves half a checkpoint."""
-    stream_state, carry = batches.state()
-    payload = {"steps_done": steps_done, "sae": sae.state_dict(), "opt": opt.state_dict(), "curve": curve,
-               "stream": stream_state, "carry": torch.from_numpy(np.ascontiguousarray(carry)),
-               "torch_rng": torch.get_rng_state()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
-                    batches: activations.ShuffledBatches) -> tuple[int, list[dict[str, float]]]:
-    """Restore a checkpoint if there is a readable one; returns the steps already done and the curve."""
-    if not path.is_file():
-        return 0, []
-    try:
-        payload = torch.load(path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint only costs the steps it held
-        print(f"dmsae: warning: ignoring unreadable checkpoint {path} ({type(e).__name__}); training from step 0",
-              file=sys.stderr)
-        return 0, []
-    sae.load_state_dict(payload["sae"])
-    opt.load_state_dict(payload["opt"])
-    batches.restore(payload["stream"], payload["carry"].numpy())
-    torch.set_rng_state(payload["torch_rng"])
-    return int(payload["steps_done"]), payload["curve"]
-
-
-# written by the select and random_core stages: encoder [d, c], lineage [c, 2], and the bias and inference
-# threshold each core latent had in its birth SAE (bias [c], threshold [c]), which `core_gate: relu_bias` uses
-CORE_FILE = "core.safetensors"
-
-
-def fit(
-    out_dir: Path,
-    harvest: Artifact,
-    core: Artifact | None,
-    sae_params: dict[str, Any],
-    tp: dict[str, Any],
-    seed: int,
-    born_cycle: int,
-    rt: Runtime,
-) -> dict[str, Any]:
-    """Train one SAE on the harvested activations and write its weights, lineage and curve."""
-    array = activations.open_array(harvest.file(activations.ARRAY))
-    d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
-    core_encoder = core_lineage = core_birth = None
-    if core is not None:
-        tensors = load_file(str(core.file(CORE_FILE)))
-        core_encoder, core_lineage = tensors["encoder"], tensors["lineage"]
-        core_birth = {"bias": tensors["bias"], "threshold": tensors["threshold"]}
-        c, width, k = core_encoder.shape[1], sae_params["width"], sae_params["k"]
-        if width - c < k:
-            raise UserError(f"the core has {c} latents, too many for an SAE of width {width} at k={k} "
-                            f"(only {width - c} non-core latents left); raise the width (sae.width or reuse.width) "
-                            "or lower selection.tau")
-    sae = build_sae(sae_params, d, core_encoder, seed, core_birth).to(rt.device)
-    batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
-    sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale).to(rt.device)
-    use_median = sae_params["b_dec_init"] == "geometric_median"
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample) if use_median else sample.mean(0))
-    n_steps = max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
-    curve = train_sae(sae, batches, n_steps, tp, rt)
-
-    c = sae.core_size
-    born = torch.stack([torch.full((sae.width - c,), born_cycle), torch.arange(c, sae.width)], dim=1)
-    lineage = born if core_lineage is None else torch.cat([core_lineage.long(), born])
-    meta = {"core_size": c, "k": sae.k, "group_ends": sae.ends, "scale": scale, "l0_mode": sae.l0_mode,
-            "d": d, "width": sae.width, "core_gate": sae.core_gate}
-    # one sorted JSON string: safetensors writes a metadata dict in arbitrary order, breaking byte determinism
-    tensors = {name: t.cpu() for name, t in sae.full_tensors().items()}
-    save_file(tensors, str(out_dir / SAE_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    # A latent's birth bias and threshold: its own where it was a BatchTopK latent here, else the ones it was
-    # born with (a bias trained inside a dense core is itself dense, so it is never what travels).
-    birth_bias, birth_threshold = tensors["b_enc"].clone(), tensors["threshold"].clone()
-    if core_birth is not None:
-        birth_bias[:c], birth_threshold[:c] = core_birth["bias"], core_birth["threshold"]
-    save_file({"lineage": lineage.long().contiguous(), "birth_bias": birth_bias.contiguous(),
-               "birth_threshold": birth_threshold.contiguous()}, str(out_dir / LINEAGE_FILE))
-    pd.DataFrame(curve).to_parquet(out_dir / CURVE_FILE, index=False)
-    tail = curve[-max(1, len(curve) // 10):]
-    return {
-        "core_size": c, "k": sae.k, "steps": n_steps, "tokens": n_steps * tp["batch_size"],
-        "group_ends": sae.ends, "scale": scale,
-        "train_fvu": sum(r["fvu"] for r in tail) / len(tail),
-        "train_l0": sum(r["l0"] for r in tail) / len(tail),
-        # a core that fires on more than k latents per token leaves the non-core one latent (k_nc clipped at 1)
-        "core_l0": sum(r["l0"] - r["l0_noncore"] for r in tail) / len(tail),
-        "k_noncore": tail[-1]["k_noncore"],
-        "core_gate": sae.core_gate,
-        "dead_fraction": curve[-1]["dead_fraction"],
-    }
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
@@ -223,18 +21,6 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
     return {"cycle": cycle, **metrics}
 
 
-def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
-    """The trained SAE in inference mode, and the activation scale it was trained with."""
-    from safetensors import safe_open
-
-    path = str(artifact.file(SAE_FILE))
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads(f.metadata()[META_KEY])
-    tensors = load_file(path)
-    p = artifact.manifest.params["sae"]
-    sae = MatryoshkaSAE.from_tensors(
-        tensors, int(meta["core_size"]), int(meta["k"]), p["group_fractions"], p.get("l0_mode", "dynamic"),
-        meta.get("core_gate", "relu"),
-    )
-    sae.requires_grad_(False)
-    return sae.eval(), float(meta["scale"])
+def describe(metrics: dict[str, Any]) -> str:
+    """The status line's detail for a finished train stage."""
+    return f"core in {metrics['core_size']}, train FVU {metrics['train_fvu']:.3f}"

@@ -1,5 +1,5 @@
-"""flows.ablation on the tiny model: two gates x one seed through the real Prefect flow, the shared stages
-computed once, and the report's L0-matched tables filled from the store."""
+"""`dmsae ablate` (flows/ablate.py) on the tiny model: two gates x one seed through the real Prefect flow, the
+shared stages computed once, and the report's L0-matched tables filled from the store."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from flows.pipeline import plan
 
 @pytest.fixture(scope="module")
 def ablation(reuse_config_yaml, tmp_path_factory, single_thread):
-    from flows.ablation import main, point_config
+    from flows.ablate import point_config
+    from flows.cli import main
 
     out = tmp_path_factory.mktemp("ablation-report")
-    args = [str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0", "--out", str(out)]
+    args = ["ablate", str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0",
+            "--out", str(out)]
     with single_thread():
         assert main(args) == 0
     points = [point_config(str(reuse_config_yaml), [], g, c, 0) for g in ("relu", "topk") for c in ("none", "2")]
@@ -51,21 +53,21 @@ def test_report_has_the_matched_tables(ablation):
 
 
 def test_rerun_computes_nothing(ablation, reuse_config_yaml, single_thread):
-    from flows.ablation import main
+    from flows.cli import main
 
     out, points = ablation
     store_root = Store(points[0].store).root
     before = sorted(p.name for p in store_root.glob("*/*") if p.is_dir())
     with single_thread():
-        assert main([str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0",
+        assert main(["ablate", str(reuse_config_yaml), "--gates", "relu,topk", "--caps", "none,2", "--seeds", "0",
                      "--out", str(out)]) == 0
     assert sorted(p.name for p in store_root.glob("*/*") if p.is_dir()) == before
 
 
 def test_bad_grid_is_one_line(reuse_config_yaml, capsys):
-    from flows.ablation import main
+    from flows.cli import main
 
-    assert main([str(reuse_config_yaml), "--gates", "relu,sigmoid"]) == 2
+    assert main(["ablate", str(reuse_config_yaml), "--gates", "relu,sigmoid"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "core_gate" in err
 
@@ -73,19 +75,19 @@ def test_bad_grid_is_one_line(reuse_config_yaml, capsys):
 def test_points_pick_pairs_not_the_cross_product(reuse_config_yaml, tmp_path, capsys):
     import json
 
-    from flows.ablation import main
+    from flows.cli import main
 
     out = tmp_path / "pairs"
-    assert main([str(reuse_config_yaml), "--points", "topk:2,relu:none", "--seeds", "0", "--out", str(out),
+    assert main(["ablate", str(reuse_config_yaml), "--points", "topk:2,relu:none", "--seeds", "0", "--out", str(out),
                  "--report-only"]) == 0
-    from flows.ablation import point_name
+    from flows.ablate import point_name
 
     base = load_config(str(reuse_config_yaml)).name
     assert json.loads((out / "points.json").read_text()) == [point_name(base, "topk", "2", 0),
                                                              point_name(base, "relu", "none", 0)]
     report = (out / "ablation.md").read_text()
     assert "--points topk:2,relu:none" in report
-    assert main([str(reuse_config_yaml), "--points", "topk"]) == 2
+    assert main(["ablate", str(reuse_config_yaml), "--points", "topk"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--points" in err[0]
 
@@ -95,7 +97,7 @@ def test_feature_metrics_are_compared_at_equal_l0_over_seeds():
     below that line at L0 = 16 (between the no-core points 8 and 32) in seed 0 and 0.3 below in seed 1."""
     import pandas as pd
 
-    from flows.ablation import summarise_features
+    from dmsae.reports.ablation import summarise_features
 
     rows = []
     for seed, gap in ((0, 0.1), (1, 0.3)):

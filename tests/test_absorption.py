@@ -1,4 +1,4 @@
-"""Feature absorption (dmsae.absorption) on a hand-built world where the answer is known.
+"""Feature absorption (dmsae.eval.absorption) on a hand-built world where the answer is known.
 
 Residuals: a word of letter L is 2 e_L plus small noise in dims 30..38 plus 20 e_39, shared by all
 (letters a..e, orthogonal directions). A hand-set SAE (ReLU(x W_enc + b), unit decoder rows) has:
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dmsae.absorption import (
+from dmsae.eval.absorption import (
     AbsorptionResult,
     absorption,
     first_letter_words,

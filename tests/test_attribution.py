@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dmsae import lm
+from dmsae import lm, readers
 from stages import attribute as attribute_stage
-from stages import train as train_stage
 
 LAYER = 1
 BOS_ID = 1  # the tiny tokenizer's <s> (checked against the tokens artifact in the fixture)
@@ -99,12 +98,12 @@ def setup(pipeline_run, bos_id):
     model = LlamaForCausalLM.from_pretrained(str(pipeline_run.artifact("model").path)).double().eval()
     model.requires_grad_(False)
     train_art = pipeline_run.artifact("train", 1)  # an SAE with a transferred core
-    sae, scale = train_stage.load_sae(train_art)
+    sae, scale = readers.load_sae(train_art)
     sae.double()
     windows = load_file(str(pipeline_run.artifact("tokens").file("tokens.safetensors")))["attribution"]
     ids = windows[:4].long()
     assert ((ids[:, 1:] == BOS_ID).any(dim=1)).any(), "want document boundaries inside a window"
-    ref = Reference(model, str(train_art.file(train_stage.SAE_FILE)), ids)
+    ref = Reference(model, str(train_art.file(readers.SAE_FILE)), ids)
     assert sae.core_size == ref.core_size > 0
     assert scale == ref.scale
     out = attribute_stage.attribution_batch(model, sae, LAYER, scale, ids, BOS_ID)
@@ -139,7 +138,7 @@ def test_loss_mask_with_token_losses_counts_real_to_real_predictions():
     expected = torch.zeros_like(nll)
     for t in (1, 4, 5):
         expected[0, t] = nll[0, t]
-    mask = attribute_stage.loss_mask(ids, BOS_ID)
+    mask = lm.loss_mask(ids, BOS_ID)
     got = lm.token_losses(logits, ids, mask)
     torch.testing.assert_close(got, expected)
     assert float(mask.sum()) == 3
@@ -185,11 +184,11 @@ def test_stored_scores_are_mean_absolute_attribution(pipeline_run):
     windows = load_file(str(pipeline_run.artifact("tokens").file("tokens.safetensors")))["attribution"].long()
     total, n_tok = None, 0
     for i in range(0, windows.shape[0], 4):
-        ref = Reference(model, str(train_art.file(train_stage.SAE_FILE)), windows[i:i + 4])
+        ref = Reference(model, str(train_art.file(readers.SAE_FILE)), windows[i:i + 4])
         a, _ = ref.attribution()
         total = a.abs().sum(0) if total is None else total + a.abs().sum(0)
         n_tok += a.shape[0]
     expected = total / n_tok
-    scores = load_file(str(pipeline_run.artifact("attribute", 0).file(attribute_stage.FILE)))["scores"].double()
+    scores = load_file(str(pipeline_run.artifact("attribute", 0).file(readers.SCORES_FILE)))["scores"].double()
     assert pipeline_run.artifact("attribute", 0).metrics["n_tokens"] == n_tok
     torch.testing.assert_close(scores, expected, rtol=2e-3, atol=1e-4 * float(expected.max()))

@@ -1,4 +1,4 @@
-"""The latent-card site (flows.cards): byte-determinism and all-or-nothing writes without a browser, then
+"""The latent-card site (dmsae.reports.cards): byte-determinism and all-or-nothing writes without a browser, then
 the real pages driven in headless Chromium through Playwright: the index table sorts and filters, a card
 shows the right latent, contexts and max token, hostile tokens stay text, and no page logs an error.
 
@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from flows import cards
-from flows.cards import card_filename, write_cards
+from dmsae.reports import cards
+from dmsae.reports.cards import card_filename, write_cards
 
 CHROMIUM = os.environ.get("DMSAE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

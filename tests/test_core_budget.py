@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import train as train_stage
+from dmsae import readers
 
 CAP = 3
 
@@ -35,7 +35,7 @@ def test_cap_bounds_the_core_and_says_what_it_cost(pipeline_run, gated_runs):
             m = run.artifact("select", cycle).metrics
             assert m["core_size"] <= CAP and m["max_core"] == CAP
             assert m["cap_bit"] == (m["n_reach_tau"] > CAP)
-            core = load_file(str(run.artifact("select", cycle).file(train_stage.CORE_FILE)))
+            core = load_file(str(run.artifact("select", cycle).file(readers.CORE_FILE)))
             cum = core["cumulative"]
             assert m["explained_fraction"] == pytest.approx(float(cum[m["core_size"] - 1] / cum[-1]))
             assert m["explained_fraction"] < run.cfg.selection.tau or not m["cap_bit"]
@@ -56,19 +56,19 @@ def test_fraction_cap_resolves_against_k(make_config, tmp_path):
 
 def test_birth_bias_and_threshold_travel_with_the_core(gated_runs):
     run = gated_runs["relu_bias"]
-    c0 = load_file(str(run.artifact("train", 0).file(train_stage.SAE_FILE)))
-    sel0 = load_file(str(run.artifact("select", 0).file(train_stage.CORE_FILE)))
+    c0 = load_file(str(run.artifact("train", 0).file(readers.SAE_FILE)))
+    sel0 = load_file(str(run.artifact("select", 0).file(readers.CORE_FILE)))
     idx = sel0["indices"]
     assert torch.equal(sel0["bias"], c0["b_enc"][idx]) and torch.equal(sel0["threshold"], c0["threshold"][idx])
     assert float(sel0["threshold"].max()) < 1e38  # selected latents fired, so they have a threshold
     # cycle 1 freezes that bias (relu_bias default) and gates its core at those thresholds
-    c1 = load_file(str(run.artifact("train", 1).file(train_stage.SAE_FILE)))
+    c1 = load_file(str(run.artifact("train", 1).file(readers.SAE_FILE)))
     c = idx.numel()
     assert torch.equal(c1["b_enc"][:c], sel0["bias"]) and torch.equal(c1["threshold"][:c], sel0["threshold"])
-    lin1 = load_file(str(run.artifact("train", 1).file(train_stage.LINEAGE_FILE)))
+    lin1 = load_file(str(run.artifact("train", 1).file(readers.LINEAGE_FILE)))
     assert torch.equal(lin1["birth_bias"][:c], sel0["bias"])
     # a latent kept again in cycle 1 keeps its cycle-0 birth values, not anything learned in cycle 1
-    sel1 = load_file(str(run.artifact("select", 1).file(train_stage.CORE_FILE)))
+    sel1 = load_file(str(run.artifact("select", 1).file(readers.CORE_FILE)))
     for j, i in enumerate(sel1["indices"].tolist()):
         if i < c:
             assert float(sel1["bias"][j]) == float(sel0["bias"][i])

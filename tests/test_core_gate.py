@@ -10,7 +10,7 @@ import torch
 
 from dmsae import sparse_step
 from dmsae.sae import MatryoshkaSAE
-from stages.train import train_sae
+from dmsae.training import train_sae
 from tests.test_sae import ENDS, FRACTIONS, TRAIN_PARAMS, WIDTH, B, D, _batches, data, ref_topk_mask
 
 C = 5
@@ -85,7 +85,7 @@ def test_fast_step_equals_autograd(gate, freeze_bias, with_dead):
     fwd = sae.forward_train(x)
     assert float(fwd.loss.detach()) == pytest.approx(float(loss_ref), rel=1e-5)
     sae.zero_grad(set_to_none=True)
-    stats, _, _ = sae.train_step(x)
+    stats, _, _ = sparse_step.train_step(sae, x)
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
     torch.testing.assert_close(stats.core_code.double(), f_core_ref, rtol=1e-5, atol=1e-6)
     names = ["enc", "b_enc", "dec", "b_dec", "dec_core"] + ([] if freeze_bias else ["b_enc_core"])
@@ -107,7 +107,7 @@ def test_topk_total_l0_is_k_per_batch(k):
     x = data()
     fwd = sae.forward_train(x)
     assert int((fwd.f_core > 0).sum() + (fwd.f_noncore > 0).sum()) == k * B
-    stats, cols, vals = sae.train_step(x)
+    stats, cols, vals = sparse_step.train_step(sae, x)
     assert stats.l0_core + stats.l0_noncore == pytest.approx(k)
     assert 0 < stats.l0_core  # the dense core won some of the slots, and only some when k > C
     if k > C:

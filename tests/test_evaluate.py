@@ -99,7 +99,7 @@ def eval_ids(pipeline_run) -> torch.Tensor:
 
 
 def test_lm_divergences_clean_ce_matches_a_plain_forward(model, eval_ids):
-    from stages.evaluate import lm_divergences
+    from dmsae.eval.reconstruction import lm_divergences
 
     out = lm_divergences(model, LAYER, eval_ids, BOS_ID, None)
     logp = logprobs(model, eval_ids)
@@ -112,7 +112,7 @@ def test_lm_divergences_clean_ce_matches_a_plain_forward(model, eval_ids):
 
 
 def test_lm_divergences_zero_splice_matches_our_own_hook(model, eval_ids):
-    from stages.evaluate import lm_divergences
+    from dmsae.eval.reconstruction import lm_divergences
 
     out = lm_divergences(model, LAYER, eval_ids, BOS_ID, torch.zeros_like)
     clean = logprobs(model, eval_ids)
@@ -126,7 +126,7 @@ def test_lm_divergences_zero_splice_matches_our_own_hook(model, eval_ids):
 
 
 def test_scores_are_one_for_identity_and_zero_for_zero_ablation(model, eval_ids):
-    from stages.evaluate import ce_loss_score, kl_score, lm_divergences
+    from dmsae.eval.reconstruction import ce_loss_score, kl_score, lm_divergences
 
     zero = lm_divergences(model, LAYER, eval_ids, BOS_ID, torch.zeros_like)
     ident = lm_divergences(model, LAYER, eval_ids, BOS_ID, lambda x: x)
@@ -146,7 +146,7 @@ def test_scores_are_one_for_identity_and_zero_for_zero_ablation(model, eval_ids)
 
 
 def test_score_formulas_on_numbers():
-    from stages.evaluate import ce_loss_score, kl_score
+    from dmsae.eval.reconstruction import ce_loss_score, kl_score
 
     assert ce_loss_score(ce_orig=2.0, ce_sae=3.0, ce_zero=4.0) == pytest.approx(0.5)
     assert ce_loss_score(ce_orig=2.0, ce_sae=5.0, ce_zero=4.0) == pytest.approx(-0.5)  # worse than ablation
@@ -157,7 +157,7 @@ def test_score_formulas_on_numbers():
 
 
 def test_explained_variance_is_mean_centred():
-    from stages.evaluate import explained_variance
+    from dmsae.eval.reconstruction import explained_variance
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 16)) * rng.uniform(0.5, 2.0, size=16) + 3.0  # far from zero mean
@@ -174,7 +174,7 @@ def test_explained_variance_is_mean_centred():
 
 
 def test_firing_fractions_on_hand_made_counts():
-    from stages.evaluate import firing_fractions
+    from dmsae.eval.reconstruction import firing_fractions
 
     # 6 latents on 100 tokens: 2 never fire; 11 and 100 firings exceed 10 % (10 firings is not "more than")
     fires = torch.tensor([0, 0, 5, 10, 11, 100])
@@ -211,6 +211,7 @@ def write_sae_artifact(tmp_path, tensors: dict[str, torch.Tensor], core_size: in
 def test_evaluate_stage_on_a_hand_made_sae(reuse_run, eval_residuals, tmp_path):
     """W_enc = 0 makes every latent's activation a constant: relu(b_enc), kept above its threshold.
     So L0, dead and dense fractions are known by hand; b_dec = mean(x) with W_dec = 0 gives EV = 0."""
+    from dmsae import readers
     from dmsae.runtime import Runtime
     from stages import evaluate
 
@@ -237,7 +238,7 @@ def test_evaluate_stage_on_a_hand_made_sae(reuse_run, eval_residuals, tmp_path):
     assert m["l0_noncore"] == pytest.approx(2.0)
     assert m["dead_fraction"] == pytest.approx(13 / 16)
     assert m["dense_fraction"] == pytest.approx(3 / 16)
-    fires = load_file(str(out / evaluate.FREQ_FILE))["fires"]
+    fires = load_file(str(out / readers.FREQUENCIES_FILE))["fires"]
     expected_fires = torch.zeros(width, dtype=torch.long)
     expected_fires[[0, 2, 4]] = n
     assert torch.equal(fires, expected_fires)

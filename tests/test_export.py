@@ -1,4 +1,4 @@
-"""SAELens export (flows.export, `dmsae export`): the JumpReLU formula of SAELens, written out here, on
+"""SAELens export (dmsae.export, `dmsae export`): the JumpReLU formula of SAELens, written out here, on
 RAW layer-L residuals reproduces dmsae's own encoding of the scaled residuals, and decoding agrees."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def raw_residuals(reuse_run) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(reuse_run, tmp_path_factory):
-    from flows.export import export_saelens
+    from dmsae.export import export_saelens
 
     out = tmp_path_factory.mktemp("saelens") / "sae"
     art = reuse_run.load(LABEL)
@@ -77,9 +77,9 @@ def test_export_weights_have_saelens_names_and_shapes(exported):
 
 
 def dmsae_codes(reuse_run, x_raw: torch.Tensor, dtype: torch.dtype):
-    from stages import train as train_stage
+    from dmsae import readers
 
-    sae, scale = train_stage.load_sae(reuse_run.load(LABEL))
+    sae, scale = readers.load_sae(reuse_run.load(LABEL))
     sae = sae.to(dtype)
     with torch.no_grad():
         f_core, f_nc = sae.encode(x_raw.to(dtype) * scale)

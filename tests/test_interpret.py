@@ -10,11 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmsae import lm, probing
-from stages import latents as latents_stage
-from stages import tokens as tokens_stage
-from stages import train as train_stage
-from stages.attribute import norm_threshold_of
+from dmsae import lm, readers
+from dmsae.eval import probing
 
 INTERPRET = ["interpret.enabled=true", "interpret.cards_noncore=5", "interpret.probe_examples=40", "reuse.k=[4,8]"]
 
@@ -48,7 +45,7 @@ def test_cards_command_writes_the_site_and_the_report_links_it(interpreted, make
     config.write_text(yaml.safe_dump(interpreted.cfg.model_dump(mode="json")))
     out = tmp_path / "site"
     assert main(["cards", str(config), "--out", str(out), "--no-progress"]) == 0
-    n_cards = len(pd.read_parquet(interpreted.load("latents").file(latents_stage.LATENTS_FILE)))
+    n_cards = len(pd.read_parquet(interpreted.load("latents").file(readers.LATENTS_FILE)))
     assert (out / "index.html").is_file() and len(list(out.glob("latent-*.html"))) == n_cards
     assert main(["report", str(config), "--out", str(tmp_path / "report")]) == 0
     summary = (tmp_path / "report" / "summary.md").read_text()
@@ -84,28 +81,28 @@ def card_values(page: str) -> dict[str, float]:
 
 
 def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted, tmp_path):
+    from dmsae.reports.run import render_cards
     from flows.pipeline import cards_node
-    from flows.report import render_cards
 
     run = interpreted
     node = cards_node(run.cfg, run.plan.nodes)
     site = render_cards(run.cfg, node, run.store.load(node.stage, node.key), tmp_path / "site").parent
     cards = run.load("latents")
-    table = pd.read_parquet(cards.file(latents_stage.LATENTS_FILE))
-    contexts = pd.read_parquet(cards.file(latents_stage.CONTEXTS_FILE))
-    core = load_file(str(run.load("select[1]").file(train_stage.CORE_FILE)))["indices"].tolist()
+    table = pd.read_parquet(cards.file(readers.LATENTS_FILE))
+    contexts = pd.read_parquet(cards.file(readers.CONTEXTS_FILE))
+    core = load_file(str(run.load("select[1]").file(readers.CORE_FILE)))["indices"].tolist()
     assert table["latent"].tolist()[: len(core)] == core and (table["kind"][: len(core)] == "core").all()
     assert (table["kind"][len(core):] == "non-core").sum() == 5
 
     # recompute with plain tensor maths from the files: ReLU((x - b_dec) W_enc + b_enc), kept above threshold
     sae_art, harvest = run.load("train[1]"), run.load("harvest")
-    t = load_file(str(sae_art.file(train_stage.SAE_FILE)))
+    t = load_file(str(sae_art.file(readers.SAE_FILE)))
     scale = harvest.metrics["scale"]
     model = lm.load_model(run.load("model").path)
-    windows = load_file(str(run.load("tokens").file(tokens_stage.FILE)))["eval"].long()
+    windows = load_file(str(run.load("tokens").file(readers.TOKENS_FILE)))["eval"].long()
     bos = run.load("tokens").metrics["bos_id"]
     h = lm.residual_upto(model, windows, run.cfg.harvest.layer)
-    kept = lm.kept_positions(h, windows, bos, norm_threshold_of(harvest))
+    kept = lm.kept_positions(h, windows, bos, readers.norm_threshold_of(harvest))
     pre = torch.relu((h.float() * scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
     codes = torch.where(pre > t["threshold"], pre, torch.zeros_like(pre)) * kept[..., None]
     for latent in table["latent"].sample(3, random_state=0).tolist():
@@ -122,13 +119,13 @@ def test_card_numbers_match_a_recomputation_from_the_stored_sae(interpreted, tmp
 
 
 def test_core_decoder_stability_across_reuse_k(interpreted):
-    from flows.report import core_decoder_stability
+    from dmsae.reports.run import core_decoder_stability
 
     run = interpreted
     table = core_decoder_stability(run.store, run.plan, run.cfg).set_index("k")
     assert list(table.index) == [4, 8] and (table["reference_k"] == 8).all()  # sae.k=6 is not reused: middle k
     assert table.loc[8, "mean_cosine"] == pytest.approx(1.0) and table.loc[8, "share_above_0.9"] == 1.0
-    decs = {k: load_file(str(run.load(f"reuse[distilled,k={k},seed=0]").file(train_stage.SAE_FILE)))["W_dec"]
+    decs = {k: load_file(str(run.load(f"reuse[distilled,k={k},seed=0]").file(readers.SAE_FILE)))["W_dec"]
             for k in (4, 8)}
     c = int(table.loc[4, "core_size"])
     a, b = decs[4][:c].double(), decs[8][:c].double()
@@ -136,20 +133,18 @@ def test_core_decoder_stability_across_reuse_k(interpreted):
     assert table.loc[4, "mean_cosine"] == pytest.approx(float(cos.mean())) and c > 0
     assert table.loc[4, "min_cosine"] == pytest.approx(float(cos.min()))
     # latent by latent, keyed by the latent's index in the last cycle's SAE (as on its card)
-    from flows.report import core_decoder_cosines
+    from dmsae.reports.run import core_decoder_cosines
 
     per_latent = core_decoder_cosines(run.store, run.plan, run.cfg)
     at4 = per_latent[per_latent.k == 4]
-    core = load_file(str(run.load("select[1]").file(train_stage.CORE_FILE)))["indices"].tolist()
+    core = load_file(str(run.load("select[1]").file(readers.CORE_FILE)))["indices"].tolist()
     assert at4.latent.tolist() == core and at4.cosine.tolist() == pytest.approx(cos.tolist())
 
 
 def test_probing_without_core_keeps_the_stage_numbers_and_leaves_the_core_out(interpreted):
     from safetensors.torch import load_file as load_tensors
 
-    from flows.ablation import probing_without_core
-    from stages import interpret as interpret_stage
-    from stages import probes as probes_stage
+    from dmsae.reports.ablation import probing_without_core
 
     run = interpreted
     table = probing_without_core(run.cfg, run.store, run.plan, ks=(1, 5))
@@ -166,21 +161,21 @@ def test_probing_without_core_keeps_the_stage_numbers_and_leaves_the_core_out(in
             assert rows[rows.probe_k == k].accuracy_all_latents.item() == pytest.approx(
                 stage_metrics[f"sparse_probe_k{k}"], abs=1e-12)
         # the core left out: no chosen latent is a core latent, and the indices are the SAE's own
-        sae, scale = train_stage.load_sae(sae_art)
+        sae, scale = readers.load_sae(sae_art)
         probes = run.store.load("probes", node.inputs["probes"].key)
-        data = load_tensors(str(probes.file(probes_stage.TENSORS_FILE)))
-        features = probes_stage.pooled(data["text_residuals"], data["text_offsets"],
-                                       interpret_stage.encoder(sae, scale))
-        without = interpret_stage.sparse_probing(features, probes, (1, 5), skip_latents=sae.core_size)
+        data = load_tensors(str(probes.file(readers.PROBES_TENSORS_FILE)))
+        features = probing.pooled(data["text_residuals"], data["text_offsets"],
+                                       probing.encoder(sae, scale))
+        without = probing.sparse_probing(features, readers.probe_tasks(probes), (1, 5), skip_latents=sae.core_size)
         chosen = [i for lat in without.latents for i in lat]
         assert sae.core_size and chosen and min(chosen) >= sae.core_size
         # independently: the whole dictionary ranked on the train split, core latents dropped, the first five
-        for (task, ids, labels, is_test), lat in zip(probes_stage.load_tasks(probes),
+        for (task, ids, labels, is_test), lat in zip(readers.probe_tasks(probes),
                                                      without[without.k == 5].latents, strict=True):
             train = ~torch.tensor(is_test)
             order = probing.rank_latents(features[ids][train], torch.tensor(labels)[train]).tolist()
             assert list(lat) == [i for i in order if i >= sae.core_size][:5], task
-        stored = pd.read_parquet(run.store.load(node.stage, node.key).file(interpret_stage.PROBING_FILE))
-        again = interpret_stage.sparse_probing(features, probes, (1, 2, 5, 10))
+        stored = pd.read_parquet(run.store.load(node.stage, node.key).file(readers.SPARSE_PROBING_FILE))
+        again = probing.sparse_probing(features, readers.probe_tasks(probes), (1, 2, 5, 10))
         assert again.test_accuracy.tolist() == stored.test_accuracy.tolist()
         assert [list(x) for x in again.latents] == [list(x) for x in stored.latents]

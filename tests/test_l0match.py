@@ -1,4 +1,4 @@
-"""dmsae.l0match: reading a metric curve at another arm's L0."""
+"""dmsae.eval.l0match: reading a metric curve at another arm's L0."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dmsae.l0match import matched_deltas, read_at_l0
+from dmsae.eval.l0match import matched_deltas, read_at_l0
 
 
 def test_read_at_l0_interpolates_in_log_l0():

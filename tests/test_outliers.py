@@ -13,12 +13,11 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from dmsae import activations
+from dmsae import activations, readers
+from dmsae.eval.reconstruction import lm_divergences
 from dmsae.runtime import Runtime
 from stages import attribute as attribute_stage
 from stages import harvest as harvest_stage
-from stages import train as train_stage
-from stages.evaluate import lm_divergences
 
 LAYER = 1
 FACTOR = 1.15  # the tiny random model has no real outliers: a low factor makes some
@@ -103,7 +102,7 @@ def test_evaluation_splice_leaves_outliers_untouched(pipeline_run, model, bos_id
 
 
 def test_attribution_splices_only_kept_positions(pipeline_run, model, bos_id):
-    sae, scale = train_stage.load_sae(pipeline_run.artifact("train", 0))
+    sae, scale = readers.load_sae(pipeline_run.artifact("train", 0))
     ids = load_file(str(pipeline_run.artifact("tokens").file("tokens.safetensors")))["attribution"][:4].long()
     h = hidden_after(model, ids, LAYER)
     norms = h.norm(dim=-1)

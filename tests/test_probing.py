@@ -1,5 +1,5 @@
-"""Sparse probing (dmsae/probing.py): planted-feature recovery, the probe's optimality, determinism, and
-the offline tasks checked against the installed data files read independently here."""
+"""Sparse probing (dmsae/eval/probing.py, dmsae/eval/tasks.py): planted-feature recovery, the probe's
+optimality, determinism, and the offline tasks checked against the installed data files read independently here."""
 
 from __future__ import annotations
 
@@ -13,18 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from dmsae.errors import UserError
-from dmsae.probing import (
-    LANGUAGE_FILES,
-    ProbeTask,
+from dmsae.eval.probing import (
     accuracy,
     dense_probe,
-    jsonl_task,
     mean_pool,
-    offline_tasks,
     rank_latents,
     sparse_probe,
     train_logistic,
 )
+from dmsae.eval.tasks import LANGUAGE_FILES, ProbeTask, jsonl_task, offline_tasks
 
 PLANTED = 7
 

@@ -1,4 +1,4 @@
-"""The report (flows.report, `dmsae report`) on the tiny run with reuse arms: files, valid PNGs, the
+"""The report (dmsae.reports.run, `dmsae report`) on the tiny run with reuse arms: files, valid PNGs, the
 metrics table, and the consistency measures checked against hand computations."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def report_dir(reuse_run, tmp_path_factory):
-    from flows.report import write_report
+    from dmsae.reports.run import write_report
 
     out = tmp_path_factory.mktemp("report")
     summary = write_report(reuse_run.cfg, reuse_run.store, reuse_run.plan, out)
@@ -99,7 +99,7 @@ def brute_force_mean_best_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_mean_best_cosine():
-    from flows.report import mean_best_cosine
+    from dmsae.eval.reconstruction import mean_best_cosine
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(40, 12)), rng.normal(size=(25, 12)) * rng.uniform(0.1, 5, size=(25, 1))
@@ -115,7 +115,7 @@ def test_mean_best_cosine():
 
 
 def test_seed_consistency_matches_brute_force_on_the_reuse_saes(reuse_run):
-    from flows.report import seed_consistency
+    from dmsae.reports.run import seed_consistency
 
     df = seed_consistency(reuse_run.store, reuse_run.plan, reuse_run.cfg)
     assert sorted(df.arm) == ["distilled", "none", "random"]
@@ -130,7 +130,7 @@ def test_seed_consistency_matches_brute_force_on_the_reuse_saes(reuse_run):
 
 
 def test_core_overlap_matches_lineage_of_the_select_artifacts(reuse_run):
-    from flows.report import core_overlap
+    from dmsae.reports.tables import core_overlap
 
     ids = []
     for cycle in (0, 1):
@@ -176,15 +176,15 @@ def test_core_overlap_on_hand_made_cores(tmp_path):
     to coincide, Jaccard 1, which would not tell Jaccard from other overlap measures)."""
     from safetensors.torch import save_file
 
+    from dmsae.reports.tables import core_overlap
     from dmsae.store import Store
-    from flows.pipeline import Node, Plan
-    from flows.report import core_overlap
+    from flows.pipeline import Plan, stage_node
 
     cores = [[(0, 1), (0, 2), (0, 3)], [(0, 2), (1, 9), (0, 1), (1, 5)], [(1, 5)]]
     store = Store(tmp_path / "store")
     nodes = []
     for cycle, ids in enumerate(cores):
-        node = Node("select", {"cycle": cycle, "tau": 0.9}, {}, cycle)
+        node = stage_node("select", {"cycle": cycle, "tau": 0.9}, {}, cycle)
         with store.writer("select", node.key) as tmp:
             save_file({"lineage": torch.tensor(ids, dtype=torch.long)}, str(tmp / "core.safetensors"))
             store.finalize(tmp, key=node.key, stage="select", version=node.version, params=node.params, inputs={})

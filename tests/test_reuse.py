@@ -66,13 +66,13 @@ def test_arms_share_seed_training_settings_and_sae_settings(reuse_run, k, seed):
 @pytest.fixture(scope="module")
 def init_saes(reuse_run):
     """The three arms' SAEs at k=8, seed 0, as built (untrained) with the seed the reuse stage uses."""
-    from stages import train as train_stage
+    from dmsae import training
 
     nodes = arm_nodes(reuse_run, 8)
     cores = {"distilled": core_tensors(reuse_run.load("select[1]"))["encoder"],
              "random": core_tensors(reuse_run.load("random_core[seed=0]"))["encoder"], "none": None}
-    seed = train_stage.derive_seed(0, "reuse")
-    return {arm: train_stage.build_sae(nodes[arm].params["sae"], D_MODEL, cores[arm], seed) for arm in ARMS}
+    seed = training.derive_seed(0, "reuse")
+    return {arm: training.build_sae(nodes[arm].params["sae"], D_MODEL, cores[arm], seed) for arm in ARMS}
 
 
 def test_arms_start_from_the_same_non_core_initialisation(init_saes):
@@ -96,28 +96,27 @@ def test_arms_start_from_the_same_non_core_initialisation(init_saes):
 def test_arm_artifact_was_trained_from_that_initialisation(reuse_run, tmp_path, single_thread, arm):
     """Refitting an arm with the seed derive_seed(seed, 'reuse') (what build_sae and shuffled_batches got
     above) and the arm's core gives the stored SAE: the init and batches compared above are the stage's."""
+    from dmsae import training
     from dmsae.runtime import Runtime
-    from stages import train as train_stage
 
     node = reuse_run.node(f"reuse[{arm},k=4,seed=0]")
     core = {"distilled": reuse_run.load("select[1]"), "random": reuse_run.load("random_core[seed=0]"),
             "none": None}[arm]
-    seed = train_stage.derive_seed(0, "reuse")
+    seed = training.derive_seed(0, "reuse")
     with single_thread():  # as the stored SAE was trained
-        train_stage.fit(tmp_path, reuse_run.artifact("harvest"), core, node.params["sae"], node.params["train"],
+        training.fit(tmp_path, reuse_run.artifact("harvest"), core, node.params["sae"], node.params["train"],
                         seed, -1, Runtime(show_progress=False))
     refit = load_file(str(tmp_path / "sae.safetensors"))
     stored = sae_tensors(reuse_run.store.load("reuse", node.key))
     for name in stored:
         assert torch.equal(refit[name], stored[name]), name
     # the train stage's seed for the same user seed gives another SAE
-    assert train_stage.derive_seed(0, "reuse") != train_stage.derive_seed(0, "train", 0)
+    assert training.derive_seed(0, "reuse") != training.derive_seed(0, "train", 0)
     assert not torch.equal(sae_tensors(reuse_run.artifact("train", 0))["W_dec"], stored["W_dec"])
 
 
 def test_arms_see_the_same_batches(reuse_run):
-    from dmsae import activations
-    from stages import train as train_stage
+    from dmsae import activations, training
 
     harvest = reuse_run.artifact("harvest")
     array = activations.open_array(harvest.file(activations.ARRAY))
@@ -127,7 +126,7 @@ def test_arms_see_the_same_batches(reuse_run):
 
     def first_batches(node, seed_offset: int = 0) -> list[torch.Tensor]:
         tp = node.params["train"]
-        seed = train_stage.derive_seed(node.params["seed"] + seed_offset, "reuse")
+        seed = training.derive_seed(node.params["seed"] + seed_offset, "reuse")
         gen = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
         return list(itertools.islice(gen, n_steps))
 

@@ -12,7 +12,7 @@ import torch
 
 from dmsae import sparse_step
 from dmsae.sae import MatryoshkaSAE
-from stages.train import train_sae
+from dmsae.training import train_sae
 
 D = 32
 WIDTH = 128
@@ -131,7 +131,7 @@ def test_train_step_selects_the_same_batch_topk(c, core_bias, l0_mode):
     sae, _ = make_sae(c=c, k=4, core_bias=core_bias, l0_mode=l0_mode)
     x = data()
     _, f_nc_ref, k_nc = ref_codes(sae, x, l0_mode)
-    stats, cols, vals = sae.train_step(x)
+    stats, cols, vals = sparse_step.train_step(sae, x)
     assert stats.k_noncore == k_nc
     active = vals > 0
     assert int(active.sum()) == k_nc * B
@@ -186,7 +186,7 @@ def test_prefix_losses_match_from_scratch_reconstructions(c):
     torch.testing.assert_close(out.x_hat.double(), x_hat, rtol=1e-5, atol=1e-5)
 
     sae.zero_grad(set_to_none=True)
-    stats, _, _ = sae.train_step(x)
+    stats, _, _ = sparse_step.train_step(sae, x)
     torch.testing.assert_close(stats.prefix_losses.double(), expected, rtol=1e-5, atol=1e-5)
     assert stats.loss == pytest.approx(float(expected.mean()), rel=1e-5)
 
@@ -241,7 +241,7 @@ def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
     x = data()
     loss_ref, aux_ref, p = _reference_loss(sae, x, "dynamic")
     sae.zero_grad(set_to_none=True)
-    stats, _, _ = sae.train_step(x)
+    stats, _, _ = sparse_step.train_step(sae, x)
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
     assert stats.aux_loss == pytest.approx(float(aux_ref), rel=1e-4, abs=1e-7)
     if b_enc_shift < -5:

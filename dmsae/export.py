@@ -16,14 +16,30 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dmsae import readers
+from dmsae.errors import UserError
+from dmsae.plan import Node, Plan
 from dmsae.store import Artifact
-from stages import train as train_stage
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 
 
+def choose_sae(p: Plan, run: str, label: str | None, k: int, seed: int) -> Node:
+    """The train or reuse node labelled `label`; by default the distilled-core reuse SAE at `k` and `seed`, else
+    the last cycle's SAE."""
+    saes = [n for n in p.nodes if n.stage in ("train", "reuse")]
+    if label:
+        chosen = [n for n in saes if n.label == label]
+        if not chosen:
+            raise UserError(f"--sae {label}: no such SAE in run '{run}'; one of: " + ", ".join(n.label for n in saes))
+        return chosen[0]
+    preferred = [n for n in saes if n.label == f"reuse[distilled,k={k},seed={seed}]"]
+    return preferred[0] if preferred else [n for n in saes if n.stage == "train"][-1]
+
+
 def saelens_tensors(sae_file: Path, scale: float) -> dict[str, torch.Tensor]:
+    """The SAE's weights with the activation scale folded in (see the module docstring)."""
     t = load_file(str(sae_file))
     return {
         "W_enc": (t["W_enc"] * scale).contiguous(),
@@ -37,8 +53,8 @@ def saelens_tensors(sae_file: Path, scale: float) -> dict[str, torch.Tensor]:
 def export_saelens(artifact: Artifact, out_dir: Path, *, model_name: str, layer: int, context: int,
                    dataset: str, label: str) -> Path:
     """Write the SAE of a train or reuse artifact to `out_dir`; returns the folder."""
-    sae, scale = train_stage.load_sae(artifact)
-    tensors = saelens_tensors(artifact.file(train_stage.SAE_FILE), scale)
+    sae, scale = readers.load_sae(artifact)
+    tensors = saelens_tensors(artifact.file(readers.SAE_FILE), scale)
     d_in, d_sae = tensors["W_enc"].shape
     cfg: dict[str, Any] = {
         "architecture": "jumprelu",

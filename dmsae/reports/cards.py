@@ -5,9 +5,10 @@ table of every latent) and one `out_dir/latent-<id>.html` card per latent: its h
 an activation histogram, the tokens its decoder direction promotes and suppresses through the
 unembedding, and its top-activating contexts with every token shaded by activation.
 
-The pages need nothing outside themselves: CSS, JS and SVG are inline, and a Content-Security-Policy
-forbids any network fetch and lets only the page's own script (pinned by its hash) run, so a token
-that slipped through escaping still could not execute. Every token is escaped with `html.escape`;
+The pages need nothing outside themselves: CSS, JS and SVG are inline (the CSS and the two scripts are
+package data, `dmsae/reports/cards_assets/`), and a Content-Security-Policy forbids any network fetch and
+lets only the page's own script (pinned by its hash) run, so a token that slipped through escaping still
+could not execute. Every token is escaped with `html.escape`;
 whitespace and control characters are drawn as visible glyphs (␣ ↵ ⇥ ⟨U+…⟩). Displayed numbers are
 rounded to 3 significant digits; the exact values sit in `data-*` attributes as Python `repr`s.
 
@@ -28,6 +29,7 @@ import shutil
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -246,139 +248,15 @@ def token_html(tok: str, *, all_spaces: bool = False) -> str:
 
 # ------------------------------------------------------------------------------------------------ pages
 
-_CSS = """
-:root{color-scheme:light;--fg:#1d232b;--muted:#5d6876;--line:#d9dee5;--bg:#fff;--panel:#f6f8fa;
---core:#1f6feb;--noncore:#8250df;--pos:#1a7f37;--neg:#cf222e;--hl:255,122,0}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
-header.top{padding:14px 24px 10px;border-bottom:1px solid var(--line);background:var(--panel)}
-main{padding:16px 24px 40px;max-width:1320px}
-h1{font-size:20px;margin:0 0 4px}
-h2{font-size:15px;margin:22px 0 8px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted)}
-a{color:#0a58ca}
-code,.tok,.ctx-text{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
-dl.meta{display:flex;flex-wrap:wrap;gap:2px 18px;margin:4px 0 0;color:var(--muted);font-size:12.5px}
-dl.meta div{display:flex;gap:4px}dl.meta dt{font-weight:600}dl.meta dd{margin:0}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;
-vertical-align:middle}
-.badge.core{background:var(--core)}.badge.non-core{background:var(--noncore)}
-.ws{color:#8c959f;font-weight:400}
-.ctx-text .ws{color:#57606a}
-.tok{white-space:pre;background:#eef1f4;border-radius:3px;padding:0 3px;margin:0 2px 2px 0;display:inline-block}
-.explain{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:2px 20px;color:var(--muted);
-font-size:12.5px;max-width:1200px;margin:10px 0 0}
-.explain dt{display:inline;font-weight:600;color:var(--fg)}.explain dd{display:inline;margin:0 0 0 4px}
-.controls{display:flex;gap:14px;align-items:center;flex-wrap:wrap;margin:12px 0}
-.controls input{width:280px;padding:5px 8px;border:1px solid var(--line);border-radius:6px;font:inherit}
-.controls select{padding:4px 6px;border:1px solid var(--line);border-radius:6px;font:inherit}
-#count{color:var(--muted)}
-table.latents{border-collapse:collapse;width:100%}
-table.latents caption{text-align:left;color:var(--muted);padding-bottom:4px}
-table.latents th,table.latents td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;
-vertical-align:top}
-table.latents td.num,table.latents th.num{text-align:right;font-variant-numeric:tabular-nums}
-table.latents thead th{position:sticky;top:0;background:var(--panel);z-index:1}
-th button{all:unset;cursor:pointer;font-weight:600}
-th button:focus-visible{outline:2px solid #0a58ca;outline-offset:2px}
-th[aria-sort=ascending] button::after{content:" ▲";font-size:10px}
-th[aria-sort=descending] button::after{content:" ▼";font-size:10px}
-tbody tr:hover{background:#f3f6fa}
-nav.pager{display:flex;gap:16px;align-items:center;margin:0 0 8px;font-size:13px}
-nav.pager .off{color:#aab2bc}
-.stats{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:8px;margin:12px 0 0;
-max-width:1000px}
-.stats div{background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:6px 10px}
-.stats dt{font-size:11.5px;color:var(--muted);text-transform:uppercase;letter-spacing:.03em}
-.stats dd{margin:0;font-size:17px;font-weight:600;font-variant-numeric:tabular-nums}
-.row2{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
-svg.hist{max-width:100%;height:auto}
-svg.hist text{font:11px system-ui,sans-serif;fill:#5d6876}
-svg.hist .axis{stroke:#8c959f;stroke-width:1}
-svg.hist .grid{stroke:#eaeef2;stroke-width:1}
-table.logits{border-collapse:collapse;min-width:240px}
-table.logits caption{text-align:left;font-weight:600;padding:0 0 4px}
-table.logits.pos caption{color:var(--pos)}table.logits.neg caption{color:var(--neg)}
-table.logits th{text-align:left;font-size:12px;color:var(--muted);padding:2px 8px}
-table.logits th:last-child{text-align:right}
-table.logits td{padding:2px 8px;border-bottom:1px solid #f0f2f4}
-table.logits td.val{text-align:right;font-variant-numeric:tabular-nums;min-width:90px;
-background-repeat:no-repeat;background-position:right center}
-table.logits.pos td.val{color:var(--pos);background-image:linear-gradient(rgba(26,127,55,.14),rgba(26,127,55,.14));
-background-size:var(--w) 80%}
-table.logits.neg td.val{color:var(--neg);background-image:linear-gradient(rgba(207,34,46,.14),rgba(207,34,46,.14));
-background-size:var(--w) 80%}
-.hint{color:var(--muted);font-size:12.5px;margin:0 0 8px}
-ol.contexts{list-style:none;padding:0;margin:0}
-ol.contexts li{display:flex;gap:12px;align-items:baseline;padding:5px 0;border-bottom:1px solid #f0f2f4}
-.ctx-meta{flex:0 0 112px;color:var(--muted);font-size:12px;font-variant-numeric:tabular-nums}
-.ctx-text{white-space:pre-wrap;word-break:break-word;line-height:1.9}
-.ctx-text .t{border-radius:2px;padding:1px 0}
-.ctx-text .t.max{font-weight:700;text-decoration:underline 2px;text-underline-offset:3px;
-outline:1px solid rgba(var(--hl),.9)}
-.legend{display:inline-block;width:120px;height:10px;vertical-align:middle;border:1px solid var(--line);
-background:linear-gradient(90deg,rgba(var(--hl),0),rgba(var(--hl),.85))}
-.empty{color:var(--muted);font-style:italic}
-"""
+def _asset(name: str) -> str:
+    """A file of `cards_assets/`, inlined into every page byte for byte: the Content-Security-Policy pins each
+    script by its sha256, so the files carry no trailing newline that the pages do not have."""
+    return (resources.files("dmsae.reports") / "cards_assets" / name).read_bytes().decode("utf-8")
 
-_INDEX_JS = """(() => {
-  const table = document.getElementById('latents');
-  const tbody = table.tBodies[0];
-  const rows = Array.from(tbody.rows);
-  const order = new Map(rows.map((r, i) => [r, i]));
-  const q = document.getElementById('q');
-  const kind = document.getElementById('kind');
-  const count = document.getElementById('count');
-  function applyFilter() {
-    const needle = q.value.trim().toLowerCase().replace(/^#/, '');
-    let shown = 0;
-    for (const r of rows) {
-      const ok = (kind.value === 'all' || r.dataset.kind === kind.value) &&
-        (needle === '' || r.dataset.search.includes(needle));
-      r.hidden = !ok;
-      if (ok) shown += 1;
-    }
-    count.textContent = shown + ' of ' + rows.length + ' latents shown';
-  }
-  function value(r, key, numeric) {
-    const v = r.dataset[key];
-    if (!numeric) return v;
-    const x = parseFloat(v);
-    return Number.isNaN(x) ? null : x;
-  }
-  function sortBy(th) {
-    const key = th.dataset.key;
-    const numeric = th.dataset.type === 'num';
-    const cur = th.getAttribute('aria-sort');
-    const dir = cur === 'descending' ? 'ascending' : cur === 'ascending' ? 'descending'
-      : (numeric ? 'descending' : 'ascending');
-    for (const h of table.tHead.rows[0].cells) if (h.dataset.key) h.setAttribute('aria-sort', 'none');
-    th.setAttribute('aria-sort', dir);
-    const sign = dir === 'ascending' ? 1 : -1;
-    const sorted = rows.slice().sort((a, b) => {
-      const va = value(a, key, numeric);
-      const vb = value(b, key, numeric);
-      let c;
-      if (va === null || vb === null) c = (va === null) - (vb === null);
-      else c = sign * (numeric ? va - vb : va.localeCompare(vb));
-      return c || order.get(a) - order.get(b);
-    });
-    tbody.append(...sorted);
-  }
-  for (const th of table.tHead.rows[0].cells) {
-    const b = th.querySelector('button');
-    if (b) b.addEventListener('click', () => sortBy(th));
-  }
-  q.addEventListener('input', applyFilter);
-  kind.addEventListener('change', applyFilter);
-  applyFilter();
-})();"""
 
-_CARD_JS = """document.addEventListener('keydown', (e) => {
-  if (e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return;
-  const rel = e.key === 'ArrowLeft' ? 'prev' : e.key === 'ArrowRight' ? 'next' : null;
-  const a = rel && document.querySelector('nav.pager a[rel="' + rel + '"]');
-  if (a) window.location.href = a.href;
-});"""
+_CSS = _asset("site.css")
+_INDEX_JS = _asset("index.js")  # the index table's sorting and filtering
+_CARD_JS = _asset("card.js")  # arrow keys step between cards
 
 
 def _csp(script: str) -> str:

