@@ -79,7 +79,7 @@ TINY_OVERRIDES = [
     "train.log_every=8",
     "attribution.batch_size=4",
     "cycles=2",
-    "interpret.enabled=false",  # tests/test_interpret.py turns it on
+    "interpret.enabled=false",  # tests/integration/test_interpret.py turns it on
 ]
 
 

@@ -1,4 +1,4 @@
-"""stages.select.select_prefix: the shortest score-sorted prefix reaching tau of the total (DESIGN.md
+"""stages.select.select_prefix: the shortest score-sorted prefix reaching tau of the total (docs/design.md
 "Selection"), checked against a plain-Python sort and running sum."""
 
 from __future__ import annotations

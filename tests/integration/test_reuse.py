@@ -1,4 +1,4 @@
-"""The reuse stage and its controls (DESIGN.md section 2, Reuse): the distilled, random and no-core arms
+"""The reuse stage and its controls (docs/design.md section 2, Reuse): the distilled, random and no-core arms
 at one k differ only in their frozen core; the random core is a uniform draw from the cycle-0 SAE; and
 the plan keys of the reuse nodes follow exactly the settings they depend on."""
 

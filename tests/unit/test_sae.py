@@ -1,4 +1,4 @@
-"""The Matryoshka BatchTopK SAE (DESIGN.md section 2, "SAE") against from-scratch float64 references.
+"""The Matryoshka BatchTopK SAE (docs/design.md section 2, "SAE") against from-scratch float64 references.
 
 Every reference below recomputes the maths from the flat [core | non-core] tensors of
 `full_tensors()` with plain torch ops, never through the methods under test.

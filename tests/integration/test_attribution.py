@@ -3,7 +3,7 @@ autograd computation (own hook, own SAE maths from the saved tensors, own loss m
 finite differences.
 
 The loss is the summed next-token cross-entropy over predictions whose source position and target
-are both real tokens (DESIGN.md: "BOS and padding excluded"; stages.attribute.loss_mask: "1 where both
+are both real tokens (docs/design.md: "BOS and padding excluded"; stages.attribute.loss_mask: "1 where both
 the position and its next-token target are real tokens").
 """
 

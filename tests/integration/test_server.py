@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PREFECT = Path(sys.executable).parent / "prefect"
 FLOW_NAME = "dmsae-distill"
 CRON = "0 3 * * *"

@@ -1,4 +1,4 @@
-"""The evaluate and baseline stages (DESIGN.md section 2, Evaluation) against independent computations:
+"""The evaluate and baseline stages (docs/design.md section 2, Evaluation) against independent computations:
 next-token CE and KL from a plain forward pass with our own splice hook and loops, explained variance
 in numpy, firing fractions and L0 by hand, and one evaluated SAE recomputed from its saved weights."""
 
@@ -138,7 +138,7 @@ def test_scores_are_one_for_identity_and_zero_for_zero_ablation(model, eval_ids)
     assert kl_score(ident["kl"] / n, kl_zero) == pytest.approx(1.0, abs=1e-6)
     assert ce_loss_score(ce_orig, ce_zero, ce_zero) == 0.0
     assert kl_score(kl_zero, kl_zero) == 0.0
-    # something in between, by the formulas of DESIGN.md written out here
+    # something in between, by the formulas of docs/design.md written out here
     ce_half, kl_half = half["ce_patched"] / n, half["kl"] / n
     assert ce_loss_score(ce_orig, ce_half, ce_zero) == pytest.approx((ce_zero - ce_half) / (ce_zero - ce_orig))
     assert kl_score(kl_half, kl_zero) == pytest.approx(1 - kl_half / kl_zero)

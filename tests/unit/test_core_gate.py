@@ -11,7 +11,7 @@ import torch
 from dmsae import sparse_step
 from dmsae.sae import MatryoshkaSAE
 from dmsae.training import train_sae
-from tests.test_sae import ENDS, FRACTIONS, TRAIN_PARAMS, WIDTH, B, D, _batches, data, ref_topk_mask
+from tests.unit.test_sae import ENDS, FRACTIONS, TRAIN_PARAMS, WIDTH, B, D, _batches, data, ref_topk_mask
 
 C = 5
 GATES = [("relu", False), ("relu_bias", True), ("relu_bias", False), ("topk", False)]
