@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -61,14 +62,29 @@ def norm_threshold_of(harvest: Artifact) -> float:
     return math.inf if value is None else float(value)
 
 
+class SplitTokens(NamedTuple):
+    """What a stage that runs the model over one split needs from the tokens and harvest artifacts."""
+
+    windows: torch.Tensor  # [n, context] int32, each starting with BOS
+    bos: int
+    norm_threshold: float  # the harvest's outlier threshold: positions above it are not modelled
+
+
+def split_tokens(inputs: dict[str, Artifact], split: str) -> SplitTokens:
+    """One split's windows, the BOS id and the outlier threshold, from a stage's `tokens` and `harvest` inputs."""
+    return SplitTokens(token_windows(inputs["tokens"], split), bos_of(inputs["tokens"]),
+                       norm_threshold_of(inputs["harvest"]))
+
+
 def sae_meta(artifact: Artifact) -> dict:
     """The metadata a train or reuse artifact stored beside its weights (core size, k, scale, gate, ...)."""
     with safe_open(str(artifact.file(SAE_FILE)), framework="pt") as f:
         return json.loads(f.metadata()[SAE_META_KEY])
 
 
-def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
-    """The trained SAE of a train or reuse artifact in inference mode, and the activation scale it was trained with."""
+def load_sae(artifact: Artifact, device: str = "cpu") -> tuple[MatryoshkaSAE, float]:
+    """The trained SAE of a train or reuse artifact in inference mode on `device`, and the activation scale it was
+    trained with."""
     meta = sae_meta(artifact)
     tensors = load_file(str(artifact.file(SAE_FILE)))
     p = artifact.manifest.params["sae"]
@@ -77,7 +93,7 @@ def load_sae(artifact: Artifact) -> tuple[MatryoshkaSAE, float]:
         meta.get("core_gate", "relu"),
     )
     sae.requires_grad_(False)
-    return sae.eval(), float(meta["scale"])
+    return sae.eval().to(device), float(meta["scale"])
 
 
 def sae_tensors(artifact: Artifact) -> dict[str, torch.Tensor]:

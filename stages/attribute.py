@@ -62,11 +62,8 @@ def attribution_batch(
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
-    sae, scale = readers.load_sae(inputs["train"])
-    sae.to(rt.device)
-    windows = readers.token_windows(inputs["tokens"], "attribution")
-    bos = readers.bos_of(inputs["tokens"])
-    threshold = readers.norm_threshold_of(inputs["harvest"])
+    sae, scale = readers.load_sae(inputs["train"], rt.device)
+    windows, bos, threshold = readers.split_tokens(inputs, "attribution")
     batch = rt.args.get("batch_size", 8)
     n_inner = sae.core_size + sae.ends[0]
     abs_sum = torch.zeros(n_inner, dtype=torch.float64)

@@ -21,9 +21,7 @@ VERSION = "2"
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     lm.check_layer(model, params["layer"])
-    windows = readers.token_windows(inputs["tokens"], "eval")
-    bos = readers.bos_of(inputs["tokens"])
-    threshold = readers.norm_threshold_of(inputs["harvest"])
+    windows, bos, threshold = readers.split_tokens(inputs, "eval")
     batch = rt.args.get("batch_size", 8)
     sums = {"ce_clean": 0.0, "ce_patched": 0.0, "kl": 0.0, "count": 0.0}
     n_batches = math.ceil(windows.shape[0] / batch)

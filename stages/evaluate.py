@@ -35,11 +35,8 @@ VERSION = "2"
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
-    sae, scale = readers.load_sae(inputs["sae"])
-    sae.to(rt.device)
-    windows = readers.token_windows(inputs["tokens"], "eval")
-    bos = readers.bos_of(inputs["tokens"])
-    threshold = readers.norm_threshold_of(inputs["harvest"])
+    sae, scale = readers.load_sae(inputs["sae"], rt.device)
+    windows, bos, threshold = readers.split_tokens(inputs, "eval")
     batch = rt.args.get("batch_size", 8)
     xs, xhats = [], []
     fires = torch.zeros(sae.width, dtype=torch.long)

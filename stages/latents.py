@@ -82,11 +82,8 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
 
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"].path))
-    sae, scale = readers.load_sae(inputs["train"])
-    sae.to(rt.device)
-    windows = readers.token_windows(inputs["tokens"], "eval")
-    bos = readers.bos_of(inputs["tokens"])
-    threshold = readers.norm_threshold_of(inputs["harvest"])
+    sae, scale = readers.load_sae(inputs["train"], rt.device)
+    windows, bos, threshold = readers.split_tokens(inputs, "eval")
     pos, lat, val, n_modelled = sparse_codes(model, sae, scale, windows, bos, params["layer"], threshold,
                                              rt.args.get("batch_size", 16), rt)
     fires = torch.bincount(lat, minlength=sae.width)
