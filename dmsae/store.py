@@ -18,6 +18,7 @@ so equal work gets equal keys and anything that changes the result changes the k
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -65,20 +66,15 @@ def warn(message: str) -> None:
 
 
 def probe_writable(folder: Path) -> None:
-    """Raise OSError unless files can be created in `folder`; leaves nothing behind (folders it had to create
-    for the probe are removed again), so a check writes nothing."""
-    created: list[Path] = []
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
-    try:
-        for d in reversed(missing):
-            d.mkdir()
-            created.append(d)
-        probe = folder / f".dmsae-write-test-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    finally:
-        for d in reversed(created):
-            d.rmdir()
+    """Raise OSError unless files can be created in `folder` (or, when it does not exist yet, in the nearest
+    folder above it, where it would be made). The probe is a uniquely named file that is removed again, so a
+    check writes nothing and any number of processes can probe one new folder at once."""
+    nearest = next(p for p in [folder, *folder.parents] if p.exists())
+    if not nearest.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
+    probe = nearest / f".dmsae-write-test-{uuid.uuid4().hex}"
+    probe.write_text("ok")
+    probe.unlink()
 
 
 def canonical_json(obj: Any) -> str:
