@@ -248,3 +248,27 @@ def test_user_error_is_not_retried(copied):
     assert "train" in state.message and "tokens" in state.message
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["tokens"].run_count == 1 and runs["tokens"].state.is_failed()
+
+
+def _probe(folder: str) -> str | None:
+    from dmsae.store import probe_writable
+
+    try:
+        probe_writable(Path(folder))
+    except OSError as e:
+        return repr(e)
+    return None
+
+
+def test_many_processes_probe_one_new_folder_at_once(tmp_path):
+    """Runs that start together check the same new report folder: none may refuse the others, and the check
+    leaves nothing behind (the old probe made and removed the folder, and failed 30 rounds of 30 here)."""
+    import multiprocessing
+
+    for i in range(5):
+        root = tmp_path / f"round{i}"
+        root.mkdir()
+        with multiprocessing.get_context("spawn").Pool(4) as pool:
+            errors = [e for e in pool.map(_probe, [str(root / "reports" / "run")] * 12) if e]
+        assert not errors
+        assert not any(root.iterdir())
