@@ -350,9 +350,8 @@ def run_record(cfg: Config, p: Plan, status: str, parent: str | None = None, cre
 
 
 def stage_detail(stage: str, metrics: dict[str, Any]) -> str:
-    """The stage's one-line summary of its manifest metrics for `dmsae status` ("" for a stage without one)."""
-    describe = getattr(STAGES[stage], "describe", None)
-    return describe(metrics) if describe is not None else ""
+    """The stage's one-line summary of its manifest metrics for `dmsae status` (every stage has `describe`)."""
+    return STAGES[stage].describe(metrics)
 
 
 def referenced(store: Store) -> set[tuple[str, str]]:
