@@ -205,12 +205,12 @@ def materialize_inputs(stages: tuple[str, ...] = ("model", "tokens")) -> dict[st
     """Run the quickstart's model and tokens stages (and, when asked, harvest) into the bench store,
     the way the pipeline does; cached after the first run (the GGUF conversion takes about 25 s)."""
     from dmsae.runtime import Runtime
-    from dmsae.store import Store
+    from dmsae.stores import store_for
     from flows.pipeline import materialize, plan
 
     cfg = bench_config()
     p = plan(cfg)
-    store = Store(cfg.store)
+    store = store_for(cfg)
     store.ensure_writable()
     out = {}
     for stage in stages:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from dmsae.errors import UserError
 
@@ -200,13 +200,32 @@ class InterpretConfig(Strict):
 
 
 class DaskConfig(Strict):
-    """Where `runner: dask` runs the stages: a LocalCluster of `workers` processes, or the scheduler at
-    `address`. Each worker runs one stage at a time on `threads` torch threads."""
-    workers: int = Field(2, gt=0, le=MAX_THREADS, description="worker processes of the local Dask cluster")
+    """Where `runner: dask` runs the stages (`cluster`): a LocalCluster of `workers` processes (local), the
+    scheduler at `address` (address), or `workers` batch jobs / pods started for the run and gone after it
+    (slurm: dask-jobqueue's SLURMCluster, kubernetes: dask-kubernetes' operator KubeCluster; see
+    dmsae/clusters.py and docs/operations.md). Each worker runs one stage at a time on `threads` torch threads."""
+    cluster: Literal["local", "address", "slurm", "kubernetes"] = Field(
+        "local", description="local, address (dask.address), slurm or kubernetes (dask.cluster_kwargs); default "
+        "local, or address when dask.address is set")
+    workers: int = Field(2, gt=0, le=MAX_THREADS, description="workers of the local cluster, or SLURM jobs' / "
+                         "Kubernetes pods' workers started for the run")
     threads: int = Field(1, gt=0, le=MAX_THREADS, description="torch threads per worker (one stage at a time per "
                          "worker)")
     address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://HOST:8786; the store must "
                                 "be on a path every worker shares")
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True,
+        description="keyword arguments of the cluster class (slurm: SLURMCluster, needs cores and memory; "
+        "kubernetes: KubeCluster/make_cluster_spec, needs image; plus `adapt` and kubernetes' `secret`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_means_cluster(cls, data: Any) -> Any:
+        # an address with no cluster (configs from before `cluster` existed) or with the default one (a config
+        # dumped with its defaults, then `--dask-address`) means that scheduler
+        if isinstance(data, dict) and data.get("cluster", "local") == "local" and data.get("address") is not None:
+            return {**data, "cluster": "address"}
+        return data
 
     @field_validator("address")
     @classmethod
@@ -215,15 +234,121 @@ class DaskConfig(Strict):
             raise ValueError(f"{v!r} is not a Dask scheduler address; use tcp://HOST:8786")
         return v
 
+    @field_validator("cluster_kwargs")
+    @classmethod
+    def _cluster_kwargs(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        # info: pydantic's ValidationInfo; `cluster` (declared before) is in info.data unless it failed itself
+        cluster = info.data.get("cluster")
+        if cluster is None or (cluster in ("local", "address") and not v):
+            return v
+        if cluster in ("local", "address"):
+            raise ValueError(f"only for cluster slurm or kubernetes (cluster is {cluster}); size a local cluster "
+                             "with dask.workers")
+
+        def count(key: str, low: int) -> None:
+            value = v.get(key)
+            if key in v and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{key}={value!r}: expected a whole number >= {low}")
+
+        def strings(key: str) -> None:
+            value = v.get(key)
+            if key in v and not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+                raise ValueError(f"{key}={value!r}: expected a list of strings")
+
+        count("n_workers", 0)
+        adapt = v.get("adapt")
+        if "adapt" in v:
+            if not isinstance(adapt, dict) or not set(adapt) <= {"minimum", "maximum"} or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in adapt.values()):
+                raise ValueError(f"adapt={adapt!r}: expected {{minimum: N, maximum: M}}, whole numbers >= 0")
+            if adapt.get("minimum", 0) > adapt.get("maximum", adapt.get("minimum", 0)):
+                raise ValueError(f"adapt={adapt!r}: minimum is above maximum")
+        if cluster == "slurm":
+            missing = [k for k in ("cores", "memory") if k not in v]
+            if missing:
+                raise ValueError(f"cluster slurm needs {' and '.join(missing)} per job, e.g. {{cores: 8, "
+                                 "memory: 32GB}")
+            count("cores", 1)
+            count("processes", 1)
+            count("job_cpu", 1)
+            memory = v["memory"]
+            if not isinstance(memory, str) or not re.fullmatch(r"\d+(\.\d+)?\s*([kKmMgGtTpP]i?)?[bB]?", memory):
+                raise ValueError(f"memory={memory!r}: expected an amount such as 32GB or 500MiB")
+            for key in ("job_extra_directives", "worker_extra_args", "job_script_prologue", "job_directives_skip"):
+                strings(key)
+        else:  # kubernetes
+            image = v.get("image")
+            if not isinstance(image, str) or not image.strip():
+                raise ValueError("cluster kubernetes needs image, a container image with dmsae installed, e.g. "
+                                 "{image: REGISTRY/dmsae:TAG}")
+            # a DaskCluster's name leaves room for its "-scheduler" service (dask-kubernetes refuses longer)
+            for key, most in (("name", 53), ("secret", 63), ("namespace", 63)):
+                value = v.get(key)
+                if key in v and not (isinstance(value, str) and len(value) <= most
+                                     and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", value)):
+                    raise ValueError(f"{key}={value!r}: not a Kubernetes name (lowercase letters, digits and '-', "
+                                     f"at most {most})")
+            env = v.get("env")
+            if "env" in v and not (isinstance(env, dict) and all(isinstance(k, str) for k in env)):
+                raise ValueError(f"env={env!r}: expected a mapping of variable names to values")
+            resources = v.get("resources")
+            if "resources" in v and not (isinstance(resources, dict) and set(resources) <= {"limits", "requests"}
+                                         and all(isinstance(r, dict) for r in resources.values())):
+                raise ValueError(f"resources={resources!r}: expected {{limits: {{cpu: N, memory: SIZE}}, "
+                                 "requests: {...}}")
+        return v
+
+    @model_validator(mode="after")
+    def _address_only_for_address(self) -> DaskConfig:
+        if self.cluster == "address" and self.address is None:
+            raise ValueError("dask.cluster=address needs dask.address, e.g. tcp://HOST:8786")
+        if self.cluster != "address" and self.address is not None:
+            raise ValueError(f"dask.address is only for dask.cluster=address (cluster is {self.cluster}); drop "
+                             "one of the two")
+        return self
+
+
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
+SECRET_ENV = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+              "session_token": "AWS_SESSION_TOKEN"}
+
+
+class StoreOptions(Strict):
+    """Settings of an object store (`store: s3://...`); each falls back to its standard AWS variable."""
+
+    endpoint: str | None = Field(None, description="e.g. http://127.0.0.1:8333 for a local S3-compatible server; "
+                                 "default AWS_ENDPOINT_URL, else AWS itself")
+    region: str | None = Field(None, description="default AWS_REGION, else us-east-1")
+    allow_http: bool | None = Field(None, description="allow a plain-http endpoint (default: yes when the endpoint "
+                                    "is http://)")
+    # secrets: moved into the process environment when the config is loaded and dropped from the config, so
+    # they never reach a stage key, a run record, a flow's parameters, a log line or a report
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^/@\s]+/?", v):
+            raise ValueError(f"{v!r} is not an endpoint URL; use http(s)://HOST:PORT, without credentials")
+        return v
+
+    def client_options(self) -> dict[str, Any]:
+        """The non-secret settings that are set, as the object client takes them."""
+        return {k: v for k, v in self.model_dump(exclude=set(SECRET_ENV)).items() if v is not None}
+
+
 class Config(Strict):
     name: str = "run"
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    store: str = "artifacts"
+    store: str = Field("artifacts", description="a local folder, file://PATH, or s3://BUCKET/PREFIX on any "
+                       "S3-compatible object store (see store_options)")
+    store_options: StoreOptions = Field(default_factory=StoreOptions)
     report_dir: str = Field("reports", description="where `dmsae report` and each run write <report_dir>/<name>/")
     device: str = "cpu"
     threads: int | None = Field(None, gt=0, le=MAX_THREADS, description="torch CPU threads; default: all cores")
@@ -244,6 +369,32 @@ class Config(Strict):
     reuse: ReuseConfig = Field(default_factory=ReuseConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     interpret: InterpretConfig = Field(default_factory=InterpretConfig)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        from dmsae.objects import check_url, is_remote
+
+        if is_remote(v):
+            try:
+                check_url(v)
+            except UserError as e:
+                raise ValueError(str(e).removeprefix("store: ").removeprefix(f"store={v}: ")) from None
+        return v
+
+    def without_secrets(self) -> Config:
+        """This config with store_options' secrets moved to the environment (the AWS variables that the object
+        client reads), so that no record or parameter made from it holds them."""
+        import os
+
+        found = {name: getattr(self.store_options, name) for name in SECRET_ENV}
+        for name, value in found.items():
+            if value is not None:
+                os.environ[SECRET_ENV[name]] = value.get_secret_value()
+        if not any(v is not None for v in found.values()):
+            return self
+        return self.model_copy(update={"store_options": self.store_options.model_copy(
+            update=dict.fromkeys(SECRET_ENV))})
 
     @field_validator("name")
     @classmethod
@@ -372,6 +523,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = loaded
     data = apply_overrides(data, overrides or [])
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data).without_secrets()
     except ValidationError as e:
         raise UserError(_format_error(e, source)) from None

@@ -3,24 +3,23 @@ plan with their state, the runs of a store as a tree, and what no recorded run r
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dmsae.config import Config, apply_overrides, load_config
 from dmsae.errors import UserError
 from dmsae.plan import Plan
-from dmsae.store import RunRecord, Store, SweepRecord
+from dmsae.store import Garbage, RunRecord, SweepRecord
+from dmsae.stores import AnyStore, open_store, same_location
 
 
 def resolve_config(config: str, overrides: list[str], store_root: str) -> Config:
     """A YAML preset, or a run recorded in the store (e.g. one made by `dmsae branch`)."""
     if Path(config).is_file() or config.endswith((".yaml", ".yml")) or "/" in config:
         return load_config(config, overrides)
-    store = Store(store_root)
-    if not store.run_path(config).is_file():
+    store = open_store(store_root)
+    if not store.has_run(config):
         raise UserError(f"{config}: neither a config file nor a run recorded in the store {store_root}; "
                         "pass a YAML preset such as configs/quickstart.yaml (or --store for another store)")
     data = apply_overrides(store.read_run(config).config, overrides)
@@ -30,25 +29,25 @@ def resolve_config(config: str, overrides: list[str], store_root: str) -> Config
         raise UserError(f"run {config}: {str(e).splitlines()[0]}") from None
 
 
-def branch_config(store: Store, parent: RunRecord, sets: list[str], name: str | None) -> Config:
+def branch_config(store: AnyStore, parent: RunRecord, sets: list[str], name: str | None) -> Config:
     """The config of a new branch of `parent` with `sets` changed (default name: <parent>-branch), refused in one
     line when it has nothing to change, its name is taken, or it would live in another store."""
     if not sets:
         raise UserError("branch: give at least one --set KEY=VALUE, e.g. --set selection.tau=0.8")
     name = name or f"{parent.name}-branch"
-    if store.run_path(name).is_file():
+    if store.has_run(name):
         raise UserError(f"--name {name}: a run with this name is already recorded; choose another name")
     data = apply_overrides(dict(parent.config), [*sets, f"name={name}"])
     try:
         cfg = Config.model_validate(data)
     except ValueError as e:
         raise UserError(f"branch {name}: {str(e).splitlines()[0]}") from None
-    if Path(cfg.store).resolve() != store.root.resolve():
+    if not same_location(cfg.store, store.location):
         raise UserError("branch: a branch lives in its parent's store; drop the --set store=... override")
     return cfg
 
 
-def status_rows(store: Store, p: Plan, detail: Callable[[str, dict[str, Any]], str]) -> list[dict[str, str]]:
+def status_rows(store: AnyStore, p: Plan, detail: Callable[[str, dict[str, Any]], str]) -> list[dict[str, str]]:
     """Per node of the plan: its label, key, whether it is done and, when done, `detail(stage, metrics)`."""
     rows = []
     for node in p.nodes:
@@ -63,7 +62,7 @@ def abbreviate(labels: list[str], n: int = 5) -> str:
     return ", ".join(labels[:n]) + (f", ... {len(labels) - n} more" if len(labels) > n else "") if labels else "none"
 
 
-def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
+def run_tree(store: AnyStore, records: list[RunRecord]) -> list[str]:
     """Runs as a tree (branches under the run they came from), each with its stages done and, for a
     branch, the stages it shares with its parent. A sweep is one node (under its base run when that is
     recorded) with its points beneath it."""
@@ -112,32 +111,11 @@ def run_tree(store: Store, records: list[RunRecord]) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class Garbage:
-    label: str  # as `dmsae gc` lists it: stage/key, or a leftover's path in the store
-    path: Path
-    stage_key: tuple[str, str] | None  # None for a leftover of killed or damaged work
-    size: int  # bytes
-
-
-def size_of(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def garbage(store: Store, referenced: set[tuple[str, str]]) -> list[Garbage]:
+def garbage(store: AnyStore, referenced: set[tuple[str, str]]) -> list[Garbage]:
     """Artifacts outside `referenced`, then leftovers of killed or damaged work."""
-    found = [(f"{stage}/{key}", store.artifact_dir(stage, key), (stage, key))
-             for stage in store.stages() for key in store.keys(stage) if (stage, key) not in referenced]
-    found += [(f"{p.relative_to(store.root)}", p, None) for p in store.leftovers(referenced)]
-    return [Garbage(label, path, stage_key, size_of(path)) for label, path, stage_key in found]
+    return store.garbage(referenced)
 
 
-def remove(store: Store, item: Garbage) -> bool:
+def remove(store: AnyStore, item: Garbage) -> bool:
     """Delete it unless a running process holds its key's lock; whether it was deleted."""
-    if item.stage_key is not None and store.is_locked(*item.stage_key):
-        return False
-    shutil.rmtree(item.path) if item.path.is_dir() else item.path.unlink()
-    return True
+    return store.remove(item)

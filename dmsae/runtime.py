@@ -19,6 +19,13 @@ class Runtime:
     # set by a stage that picked up a killed computation's checkpoint (e.g. {"step": 16}): the manifest
     # records it, so whoever reads an artifact can tell it was finished from a checkpoint
     resumed: dict[str, int] = field(default_factory=dict)
+    # called after a stage wrote a checkpoint into `checkpoint_dir`: a remote store uploads it, so another
+    # machine can resume the computation
+    on_checkpoint: Callable[[], None] | None = None
+
+    def checkpoint_saved(self) -> None:
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
 
     def report(self, fraction: float, message: str = "") -> None:
         if self.on_progress is not None:

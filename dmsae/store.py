@@ -61,6 +61,18 @@ def _file_stamp(path: Path, manifest: Manifest) -> tuple[str, tuple[tuple[int, i
     return str(path), tuple(stats)
 
 
+def verify_files(path: Path, manifest: Manifest, what: str) -> None:
+    """Check every file of an artifact folder against its manifest's sha256 (once per process and file state)."""
+    stamp = _file_stamp(path, manifest)
+    if stamp in _verified:
+        return
+    for rel, digest in manifest.files.items():
+        f = path / rel
+        if not f.is_file() or sha256_file(f) != digest:
+            raise IntegrityError(f"{what}: file {rel} is missing or corrupted (checksum mismatch)")
+    _verified.add(stamp)
+
+
 def warn(message: str) -> None:
     print(f"dmsae: warning: {message}", file=sys.stderr, flush=True)
 
@@ -121,9 +133,29 @@ class Artifact:
         return self.path / name
 
 
+@dataclass(frozen=True)
+class Garbage:
+    """Something `dmsae gc` may remove: an unreferenced artifact or a leftover of killed or damaged work."""
+
+    label: str  # as `dmsae gc` lists it: stage/key, or a leftover's place in the store
+    path: Path | str  # a local path, or an object prefix of a remote store
+    stage_key: tuple[str, str] | None  # None for a leftover of killed or damaged work
+    size: int  # bytes
+
+
 class Store:
+    remote = False
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def where(self, stage: str, key: str) -> str:
+        """The artifact's folder, for messages."""
+        return str(self.artifact_dir(stage, key))
 
     # -- layout -------------------------------------------------------------------------------
     def artifact_dir(self, stage: str, key: str) -> Path:
@@ -208,13 +240,7 @@ class Store:
         if manifest.key != key or manifest.stage != stage:
             raise IntegrityError(f"{stage}/{key}: its manifest describes {manifest.stage}/{manifest.key}")
         if verify:
-            stamp = _file_stamp(path, manifest)
-            if stamp not in _verified:
-                for rel, digest in manifest.files.items():
-                    f = path / rel
-                    if not f.is_file() or sha256_file(f) != digest:
-                        raise IntegrityError(f"{stage}/{key}: file {rel} is missing or corrupted (checksum mismatch)")
-                _verified.add(stamp)
+            verify_files(path, manifest, f"{stage}/{key}")
         return Artifact(path, manifest)
 
     def load_intact(self, stage: str, key: str) -> Artifact | None:
@@ -286,6 +312,28 @@ class Store:
                     found.append(p)
         return found
 
+    def open_partial(self, stage: str, key: str) -> Path:
+        """The folder a computation keeps its checkpoints in (on disk they are in the store already)."""
+        return self.partial_dir(stage, key)
+
+    def sync_partial(self, stage: str, key: str) -> None:
+        """Nothing to do: a local store's checkpoints are written in place."""
+
+    def garbage(self, referenced: set[tuple[str, str]]) -> list[Garbage]:
+        """Artifacts outside `referenced`, then leftovers of killed or damaged work."""
+        found = [(f"{stage}/{key}", self.artifact_dir(stage, key), (stage, key))
+                 for stage in self.stages() for key in self.keys(stage) if (stage, key) not in referenced]
+        found += [(f"{p.relative_to(self.root)}", p, None) for p in self.leftovers(referenced)]
+        return [Garbage(label, path, stage_key, _size_of(path)) for label, path, stage_key in found]
+
+    def remove(self, item: Garbage) -> bool:
+        """Delete it unless a running process holds its key's lock; whether it was deleted."""
+        if item.stage_key is not None and self.is_locked(*item.stage_key):
+            return False
+        path = Path(item.path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return True
+
     def clear_partial(self, stage: str, key: str) -> None:
         shutil.rmtree(self.partial_dir(stage, key), ignore_errors=True)
 
@@ -350,6 +398,9 @@ class Store:
 
     def write_run(self, record: RunRecord) -> Path:
         return _write_record(self.run_path(record.name), record)
+
+    def has_run(self, name: str) -> bool:
+        return self.run_path(name).is_file()
 
     def read_run(self, name: str) -> RunRecord:
         path = self.run_path(name)
@@ -428,6 +479,13 @@ class SweepRecord(BaseModel):
     status: str = "planned"  # planned | running | complete | failed
     created: str = ""
     updated: str = ""
+
+
+def _size_of(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _fsync_tree(path: Path) -> None:

@@ -116,6 +116,7 @@ def train_sae(
         rt.report((step + 1) / n_steps, f"step {step + 1}/{n_steps}")
         if ckpt is not None and (step + 1) % every == 0 and step + 1 < n_steps:
             save_checkpoint(ckpt, step + 1, sae, opt, batches, curve)
+            rt.checkpoint_saved()
         faults.point(f"{rt.label}:step:{step + 1}")
     bar.close()
     return curve

@@ -29,7 +29,7 @@ from dmsae.errors import UserError
 from dmsae.plan import ancestors
 from dmsae.reports.ablation import write_ablation_report
 from dmsae.reports.noise_floor import NoiseFloor, no_core_nodes, noise_floor, noise_floor_text
-from dmsae.store import Store
+from dmsae.stores import AnyStore, store_for
 from flows.distill import execute
 from flows.pipeline import plan
 
@@ -143,7 +143,7 @@ def noise_floor_flow(config: dict[str, Any], ks: list[int], show_progress: bool 
     """Compute the no-core arm of `config` at `ks` (its evaluate and interpret stages and what they need, each
     Cached when the store has it); returns {"computed": [labels]}."""
     cfg = Config.model_validate(config)
-    store = Store(cfg.store)
+    store = store_for(cfg)
     todo = {(a.stage, a.key): a for n in no_core_nodes(plan(cfg), ks) for a in [*ancestors(n), n]}  # inputs first
     computed, failure = execute(list(todo.values()), cfg, store, show_progress)
     if failure is not None:
@@ -151,7 +151,7 @@ def noise_floor_flow(config: dict[str, Any], ks: list[int], show_progress: bool 
     return {"computed": computed}
 
 
-def current_noise_floor(ablation: Ablation, store: Store) -> NoiseFloor | None:
+def current_noise_floor(ablation: Ablation, store: AnyStore) -> NoiseFloor | None:
     """The noise floor as far as the store holds it (None when not asked for)."""
     if ablation.noise_config is None or ablation.noise_seed is None:
         return None
@@ -163,7 +163,7 @@ def current_noise_floor(ablation: Ablation, store: Store) -> NoiseFloor | None:
 def run_ablation(ablation: Ablation, report_only: bool = False) -> Path:
     """Run every point (unless `report_only`), rewriting the report after each, then the noise floor; returns
     the report's path. A failed point is reported on stderr and the rest still run."""
-    store = Store(ablation.base.store)
+    store = store_for(ablation.base)
     planned = [(cfg, plan(cfg)) for cfg in ablation.points]
     timings: dict[str, float] = {}
     if not report_only:

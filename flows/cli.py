@@ -16,7 +16,7 @@ from dmsae.errors import UserError
 from dmsae.plan import Plan
 from dmsae.runs import abbreviate, branch_config, garbage, remove, resolve_config, run_tree, status_rows
 from dmsae.runtime import Runtime
-from dmsae.store import Store
+from dmsae.stores import AnyStore, open_store, store_for
 from flows.pipeline import plan, preflight, run_record
 from flows.runner import setup_torch
 
@@ -37,14 +37,14 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--store", default="artifacts", help="store root where a run name is looked up")
 
 
-def _checked(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
+def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
     """The config, its store and plan after every check that needs no write: what `dmsae run` and
     `dmsae check` both do first."""
     cfg = resolve_config(args.config, args.set, args.store)
     setup_torch(cfg)
     for note in config_warnings(cfg):
         print(f"dmsae: warning: {note}", file=sys.stderr)
-    store = Store(cfg.store)
+    store = store_for(cfg)
     p = plan(cfg)
     preflight(cfg, p, store)
     _check_runner(cfg)
@@ -64,7 +64,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg, store, p = _checked(args)
     store.check_writable()
     cached = {n.label for n in p.nodes if store.has(n.stage, n.key)}
-    print(f"config '{cfg.name}' is valid; store {store.root}; device {cfg.device}")
+    print(f"config '{cfg.name}' is valid; store {store.location}; device {cfg.device}")
     print(f"{len(p.nodes)} stages: {len(cached)} cached, {len(p.nodes) - len(cached)} to compute")
     for n in p.nodes:
         print(f"  {'cached ' if n.label in cached else 'compute'}  {n.label:<36} {n.key}")
@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           + (f" ({', '.join(computed)})" if computed else " (everything was cached)"))
     print(cycle_text(cfg, store, p))
     final = p.last_core()
-    print(f"final core: {store.artifact_dir(final.stage, final.key)}")
+    print(f"final core: {store.where(final.stage, final.key)}")
     print(f"report: {Path(cfg.report_dir) / cfg.name / 'summary.md'}")
     return 0
 
@@ -105,13 +105,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         from flows.pipeline import stage_detail
 
         cfg = resolve_config(args.config, args.set, args.store)
-        rows = status_rows(Store(cfg.store), plan(cfg), stage_detail)
+        rows = status_rows(store_for(cfg), plan(cfg), stage_detail)
         done = sum(r["state"] == "done" for r in rows)
         print(f"run '{cfg.name}' (store {cfg.store}): {done}/{len(rows)} stages done")
         for r in rows:
             print(f"  {r['stage']:<32} {r['state']:<8} {r['key']}  {r['detail']}")
         return 0
-    store = Store(args.store)
+    store = open_store(args.store)
     records = store.read_runs()
     if not records and not store.read_sweeps():
         print(f"no runs recorded in {args.store}; run one (dmsae run configs/quickstart.yaml) "
@@ -138,7 +138,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"dmsae: warning: {note}", file=sys.stderr)
     _quiet_prefect()
     _check_runner(sweep.base)
-    store = Store(sweep.base.store)
+    store = store_for(sweep.base)
     store.ensure_writable()
     nodes = unique_nodes(sweep.plans)
     cached = sum(store.has(n.stage, n.key) for n in nodes)
@@ -181,7 +181,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_branch(args: argparse.Namespace) -> int:
     """Record a new run from a recorded one with some keys changed; it shares every upstream key."""
-    store = Store(args.store)
+    store = open_store(args.store)
     parent = store.read_run(args.run)
     cfg = branch_config(store, parent, args.set, args.name)
     name = cfg.name
@@ -200,8 +200,8 @@ def cmd_branch(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove artifacts no recorded run references (and leftovers of killed or damaged work)."""
-    store = Store(args.store)
-    if not store.root.is_dir():
+    store = open_store(args.store)
+    if not store.remote and not Path(store.location).is_dir():
         raise UserError(f"--store {args.store}: no such store folder")
     from flows.pipeline import referenced
 
@@ -220,9 +220,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, Store, Plan]:
+def _load(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
     cfg = resolve_config(args.config, args.set, args.store)
-    return cfg, Store(cfg.store), plan(cfg)
+    return cfg, store_for(cfg), plan(cfg)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -232,9 +232,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         from dmsae.reports.sweep import write_sweep_report
         from flows.sweep import sweep_plans
 
-        store = Store(args.store)
+        store = open_store(args.store)
         record = store.read_sweep(args.sweep)
-        runs = [store.read_run(pt["run"]) for pt in record.points if store.run_path(pt["run"]).is_file()]
+        runs = [store.read_run(pt["run"]) for pt in record.points if store.has_run(pt["run"])]
         if not runs:
             raise UserError(f"sweep {args.sweep}: none of its points is recorded in {args.store}; run the sweep first")
         out = Path(args.out) if args.out else Path(runs[0].config.get("report_dir", "reports")) / record.name
@@ -258,7 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_latent_cards(cfg: Config, store: Store, p: Plan, out: Path, show_progress: bool) -> Path:
+def write_latent_cards(cfg: Config, store: AnyStore, p: Plan, out: Path, show_progress: bool) -> Path:
     """Compute the cards' data if it is missing (the distillation must be finished) and write the site."""
     from dmsae.reports.run import render_cards
     from flows.pipeline import cards_node, materialize
@@ -299,7 +299,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the config's flow as a Prefect deployment on a cron schedule; runs until interrupted."""
     cfg = resolve_config(args.config, args.set, args.store)
     setup_torch(cfg)
-    Store(cfg.store).ensure_writable()
+    store_for(cfg).ensure_writable()
     _quiet_prefect()
     from flows.serve import serve_config
 

@@ -30,7 +30,7 @@ from dmsae.plan import Node
 from dmsae.reports.run import write_report
 from dmsae.reports.tables import results_table
 from dmsae.runtime import Runtime
-from dmsae.store import Store
+from dmsae.stores import AnyStore, open_store, store_for
 from flows.pipeline import materialize, plan, preflight, run_record
 
 PROGRESS_EVERY_S = 2.0
@@ -60,12 +60,15 @@ def retry_unless_user_error(_task: Any, _task_run: Any, state: State) -> bool:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_unless_user_error)
-def run_stage(store_root: str, node: Node, device: str, show_progress: bool, threads: int | None = None) -> State:
+def run_stage(store_location: str, store_options: dict[str, Any], node: Node, device: str, show_progress: bool,
+              threads: int | None = None) -> State:
+    """One stage on whichever machine runs the task: only the store's location and its non-secret options
+    travel (secrets come from that machine's environment)."""
     if threads:  # a Dask worker process: its share of the cores
         import torch
 
         torch.set_num_threads(threads)
-    store = Store(store_root)
+    store = open_store(store_location, store_options)
     # the progress artifact only for work that runs: a cached stage is checked and returned at once
     rt = Runtime(device=device, show_progress=show_progress,
                  on_progress=None if store.has(node.stage, node.key) else _progress_reporter(node))
@@ -78,7 +81,8 @@ def run_stage(store_root: str, node: Node, device: str, show_progress: bool, thr
     return Completed(data=node.key, message=f"{node.label} {node.key} computed")
 
 
-def execute(nodes: list[Node], cfg: Config, store: Store, show_progress: bool = True) -> tuple[list[str], State | None]:
+def execute(nodes: list[Node], cfg: Config, store: AnyStore,
+            show_progress: bool = True) -> tuple[list[str], State | None]:
     """Submit every node to the flow's task runner, each waiting for its inputs, so a parallel runner runs
     independent stages at once and a serial one runs them in plan order. Returns the labels computed (not
     found in the store) and, when a stage failed, the flow's Failed state carrying its one-line message."""
@@ -91,7 +95,8 @@ def execute(nodes: list[Node], cfg: Config, store: Store, show_progress: bool = 
         for node in nodes:
             waits = [futures[(n.stage, n.key)] for n in node.inputs.values()]
             futures[(node.stage, node.key)] = stage_task.with_options(task_run_name=node.label).submit(
-                str(store.root), node, cfg.device, show_progress, threads, wait_for=waits)
+                store.location, cfg.store_options.client_options(), node, cfg.device, show_progress, threads,
+                wait_for=waits)
     computed: list[str] = []
     failure: State | None = None
     for node in nodes:
@@ -135,12 +140,12 @@ def distill(config: dict[str, Any], show_progress: bool = True) -> dict[str, Any
         import torch
 
         torch.set_num_threads(cfg.threads)
-    store = Store(cfg.store)
+    store = store_for(cfg)
     try:
         p = plan(cfg)
         preflight(cfg, p, store)
         store.ensure_writable()
-        previous = store.read_run(cfg.name) if store.run_path(cfg.name).is_file() else None
+        previous = store.read_run(cfg.name) if store.has_run(cfg.name) else None
     except UserError as e:
         return Failed(name=INVALID_INPUT, message=str(e))  # type: ignore[return-value]
     parent = previous.parent if previous is not None else None

@@ -21,7 +21,8 @@ from dmsae.eval import tasks as probe_tasks
 from dmsae.plan import Node, Plan, ancestors
 from dmsae.runtime import Runtime
 from dmsae.sources import resolve_corpus, resolve_model, sha256_file
-from dmsae.store import Artifact, RunRecord, Store, probe_writable
+from dmsae.store import Artifact, RunRecord, probe_writable
+from dmsae.stores import AnyStore
 from stages import (
     attribute,
     baseline,
@@ -187,7 +188,7 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     return nodes
 
 
-def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
+def materialize(store: AnyStore, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
     """Ensure `node`'s artifact exists and is intact; returns it and whether it was computed now.
 
     Under the key's lock: two processes never compute the same artifact, and the one that waited
@@ -203,8 +204,8 @@ def materialize(store: Store, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
             return done, False
         inputs = {name: store.load(n.stage, n.key) for name, n in node.inputs.items()}
         stage_rt = Runtime(device=rt.device, show_progress=rt.show_progress, on_progress=rt.on_progress,
-                           checkpoint_dir=store.partial_dir(node.stage, node.key), args=dict(node.args),
-                           label=node.label)
+                           checkpoint_dir=store.open_partial(node.stage, node.key), args=dict(node.args),
+                           label=node.label, on_checkpoint=lambda: store.sync_partial(node.stage, node.key))
         start = time.perf_counter()
         try:
             with store.writer(node.stage, node.key) as tmp:
@@ -308,13 +309,13 @@ def check_report_dir(report_dir: str) -> None:
                         "folder") from None
 
 
-def preflight(cfg: Config, p: Plan, store: Store) -> None:
+def preflight(cfg: Config, p: Plan, store: AnyStore) -> None:
     """Checks that need the model or the store, run before any stage so a mistake writes nothing."""
     store.check_format()
     check_report_dir(cfg.report_dir)
     model = p.find("model")
     if store.has("model", model.key):  # converted already: a transformers folder, whatever the source was
-        header = model_header("dir", str(store.artifact_dir("model", model.key)))
+        header = model_header("dir", str(store.load("model", model.key, verify=False).path))
     else:
         header = model_header(model.params["kind"], model.args["location"])
     n_layers = header.num_layers
@@ -354,7 +355,7 @@ def stage_detail(stage: str, metrics: dict[str, Any]) -> str:
     return STAGES[stage].describe(metrics)
 
 
-def referenced(store: Store) -> set[tuple[str, str]]:
+def referenced(store: AnyStore) -> set[tuple[str, str]]:
     """Every (stage, key) a recorded run references: the keys it recorded and, in case a stage's version changed
     since, the keys its config plans today. What `dmsae gc` keeps."""
     keep: set[tuple[str, str]] = set()

@@ -27,7 +27,8 @@ from dmsae.errors import UserError
 from dmsae.plan import Node, Plan
 from dmsae.reports.run import write_report
 from dmsae.reports.sweep import write_sweep_report
-from dmsae.store import Store, SweepRecord
+from dmsae.store import SweepRecord
+from dmsae.stores import AnyStore, store_for
 from flows.distill import execute
 from flows.pipeline import plan, preflight, run_record
 from flows.runner import setup_torch
@@ -126,7 +127,7 @@ class Sweep:
 def prepare_sweep(config: str, sets: list[str], grid: dict[str, list[str]], name: str | None) -> Sweep:
     """Every point's config, plan and preflight: the checks `dmsae sweep` makes before it writes anything."""
     base, sweep, points = sweep_points(config, sets, grid, name)
-    store = Store(base.store)
+    store = store_for(base)
     if store.sweep_path(sweep).is_file() and store.read_sweep(sweep).grid != grid:
         raise UserError(f"--name {sweep}: a sweep of another grid is recorded under this name; choose another name")
     setup_torch(base)
@@ -165,11 +166,11 @@ def unique_nodes(plans: list[Plan]) -> list[Node]:
     return list(seen.values())
 
 
-def sweep_plans(store: Store, record: SweepRecord) -> dict[str, Plan]:
+def sweep_plans(store: AnyStore, record: SweepRecord) -> dict[str, Plan]:
     """The plan of each of the sweep's points whose run is recorded, by run name (what its report reads)."""
     plans = {}
     for pt in record.points:
-        if store.run_path(pt["run"]).is_file():
+        if store.has_run(pt["run"]):
             plans[pt["run"]] = plan(Config.model_validate(store.read_run(pt["run"]).config))
     return plans
 
@@ -182,7 +183,7 @@ def sweep_flow(base: dict[str, Any], points: list[dict[str, Any]], sweep: dict[s
     base_cfg = Config.model_validate(base)
     cfgs = [Config.model_validate(c) for c in points]
     record = SweepRecord.model_validate(sweep)
-    store = Store(base_cfg.store)
+    store = store_for(base_cfg)
     plans = [plan(c) for c in cfgs]
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for cfg, p in zip(cfgs, plans, strict=True):  # recorded first, so `dmsae gc` keeps what the sweep will use

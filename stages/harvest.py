@@ -105,6 +105,7 @@ def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: 
         writer.append(rows.astype(params["store_dtype"], copy=False))
         if rt.checkpoint_dir is not None:
             _save_state(state_path, i + 1, writer, threshold, sq_norm_sum)
+            rt.checkpoint_saved()
         release_free_heap()
         faults.point(f"{rt.label}:batch:{i + 1}")
         bar.update(int(real[i * batch:(i + 1) * batch].sum()))

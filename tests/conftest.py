@@ -169,11 +169,11 @@ class PipelineRun:
 def run_pipeline(cfg) -> PipelineRun:
     """Run every node of the plan without Prefect, in dependency order."""
     from dmsae.runtime import Runtime
-    from dmsae.store import Store
+    from dmsae.stores import store_for
     from flows.pipeline import materialize, plan
 
     p = plan(cfg)
-    store = Store(cfg.store)
+    store = store_for(cfg)
     computed = {}
     for node in p.nodes:
         _, computed[node.label] = materialize(store, node, Runtime(show_progress=False))
@@ -253,3 +253,31 @@ def reuse_config_yaml(reuse_run, tmp_path_factory: pytest.TempPathFactory) -> Pa
     path.write_text(yaml.safe_dump(reuse_run.cfg.model_dump(mode="json"), sort_keys=False))
     return path
 
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real S3-compatible server on loopback (SeaweedFS), shared by the tests of a session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The server's endpoint and credentials and a cache of this test's own, in this process's environment;
+    returns them for subprocesses."""
+    env = {**s3_server.env(), "DMSAE_CACHE": str(tmp_path / "cache")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_url(s3_env) -> str:
+    """A fresh, empty store prefix on the test server."""
+    import uuid
+
+    return f"s3://dmsae/test-{uuid.uuid4().hex[:12]}"

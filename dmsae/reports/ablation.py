@@ -30,10 +30,10 @@ from dmsae.reports.tables import (
     results_table,
     write_text_atomically,
 )
-from dmsae.store import Store
+from dmsae.stores import AnyStore
 
 
-def point_rows(cfg: Config, store: Store, p: Plan) -> pd.DataFrame:
+def point_rows(cfg: Config, store: AnyStore, p: Plan) -> pd.DataFrame:
     """The point's reuse SAEs: reconstruction, absorption and probing, tagged with its gate, cap and seed."""
     table = results_table(store, p)
     interp = interpret_table(store, p, table)
@@ -49,7 +49,7 @@ def cap_label(cfg: Config) -> str:
     return "none" if cfg.selection.max_core is None else str(cfg.selection.max_core)
 
 
-def core_facts(cfg: Config, store: Store, p: Plan) -> dict[str, Any]:
+def core_facts(cfg: Config, store: AnyStore, p: Plan) -> dict[str, Any]:
     """The final core: size, whether the cap bit, the attribution it explains, cycle-to-cycle Jaccard."""
     final = p.last_core()
     if not store.has("select", final.key):
@@ -61,7 +61,7 @@ def core_facts(cfg: Config, store: Store, p: Plan) -> dict[str, Any]:
                                   for n in p.of_stage("select") if store.has("select", n.key)),
             "explained_fraction": m.get("explained_fraction", math.nan),
             "cycle_jaccard": float(overlap.jaccard.mean()) if len(overlap) else math.nan,
-            "core_encoder": store.artifact_dir("select", final.key) / readers.CORE_FILE}
+            "core_encoder": store.load("select", final.key).file(readers.CORE_FILE)}
 
 
 def cross_seed_match(a: Path, b: Path, threshold: float = 0.9) -> tuple[float, float]:
@@ -118,7 +118,7 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
     return agg, pick.sort_values("low_l0_d_ce_vs_none", ascending=False, ignore_index=True)
 
 
-def probing_without_core(cfg: Config, store: Store, p: Plan, ks: tuple[int, ...] = (1, 5)) -> pd.DataFrame:
+def probing_without_core(cfg: Config, store: AnyStore, p: Plan, ks: tuple[int, ...] = (1, 5)) -> pd.DataFrame:
     """A diagnostic for cored reuse SAEs: the interpret stage's k-sparse probes (every latent a candidate,
     ranked by class-mean difference) against the same probes with the core left out, and the share of
     the chosen latents that are core latents. Frequent latents have large mean differences, so a core of them can
@@ -256,7 +256,7 @@ def summarise_diagnostic(diag: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: Store, out_dir: Path, command: str,
+def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: AnyStore, out_dir: Path, command: str,
                           timings: dict[str, float], probe_diagnostic: bool = False,
                           noise: NoiseFloor | None = None) -> Path:
     """<out_dir>/ablation.md (with `command` to reproduce it), ablation.parquet, ablation_matched.csv and the

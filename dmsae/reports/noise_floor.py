@@ -13,7 +13,7 @@ import pandas as pd
 from dmsae.eval.l0match import read_at_l0
 from dmsae.plan import Node, Plan
 from dmsae.reports.tables import md_table
-from dmsae.store import Store
+from dmsae.stores import AnyStore
 
 METRICS = {"evaluate": ("l0", "ce_loss_score", "explained_variance"),
            "interpret": ("absorption_fraction", "sparse_probe_k1", "sparse_probe_k5")}
@@ -37,7 +37,7 @@ def no_core_nodes(p: Plan, ks: Collection[int] | None = None) -> list[Node]:
             and n.inputs["sae"].params["arm"] == "none" and (ks is None or sae_k(n) in ks)]
 
 
-def arm_table(store: Store, nodes: list[Node], seed: int) -> pd.DataFrame:
+def arm_table(store: AnyStore, nodes: list[Node], seed: int) -> pd.DataFrame:
     """One row per SAE of `nodes`: its seed, k and the metrics of its evaluate and interpret stages."""
     rows: dict[str, dict[str, float]] = {}
     for n in nodes:
@@ -46,7 +46,7 @@ def arm_table(store: Store, nodes: list[Node], seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows.values())
 
 
-def noise_floor(store: Store, reference: Plan, reference_seed: int, other: Plan, seed: int,
+def noise_floor(store: AnyStore, reference: Plan, reference_seed: int, other: Plan, seed: int,
                 ks: Collection[int]) -> NoiseFloor:
     """The other seed's no-core arm at `ks` against the reference run's no-core curve (an empty table while any
     of its stages is missing)."""

@@ -29,10 +29,11 @@ from dmsae.reports.tables import (  # noqa: E402
     md_table,
     results_table,
 )
-from dmsae.store import Artifact, Store  # noqa: E402
+from dmsae.store import Artifact  # noqa: E402
+from dmsae.stores import AnyStore
 
 
-def core_decoder_cosines(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+def core_decoder_cosines(store: AnyStore, p: Plan, cfg: Config) -> pd.DataFrame:
     """Transfer across sparsity, latent by latent: the final core's encoder rows are frozen in every distilled
     reuse SAE, but each trains its own decoder. One row per (core latent, reuse k): the cosine of its decoder
     row with its row in the SAE at the reference k (sae.k if reused, else the middle k). `latent` is its index
@@ -69,12 +70,12 @@ def summarise_cosines(per_latent: pd.DataFrame) -> pd.DataFrame:
         **{"share_above_0.9": lambda c: float((c > 0.9).mean())}).reset_index()
 
 
-def core_decoder_stability(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+def core_decoder_stability(store: AnyStore, p: Plan, cfg: Config) -> pd.DataFrame:
     """`summarise_cosines` of `core_decoder_cosines`."""
     return summarise_cosines(core_decoder_cosines(store, p, cfg))
 
 
-def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
+def seed_consistency(store: AnyStore, p: Plan, cfg: Config) -> pd.DataFrame:
     """Per arm, the mean best decoder-cosine match between the two consistency seeds' SAEs."""
     by_arm: dict[str, list[Node]] = {}
     for n in p.of_stage("reuse"):
@@ -92,7 +93,7 @@ def seed_consistency(store: Store, p: Plan, cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
+def cycle_table(store: AnyStore, p: Plan) -> pd.DataFrame:
     """Per finished cycle: the core it started with, its FVUs and L0, and the core it selected."""
     rows = []
     for n in p.of_stage("select"):
@@ -106,7 +107,7 @@ def cycle_table(store: Store, p: Plan) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cycle_text(cfg: Config, store: Store, p: Plan) -> str:
+def cycle_text(cfg: Config, store: AnyStore, p: Plan) -> str:
     """The cycle table as `dmsae run` prints it at the end of a finished run."""
     rows = ["cycle  core in  train FVU  attr. FVU  L0      core out"]
     for c in range(cfg.cycles):
@@ -118,7 +119,7 @@ def cycle_text(cfg: Config, store: Store, p: Plan) -> str:
     return "\n".join(rows)
 
 
-def core_budget_warnings(store: Store, p: Plan) -> list[str]:
+def core_budget_warnings(store: AnyStore, p: Plan) -> list[str]:
     """SAEs whose core alone fires on about k latents per token, so dynamic L0 clipped the non-core k to 1."""
     notes = []
     for n in p.nodes:
@@ -131,7 +132,7 @@ def core_budget_warnings(store: Store, p: Plan) -> list[str]:
     return notes
 
 
-def core_cap_notes(store: Store, p: Plan) -> list[str]:
+def core_cap_notes(store: AnyStore, p: Plan) -> list[str]:
     """Cycles where `selection.max_core` truncated the smallest set reaching tau, with what the kept core explains."""
     notes = []
     for n in p.of_stage("select"):
@@ -157,7 +158,7 @@ def matched_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 
 # -- plots ------------------------------------------------------------------------------------------
-def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -> None:
+def plot_cumulative_attribution(store: AnyStore, p: Plan, tau: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for n in p.of_stage("select"):
         if not store.has("select", n.key):
@@ -179,7 +180,7 @@ def plot_cumulative_attribution(store: Store, p: Plan, tau: float, path: Path) -
     plt.close(fig)
 
 
-def plot_core_origins(store: Store, p: Plan, path: Path) -> None:
+def plot_core_origins(store: AnyStore, p: Plan, path: Path) -> None:
     selects = p.of_stage("select")
     counts = np.zeros((len(selects), len(selects)))
     for i, n in enumerate(selects):
@@ -253,17 +254,17 @@ def plot_interpret(table: pd.DataFrame, seed: int, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
+def plot_training_curves(store: AnyStore, p: Plan, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for n in p.of_stage("train"):
         if not store.has("train", n.key):
             continue
-        curve = pd.read_parquet(store.artifact_dir("train", n.key) / readers.CURVE_FILE)
+        curve = pd.read_parquet(store.load("train", n.key, verify=False).file(readers.CURVE_FILE))
         axes[0].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), label=f"cycle {n.cycle}")
     for n in p.of_stage("reuse"):
         if n.params["seed"] != p.of_stage("reuse")[0].params["seed"] or not store.has("reuse", n.key):
             continue
-        curve = pd.read_parquet(store.artifact_dir("reuse", n.key) / readers.CURVE_FILE)
+        curve = pd.read_parquet(store.load("reuse", n.key, verify=False).file(readers.CURVE_FILE))
         arm = n.params["arm"]
         axes[1].plot(curve.tokens, curve.fvu.rolling(5, min_periods=1).mean(), color=ARM_COLORS[arm],
                      alpha=0.4 + 0.6 * (n.params["sae"]["k"] / max(1, max(x.params["sae"]["k"]
@@ -282,7 +283,7 @@ def plot_training_curves(store: Store, p: Plan, path: Path) -> None:
 
 
 # -- the report ---------------------------------------------------------------------------------------
-def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, figures: list[str],
+def summary_markdown(cfg: Config, store: AnyStore, p: Plan, table: pd.DataFrame, figures: list[str],
                      interp: pd.DataFrame, cosines: pd.DataFrame) -> str:
     """`interp`: `interpret_table`; `cosines`: `core_decoder_cosines` (either empty when there is none)."""
     final = p.last_core()
@@ -293,7 +294,7 @@ def summary_markdown(cfg: Config, store: Store, p: Plan, table: pd.DataFrame, fi
              + (f" (bias {'frozen' if cfg.sae.freeze_core_bias else 'trained'})" if cfg.sae.core_gate == "relu_bias"
                 else "")
              + (f", core capped at {cap} latents" if cap else "")
-             + f". Final core: `{store.artifact_dir('select', final.key)}`.",
+             + f". Final core: `{store.where('select', final.key)}`.",
              "", "## Distillation cycles", "", md_table(cycle_table(store, p)),
              "", "## Core overlap between cycles", "", md_table(core_overlap(store, p))]
     capped = core_cap_notes(store, p)
@@ -339,7 +340,7 @@ def render_cards(cfg: Config, node: Node, art: Artifact, out: Path) -> Path:
                        pd.read_parquet(art.file(readers.CONTEXTS_FILE)), out, meta)
 
 
-def write_report(cfg: Config, store: Store, p: Plan, out_dir: Path) -> Path:
+def write_report(cfg: Config, store: AnyStore, p: Plan, out_dir: Path) -> Path:
     """Write summary.md, metrics.parquet and the PNG plots; returns the summary's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(store, p)

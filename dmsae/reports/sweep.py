@@ -10,10 +10,11 @@ import pandas as pd
 
 from dmsae.plan import Plan
 from dmsae.reports.tables import core_overlap, lineage_ids, md_table, results_table, write_text_atomically
-from dmsae.store import Store, SweepRecord
+from dmsae.store import SweepRecord
+from dmsae.stores import AnyStore
 
 
-def sweep_tables(store: Store, record: SweepRecord, plans: Mapping[str, Plan]
+def sweep_tables(store: AnyStore, record: SweepRecord, plans: Mapping[str, Plan]
                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per point: grid values and final-core facts; per point, arm and k: the SAE metrics; the Jaccard of
     the final cores' lineage ids between points) for the points whose runs are complete. `plans`: the plan of
@@ -90,7 +91,7 @@ def plot_sweep(points: pd.DataFrame, arms: pd.DataFrame, jaccard: pd.DataFrame, 
     plt.close(fig)
 
 
-def write_sweep_report(store: Store, record: SweepRecord, plans: Mapping[str, Plan], out_dir: Path) -> Path:
+def write_sweep_report(store: AnyStore, record: SweepRecord, plans: Mapping[str, Plan], out_dir: Path) -> Path:
     """<out_dir>/sweep.md with the tables, sweep.png with the plots, sweep_points.csv and sweep_arms.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
     points, arms, jaccard = sweep_tables(store, record, plans)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from dmsae import readers
 from dmsae.plan import Node, Plan
-from dmsae.store import Store
+from dmsae.stores import AnyStore
 
 ARM_COLORS = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
 ARM_LABELS = {"distilled": "distilled core", "random": "random core", "none": "no core"}
@@ -40,7 +40,7 @@ def write_text_atomically(path: Path, text: str) -> Path:
     return path
 
 
-def results_table(store: Store, p: Plan) -> pd.DataFrame:
+def results_table(store: AnyStore, p: Plan) -> pd.DataFrame:
     """One row per evaluated SAE (cycle SAEs and reuse arms)."""
     rows: list[dict[str, Any]] = []
     for ev in p.of_stage("evaluate"):
@@ -59,7 +59,7 @@ def results_table(store: Store, p: Plan) -> pd.DataFrame:
     return table.astype({"cycle": "Int64"})
 
 
-def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
+def interpret_table(store: AnyStore, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
     """Absorption and sparse probing beside each evaluated SAE's L0 (empty when nothing was interpreted)."""
     rows = []
     for node in p.of_stage("interpret"):
@@ -74,13 +74,13 @@ def interpret_table(store: Store, p: Plan, table: pd.DataFrame) -> pd.DataFrame:
     return table[cols].merge(pd.DataFrame(rows), on="sae", how="inner")
 
 
-def lineage_ids(store: Store, select_node: Node) -> set[tuple[int, int]]:
+def lineage_ids(store: AnyStore, select_node: Node) -> set[tuple[int, int]]:
     """The lineage ids (born cycle, index at birth) of a select artifact's core."""
     lineage = readers.core(store.load("select", select_node.key, verify=False))["lineage"]
     return {(int(a), int(b)) for a, b in lineage.tolist()}
 
 
-def core_overlap(store: Store, p: Plan) -> pd.DataFrame:
+def core_overlap(store: AnyStore, p: Plan) -> pd.DataFrame:
     """Jaccard overlap of the lineage ids of consecutive cycles' cores."""
     cores = [lineage_ids(store, n) for n in p.of_stage("select") if store.has("select", n.key)]
     rows = []
