@@ -231,7 +231,7 @@ class ObjectClient:
                 raise Exists(self.path) from None
             if isinstance(exc, ox.PreconditionError):
                 raise Changed(self.path) from None
-            if isinstance(exc, ox.PermissionDeniedError) or "403" in text.split("\n", 1)[0]:
+            if isinstance(exc, ox.PermissionDeniedError) or "403 Forbidden" in text:
                 raise UserError("store: access denied (HTTP 403); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                 "(or store_options) for this bucket") from None
             if "NoSuchBucket" in text:

@@ -1,11 +1,13 @@
 """Where a flow's stage tasks run: one after the other in this process (`runner: local`), or in parallel
-on Dask workers through prefect-dask (`runner: dask`): a LocalCluster sized by `dask.workers`, or an
-existing scheduler at `dask.address`."""
+on Dask workers through prefect-dask (`runner: dask`): a LocalCluster sized by `dask.workers`, an existing
+scheduler at `dask.address`, or workers started for the run as SLURM jobs or Kubernetes pods
+(`dask.cluster`, dmsae/clusters.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,12 @@ def setup_torch(cfg: Config) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.runner == "dask" and cfg.dask.cluster in ("slurm", "kubernetes"):
+        # the GPUs are the workers', not this machine's: each job or pod gets one, which it numbers 0
+        if cfg.device not in ("cpu", "cuda", "cuda:0"):
+            raise UserError(f"device={cfg.device}: each dask.cluster={cfg.dask.cluster} worker holds one GPU, "
+                            "numbered 0; use device=cuda")
+        return
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device}: no CUDA device is available here; use device=cpu")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
@@ -28,18 +36,27 @@ def setup_torch(cfg: Config) -> None:
                         f"numbered from 0")
 
 
-def task_runner(runner: str, dask: DaskConfig, device: str = "cpu") -> Any:
+def task_runner(runner: str, dask: DaskConfig, device: str = "cpu", cfg: Config | None = None) -> Any:
     """The Prefect task runner for `runner`. Local: one stage at a time (each already uses every core), in
     plan order. Dask: one stage per worker at a time; every stage of a GPU run asks for one `GPU` resource
-    (`stage_resources`), so no two stages share a GPU."""
+    (`stage_resources`), so no two stages share a GPU. `cfg`, the run's config, names the store that SLURM
+    jobs and Kubernetes pods are told (DMSAE_STORE)."""
     if runner == "local":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
-    if dask.address:
+    if dask.cluster == "address":
         return DaskTaskRunner(address=dask.address)
+    if dask.cluster in ("slurm", "kubernetes"):
+        from dmsae.clusters import cluster_warnings, runner_kwargs
+
+        # without the run's config the workers miss only DMSAE_STORE: each stage is given the store anyway
+        run_cfg = cfg if cfg is not None else Config(runner="dask", dask=dask, device=device)
+        for note in cluster_warnings(run_cfg):
+            print(f"dmsae: warning: {note}", file=sys.stderr)
+        return DaskTaskRunner(**runner_kwargs(run_cfg, include_store=cfg is not None))
     kwargs: dict[str, Any] = {"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
                               "dashboard_address": None}
     if device.startswith("cuda"):
@@ -86,3 +103,12 @@ def shared_prefect_api() -> Iterator[None]:
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def check_cluster(cfg: Config) -> None:
+    """A slurm or kubernetes cluster's package, keyword arguments and secrets checked, its job script or
+    spec generated and thrown away, before anything is written or submitted (`dmsae check` can call this)."""
+    if cfg.runner == "dask" and cfg.dask.cluster in ("slurm", "kubernetes"):
+        from dmsae.clusters import runner_kwargs
+
+        runner_kwargs(cfg)
