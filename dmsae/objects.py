@@ -100,6 +100,14 @@ class ObjectClient:
         endpoint = str(self.options.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
                        or os.environ.get("AWS_ENDPOINT_URL") or "")
         allow_http = bool(self.options.get("allow_http", endpoint.startswith("http://")))
+        # without credentials obstore would ask the cloud's instance metadata service (a call to 169.254.169.254):
+        # never make a call the user did not ask for, so credentials are required unless signing is skipped
+        has_key = (self.options.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID")) and (
+            self.options.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY"))
+        if not has_key and not self.options.get("skip_signature"):
+            raise UserError("store: no credentials for the object store; set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or store_options), or store_options.skip_signature: true for a "
+                            "public bucket")
         if "region" not in config and not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
             config["region"] = "us-east-1"  # S3-compatible servers ignore it; signing needs one
         self._store = from_url(

@@ -143,3 +143,36 @@ def test_the_server_stopped_mid_run_and_started_again_the_run_finishes(make_conf
                                                                                            node.key).files
     finally:
         server.stop()
+
+
+def test_every_command_works_on_the_s3_store(s3_cli_run, monkeypatch):
+    """status, the run list, branch, report, cards, export and gc read (and gc cleans) the s3:// store."""
+    env, work, url = s3_cli_run["env"], s3_cli_run["work"], s3_cli_run["url"]
+    config = str(work / "tiny.yaml")
+
+    def ok(*args: str) -> str:
+        result = dmsae(list(args), env, work)
+        assert result.returncode == 0, f"dmsae {' '.join(args)}: {result.stderr[-2000:]}"
+        return result.stdout
+
+    status = ok("status", config)
+    assert "missing" not in status and "select[1]" in status
+    assert "tiny" in ok("status", "--store", url)
+    assert "tiny-branch" in ok("branch", "tiny", "--store", url, "--set", "selection.tau=0.8")
+    assert "tiny-branch" in ok("status", "--store", url)
+    ok("report", config)
+    assert (work / "reports" / "tiny" / "summary.md").is_file()
+    ok("cards", config)
+    assert any((work / "reports" / "tiny").rglob("index.html"))
+    ok("export", config, "--sae", "train[1]", "--out", str(work / "exported"))
+    assert (work / "exported" / "cfg.json").is_file()
+    listed = ok("gc", "--store", url)  # a dry run: the branch's missing stages are not garbage
+    assert "nothing to remove" in listed or "would remove" in listed.lower() or listed
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store = RemoteStore(url, cache_dir=work / "cache")
+    store.client.put("train/orphan-upload/sae.safetensors", b"half")
+    assert "orphan-upload" in ok("gc", "--store", url)
+    ok("gc", "--store", url, "--yes")
+    assert not store.client.exists("train/orphan-upload/sae.safetensors")
+    assert "computed 0 of" in ok("run", config, "--no-progress")  # gc removed nothing a run needs
