@@ -20,6 +20,10 @@ from dmsae.stores import AnyStore, open_store, store_for
 from flows.pipeline import plan, preflight, run_record
 from flows.runner import setup_torch
 
+# where --store looks by default: the store a machine is set up for (cluster workers and the compose services
+# get DMSAE_STORE), else the default config's folder
+DEFAULT_STORE = os.environ.get("DMSAE_STORE") or "artifacts"
+
 EXIT_USER_ERROR = 2
 
 
@@ -34,7 +38,8 @@ def _config_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="YAML preset (e.g. configs/quickstart.yaml) or the name of a run recorded in --store")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set selection.tau=0.8 (repeatable)")
-    p.add_argument("--store", default="artifacts", help="store root where a run name is looked up")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store (folder or s3:// URL) where a run name is looked up; "
+                   "default $DMSAE_STORE or artifacts")
 
 
 def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
@@ -53,10 +58,11 @@ def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
 
 def _check_runner(cfg: Config) -> None:
     """An existing Dask scheduler must answer before anything is written."""
-    if cfg.runner == "dask" and cfg.dask.address:
-        from flows.runner import check_dask_address
+    from flows.runner import check_cluster, check_dask_address
 
+    if cfg.runner == "dask" and cfg.dask.address:
         check_dask_address(cfg.dask.address)
+    check_cluster(cfg)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -82,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if cfg.runner == "dask":  # the scheduler's address was checked with the rest, in _checked
         with shared_prefect_api():
-            state = distill.with_options(task_runner=task_runner(cfg.runner, cfg.dask, cfg.device))(
+            state = distill.with_options(task_runner=task_runner(cfg.runner, cfg.dask, cfg.device, cfg=cfg))(
                 cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)
     else:
         state = distill(cfg.model_dump(mode="json"), show_progress=not args.no_progress, return_state=True)
@@ -194,7 +200,7 @@ def cmd_branch(args: argparse.Namespace) -> int:
           f"({abbreviate(shared)}); {len(todo)} to compute ({abbreviate(todo)})")
     if args.run_now:
         return cmd_run(argparse.Namespace(config=name, set=[], store=args.store, no_progress=args.no_progress))
-    print(f"run it with: dmsae run {name}" + (f" --store {args.store}" if args.store != "artifacts" else ""))
+    print(f"run it with: dmsae run {name}" + (f" --store {args.store}" if args.store != DEFAULT_STORE else ""))
     return 0
 
 
@@ -367,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("run", help="name of the recorded run to branch from (see dmsae status)")
     branch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="what changes (repeatable)")
     branch.add_argument("--name", help="name of the new run (default: <run>-branch)")
-    branch.add_argument("--store", default="artifacts", help="store root holding the run")
+    branch.add_argument("--store", default=DEFAULT_STORE, help="store root holding the run")
     branch.add_argument("--run", dest="run_now", action="store_true", help="run the branch right away")
     branch.add_argument("--no-progress", action="store_true", help="hide progress bars (with --run)")
     branch.set_defaults(func=cmd_branch)
     gc = sub.add_parser("gc", help="remove artifacts that no recorded run references (dry run unless --yes)")
-    gc.add_argument("--store", default="artifacts", help="store root")
+    gc.add_argument("--store", default=DEFAULT_STORE, help="store root")
     gc.add_argument("--yes", action="store_true", help="really delete")
     gc.set_defaults(func=cmd_gc)
     report = sub.add_parser("report", help="write the markdown summary, metrics table and plots of a finished run")

@@ -149,7 +149,7 @@ def run_sweep(sweep: Sweep, grid: dict[str, list[str]], show_progress: bool) -> 
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record = SweepRecord(name=sweep.name, base=base.name, grid=grid, status="planned", created=now, updated=now,
                          points=[{"run": run, "values": values} for run, values, _ in sweep.points])
-    runner = task_runner(base.runner, base.dask, base.device)
+    runner = task_runner(base.runner, base.dask, base.device, cfg=base)
     with shared_prefect_api() if base.runner == "dask" else contextlib.nullcontext():
         return sweep_flow.with_options(task_runner=runner)(
             base.model_dump(mode="json"), [c.model_dump(mode="json") for _, _, c in sweep.points],
