@@ -17,9 +17,13 @@ from zarr.codecs import BloscCodec
 ARRAY = "activations.zarr"
 
 
-def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float32") -> zarr.Array:
+def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float32",
+           shard_chunks: int | None = None) -> zarr.Array:
+    """A new array of `chunk_rows`-row chunks; with `shard_chunks`, grouped that many to a shard (one file, one
+    object on an object store), each written whole by the one writer of its part."""
     return zarr.create_array(
         store=str(path), shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype,
+        shards=(chunk_rows * shard_chunks, d) if shard_chunks else None,
         compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0.0,
     )
 
@@ -29,12 +33,12 @@ def open_array(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array:
 
 
 class ChunkWriter:
-    """Buffers rows and writes them to the array in whole chunks, in order."""
+    """Buffers rows and writes them to the array in whole chunks (whole shards of a sharded array), in order."""
 
     def __init__(self, array: zarr.Array, offset: int = 0, pending: np.ndarray | None = None):
         """`offset` and `pending` continue an interrupted write: rows before `offset` are on disk."""
         self.array = array
-        self.chunk_rows = array.chunks[0]
+        self.chunk_rows = array.shards[0] if array.shards else array.chunks[0]
         if offset % self.chunk_rows:
             raise ValueError(f"offset {offset} is not chunk-aligned ({self.chunk_rows} rows per chunk)")
         self.offset = offset
@@ -68,6 +72,36 @@ class ChunkWriter:
         return self.offset
 
 
+class PartedArray:
+    """The arrays of a harvest's parts read as one [rows, d] array (rows of part 0, then part 1, ...), with the
+    chunk size of the parts: what the readers take of a zarr.Array (shape, chunks, row slices)."""
+
+    def __init__(self, parts: list[zarr.Array]):
+        if not parts:
+            raise ValueError("a parted harvest needs at least one part")
+        self.parts = parts
+        d, chunk = parts[0].shape[1], parts[0].chunks[0]
+        if any(p.shape[1] != d or p.chunks[0] != chunk for p in parts):
+            raise ValueError("the parts of a harvest differ in width or chunk size")
+        self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.shape = (int(self.starts[-1]), d)
+        self.chunks = (chunk, d)
+        self.dtype = parts[0].dtype
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("a parted harvest is read by contiguous row slices")
+        start, stop, _ = rows.indices(self.shape[0])
+        pieces = []
+        for i, part in enumerate(self.parts):
+            lo, hi = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if lo < hi:
+                pieces.append(part[lo - self.starts[i]:hi - self.starts[i]])
+        if not pieces:
+            return np.empty((0, self.shape[1]), dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
 class ShuffledBatches:
     """Endless stream of shuffled [batch_size, d] float32 batches, scaled; reproducible from `seed`.
 
@@ -77,7 +111,8 @@ class ShuffledBatches:
     batches an uninterrupted one would have seen.
     """
 
-    def __init__(self, array: zarr.Array, batch_size: int, shuffle_chunks: int, seed: int, scale: float):
+    def __init__(self, array: zarr.Array | PartedArray, batch_size: int, shuffle_chunks: int, seed: int,
+                 scale: float):
         self.array, self.batch_size, self.shuffle_chunks, self.scale = array, batch_size, shuffle_chunks, scale
         self.n_rows, self.chunk_rows = array.shape[0], array.chunks[0]
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
@@ -154,6 +189,6 @@ class ShuffledBatches:
 
 
 def shuffled_batches(
-    array: zarr.Array, batch_size: int, shuffle_chunks: int, seed: int, scale: float
+    array: zarr.Array | PartedArray, batch_size: int, shuffle_chunks: int, seed: int, scale: float
 ) -> ShuffledBatches:
     return ShuffledBatches(array, batch_size, shuffle_chunks, seed, scale)

@@ -56,6 +56,11 @@ class HarvestConfig(Strict):
         "norm (like BOS: not stored, not spliced); null keeps them")
     store_dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the stored activations; float16 halves the disk of large harvests")
+    parts: int = Field(1, ge=1, le=4096, description="split the harvest into this many row ranges of the training "
+                       "windows, each its own task (in parallel on Dask workers) and resumable on its own; the rows "
+                       "and the scale equal a one-part harvest's. 1: one array, as before")
+    shard_chunks: int = Field(16, ge=1, le=4096, description="with parts > 1: chunks per Zarr shard (one object per "
+                              "shard on an object store; a part writes whole shards only)")
 
 
 DEFAULT_CORE_GATE = "topk"

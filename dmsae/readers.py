@@ -12,11 +12,29 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
+import zarr
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dmsae import activations
 from dmsae.sae import MatryoshkaSAE
 from dmsae.store import Artifact
+
+# harvest
+HARVEST_PARTS_FILE = "parts.json"  # a harvest in parts: the key and rows of each harvest_part artifact, in order
+
+
+def harvest_array(harvest: Artifact) -> zarr.Array | activations.PartedArray:
+    """The harvested activations: the artifact's array, or its parts' arrays read as one (the parts are
+    attached to the artifact by whoever loaded it: flows.pipeline.load_input)."""
+    if not harvest.file(HARVEST_PARTS_FILE).is_file():
+        return activations.open_array(harvest.file(activations.ARRAY))
+    listed = [p["key"] for p in json.loads(harvest.file(HARVEST_PARTS_FILE).read_text())["parts"]]
+    if [p.manifest.key for p in harvest.parts] != listed:
+        raise RuntimeError(f"harvest {harvest.manifest.key} is in {len(listed)} parts, but {len(harvest.parts)} were "
+                           "attached; load it with flows.pipeline.load_input")
+    return activations.PartedArray([activations.open_array(p.file(activations.ARRAY)) for p in harvest.parts])
+
 
 # tokens
 TOKENS_FILE = "tokens.safetensors"  # per split: windows [n, context] int32 and the document ids dealt to it

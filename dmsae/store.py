@@ -124,6 +124,8 @@ class Manifest(BaseModel):
 class Artifact:
     path: Path
     manifest: Manifest
+    # artifacts that hold this one's data: the parts of a harvest in parts, in order (see dmsae.readers)
+    parts: tuple[Artifact, ...] = ()
 
     @property
     def metrics(self) -> dict[str, Any]:

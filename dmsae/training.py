@@ -166,7 +166,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train one SAE on the harvested activations, seeded with the core of a select or random_core artifact if
     given, and write its weights, lineage and curve into `out_dir`; returns the metrics."""
-    array = activations.open_array(harvest.file(activations.ARRAY))
+    array = readers.harvest_array(harvest)
     d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
     core_encoder = core_lineage = core_birth = None
     if core is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +28,7 @@ from stages import (
     baseline,
     evaluate,
     harvest,
+    harvest_part,
     interpret,
     latents,
     model,
@@ -40,8 +41,8 @@ from stages import (
 )
 
 STAGES: dict[str, ModuleType] = {
-    m.NAME: m for m in (model, tokens, harvest, train, attribute, select, random_core, reuse, baseline, evaluate,
-                        probes, interpret, latents)
+    m.NAME: m for m in (model, tokens, harvest_part, harvest, train, attribute, select, random_core, reuse,
+                        baseline, evaluate, probes, interpret, latents)
 }
 
 
@@ -85,12 +86,20 @@ def plan(cfg: Config) -> Plan:
         "context": d.context, "train_tokens": d.train_tokens, "attribution_tokens": d.attribution_tokens,
         "eval_tokens": d.eval_tokens, "split_seed": d.split_seed,
     }, {"model": model_node}, args={"location": csrc.location})
-    harvest_node = stage_node("harvest", {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
-                                    "store_dtype": cfg.harvest.store_dtype, **lm_params(cfg),
-                                    "outlier_factor": cfg.harvest.outlier_factor},
-                        {"model": model_node, "tokens": tokens_node}, args={"batch_size": d.batch_size})
+    harvest_params = {"layer": cfg.harvest.layer, "chunk_rows": cfg.harvest.chunk_rows,
+                      "store_dtype": cfg.harvest.store_dtype, **lm_params(cfg),
+                      "outlier_factor": cfg.harvest.outlier_factor}
+    harvest_inputs = {"model": model_node, "tokens": tokens_node}
+    parts: list[Node] = []
+    if cfg.harvest.parts > 1:  # one task per part; one part keeps the key it always had
+        layout = {"parts": cfg.harvest.parts, "shard_chunks": cfg.harvest.shard_chunks}
+        parts = [stage_node("harvest_part", {**harvest_params, **layout, "part": i}, harvest_inputs,
+                            tag=f"part={i}", args={"batch_size": d.batch_size}) for i in range(cfg.harvest.parts)]
+        harvest_params |= layout
+        harvest_inputs = {**harvest_inputs, **{f"part{i}": n for i, n in enumerate(parts)}}
+    harvest_node = stage_node("harvest", harvest_params, harvest_inputs, args={"batch_size": d.batch_size})
     train_params = cfg.train.model_dump(exclude={"checkpoint_every"})
-    nodes = [model_node, tokens_node, harvest_node]
+    nodes = [model_node, tokens_node, *parts, harvest_node]
     core: Node | None = None
     for cycle in range(cfg.cycles):
         train_inputs: dict[str, Node] = {"harvest": harvest_node}
@@ -188,6 +197,18 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     return nodes
 
 
+def load_input(store: AnyStore, node: Node, source: Node) -> Artifact:
+    """`source`'s artifact as `node` reads it. A harvest in parts comes with its parts attached for the stages
+    that read activations; the harvest itself reads only its parts' manifests (their data never moves for it)."""
+    if node.stage == "harvest" and source.stage == "harvest_part":
+        return Artifact(Path(store.where(source.stage, source.key)), store.manifest(source.stage, source.key))
+    art = store.load(source.stage, source.key)
+    parts = [p for p in source.inputs.values() if p.stage == "harvest_part"]
+    if parts and STAGES[node.stage].READS_ACTIVATIONS:
+        return replace(art, parts=tuple(store.load(p.stage, p.key) for p in parts))
+    return art
+
+
 def materialize(store: AnyStore, node: Node, rt: Runtime) -> tuple[Artifact, bool]:
     """Ensure `node`'s artifact exists and is intact; returns it and whether it was computed now.
 
@@ -202,7 +223,7 @@ def materialize(store: AnyStore, node: Node, rt: Runtime) -> tuple[Artifact, boo
         done = store.load_intact(node.stage, node.key)
         if done is not None:
             return done, False
-        inputs = {name: store.load(n.stage, n.key) for name, n in node.inputs.items()}
+        inputs = {name: load_input(store, node, n) for name, n in node.inputs.items()}
         stage_rt = Runtime(device=rt.device, show_progress=rt.show_progress, on_progress=rt.on_progress,
                            checkpoint_dir=store.open_partial(node.stage, node.key), args=dict(node.args),
                            label=node.label, on_checkpoint=lambda: store.sync_partial(node.stage, node.key))

@@ -1,4 +1,5 @@
-"""Pipeline stages. Each module holds a stage's NAME and VERSION, its own maths in plain functions, and:
+"""Pipeline stages. Each module holds a stage's NAME and VERSION, READS_ACTIVATIONS (whether it reads the
+harvested rows, so that a harvest in parts is handed to it with its parts), its own maths in plain functions, and:
 
 - `run(out_dir, params, inputs, runtime)`: writes the artifact files into `out_dir` (named in `dmsae.readers`)
   and returns the metrics for the manifest;

@@ -23,6 +23,7 @@ from dmsae.store import Artifact
 
 NAME = "attribute"
 VERSION = "3"
+READS_ACTIVATIONS = False
 
 
 def attribution_batch(

@@ -31,6 +31,7 @@ from dmsae.store import Artifact
 
 NAME = "evaluate"
 VERSION = "2"
+READS_ACTIVATIONS = False
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:

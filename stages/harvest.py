@@ -1,129 +1,54 @@
-"""harvest stage: run layers 0..L over the training windows and stream layer-L residuals to Zarr.
+"""harvest stage: the training windows' layer-L residuals in Zarr (dmsae/harvesting.py has the loop).
 
-BOS positions are excluded (attention-sink outliers, not text), and so are massive-activation tokens
-whose norm exceeds `outlier_factor` x the median norm. The activation scale that makes E||x||^2 = d is
-measured on the way and stored in the manifest. After every batch the write position is saved, so
-a killed harvest continues from its last complete block.
+One part (`harvest.parts: 1`): this stage runs the whole harvest into one array. Several parts: each part
+(stage harvest_part) is its own task, artifact and checkpoint, and this stage only joins them: it checks that
+they belong together, writes their list, and computes the scale from their per-batch sums, so the rows and
+the metrics are those of a one-part harvest. Readers get the parts attached (`Artifact.parts`).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from dmsae import activations, faults, lm, readers
-from dmsae.errors import UserError
-from dmsae.memory import release_free_heap
+from dmsae import harvesting, lm, readers
 from dmsae.runtime import Runtime
 from dmsae.store import Artifact
 
 NAME = "harvest"
 VERSION = "2"
-
-
-def norm_threshold(first_norms: torch.Tensor, factor: float | None) -> float:
-    """Raw-space norm above which a token counts as a massive-activation outlier; inf disables it."""
-    return math.inf if factor is None else factor * float(first_norms.float().median())
-
-
-STATE_FILE = "harvest-state.safetensors"
-
-
-def _save_state(path: Path, next_batch: int, writer: activations.ChunkWriter, threshold: float,
-                sq_norm_sum: float) -> None:
-    """The position after a batch: rows up to `writer.offset` are in the Zarr array, the rest pending.
-    One file, written whole and renamed, so it always matches chunks that are already on disk."""
-    pending = np.concatenate(writer.pending) if writer.pending else np.empty((0, writer.array.shape[1]), np.float32)
-    state = {"next_batch": next_batch, "offset": writer.offset, "threshold": threshold, "sq_norm_sum": sq_norm_sum}
-    tmp = path.with_suffix(".tmp")
-    save_file({"pending": torch.from_numpy(np.ascontiguousarray(pending))}, str(tmp),
-              metadata={"state": json.dumps(state)})
-    os.replace(tmp, path)
-
-
-def _load_state(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["state"]), f.get_tensor("pending").numpy()
-    except Exception:  # noqa: BLE001 - an unreadable state only costs the batches it held
-        return None
+READS_ACTIVATIONS = False
+PARTS_FILE = readers.HARVEST_PARTS_FILE
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:
+    if params.get("parts"):
+        return _join(out_dir, params, inputs)
     model = lm.load_model(inputs["model"].path, rt.device, params["dtype"], params.get("autocast"))
     layer = params["layer"]
     lm.check_layer(model, layer)
     windows = readers.token_windows(inputs["tokens"], "train")
     bos = readers.bos_of(inputs["tokens"])
-    max_rows = int((windows != bos).sum())
-    d = int(model.config.hidden_size)
-    # Written where a killed run can find it again (the stage's partial folder), moved into the
-    # artifact when complete. The array is sized for every non-BOS position and shrunk at the end.
-    work = rt.checkpoint_dir if rt.checkpoint_dir is not None else out_dir
-    work.mkdir(parents=True, exist_ok=True)
-    state_path = work / STATE_FILE
-    resumed = _load_state(state_path) if (work / activations.ARRAY).exists() else None
-    if resumed is None:
-        array = activations.create(work / activations.ARRAY, max_rows, d, params["chunk_rows"], params["store_dtype"])
-        writer = activations.ChunkWriter(array)
-        first_batch, sq_norm_sum, threshold = 0, 0.0, math.inf
-    else:
-        state, pending = resumed
-        array = activations.open_array(work / activations.ARRAY, mode="r+")
-        writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending)
-        first_batch, sq_norm_sum, threshold = state["next_batch"], state["sq_norm_sum"], state["threshold"]
-        rt.resumed = {"batch": first_batch}
-        print(f"dmsae: resuming {rt.label or 'harvest'} at batch {first_batch} (offset {writer.offset} rows)",
-              file=sys.stderr, flush=True)
-    batch = rt.args.get("batch_size", 32)
-    n_batches = math.ceil(windows.shape[0] / batch)
-    real = windows != bos
-    bar = tqdm(total=max_rows, initial=int(real[:first_batch * batch].sum()), desc=f"harvest layer {layer}",
-               unit="tok", disable=not rt.show_progress)
-    for i in range(first_batch, n_batches):
-        ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
-        h = lm.residual_upto(model, ids, layer)
-        if not torch.isfinite(h[ids != bos]).all():
-            raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; "
-                            "check model.dtype (float32 is safest) and the model weights")
-        if i == 0:  # the median of the first batch fixes the outlier threshold for the whole harvest
-            threshold = norm_threshold(h[ids != bos].norm(dim=-1), params["outlier_factor"])
-        rows = h[lm.kept_positions(h, ids, bos, threshold)].float().cpu().numpy()
-        sq_norm_sum += float(np.square(rows, dtype=np.float64).sum())
-        writer.append(rows.astype(params["store_dtype"], copy=False))
-        if rt.checkpoint_dir is not None:
-            _save_state(state_path, i + 1, writer, threshold, sq_norm_sum)
-            rt.checkpoint_saved()
-        release_free_heap()
-        faults.point(f"{rt.label}:batch:{i + 1}")
-        bar.update(int(real[i * batch:(i + 1) * batch].sum()))
-        rt.report((i + 1) / n_batches, f"harvested {writer.offset + writer.pending_rows} tokens")
-    bar.close()
-    n_rows = writer.close()
-    if n_rows == 0:
-        raise UserError("harvest: no training tokens left after excluding BOS and outliers; "
-                        "raise data.train_tokens or harvest.outlier_factor")
-    if work != out_dir:
-        os.replace(work / activations.ARRAY, out_dir / activations.ARRAY)
-        state_path.unlink(missing_ok=True)
-    mean_sq_norm = sq_norm_sum / n_rows
-    return {
-        "n_tokens": n_rows, "d": d, "layer": layer, "n_outliers": max_rows - n_rows,
-        "norm_threshold": threshold if math.isfinite(threshold) else None,
-        "mean_sq_norm": mean_sq_norm, "scale": math.sqrt(d / mean_sq_norm),
-    }
+    done = harvesting.harvest(model, windows, bos, params, rt, out_dir)
+    return harvesting.summary(done.n_rows, int(model.config.hidden_size), layer, int((windows != bos).sum()),
+                              done.threshold, done.sq_norm_sum)
+
+
+def _join(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact]) -> dict[str, Any]:
+    """The parts' metrics joined in part order (their data stays in their own artifacts)."""
+    parts = [inputs[f"part{i}"].manifest for i in range(params["parts"])]
+    thresholds = {p.metrics["norm_threshold"] for p in parts}
+    if len(thresholds) != 1 or [p.metrics["part"] for p in parts] != list(range(params["parts"])):
+        raise RuntimeError("harvest: the parts disagree on the outlier threshold or their order")
+    sq_norm_sum = harvesting.Harvested(0, 0.0, [s for p in parts for s in p.metrics["batch_sums"]]).sq_norm_sum
+    n_rows = sum(p.metrics["n_tokens"] for p in parts)
+    threshold = parts[0].metrics["norm_threshold"]
+    (out_dir / PARTS_FILE).write_text(json.dumps(
+        {"parts": [{"key": p.key, "rows": p.metrics["n_tokens"]} for p in parts]}, indent=2))
+    return harvesting.summary(n_rows, parts[0].metrics["d"], params["layer"],
+                              sum(p.metrics["n_tokens"] + p.metrics["n_outliers"] for p in parts),
+                              float("inf") if threshold is None else threshold, sq_norm_sum)
 
 
 def describe(metrics: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from dmsae.store import Artifact
 
 NAME = "interpret"
 VERSION = "1"
+READS_ACTIVATIONS = False
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dmsae.store import Artifact
 
 NAME = "latents"
 VERSION = "1"
+READS_ACTIVATIONS = False
 WINDOW_BEFORE, WINDOW_AFTER = 12, 4  # tokens of a context around its strongest token
 HIST_BINS = 24
 N_LOGITS = 10

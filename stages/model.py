@@ -13,6 +13,7 @@ from dmsae.store import Artifact
 
 NAME = "model"
 VERSION = "1"
+READS_ACTIVATIONS = False
 
 
 def convert(kind: str, location: str, dtype: str, out_dir: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from dmsae.store import Artifact
 
 NAME = "probes"
 VERSION = "1"
+READS_ACTIVATIONS = False
 
 
 def probe_tasks(params: dict[str, Any], location: str | None) -> list[tasks.ProbeTask]:

@@ -20,6 +20,7 @@ from dmsae.store import Artifact
 
 NAME = "random_core"
 VERSION = "2"  # 2: live latents only; birth bias and threshold
+READS_ACTIVATIONS = False
 
 
 def draw_indices(live: torch.Tensor, size: int, seed: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dmsae.training import derive_seed, fit
 
 NAME = "reuse"
 VERSION = "3"  # 3: trains with train VERSION 4 (core gates)
+READS_ACTIVATIONS = True
 ARMS = ("distilled", "random", "none")
 BORN_IN_REUSE = -1  # lineage cycle of latents born in a reuse SAE
 

@@ -20,6 +20,7 @@ from dmsae.store import Artifact
 
 NAME = "select"
 VERSION = "2"  # 2: max_core; the birth bias and threshold travel with the core
+READS_ACTIVATIONS = False
 
 
 def select_prefix(scores: np.ndarray, tau: float) -> tuple[np.ndarray, int, np.ndarray]:

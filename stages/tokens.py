@@ -24,6 +24,7 @@ from dmsae.store import Artifact
 
 NAME = "tokens"
 VERSION = "1"
+READS_ACTIVATIONS = False
 HUB_CHARS_PER_TOKEN = 8  # generous: English runs about 4-5 characters per token
 
 

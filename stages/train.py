@@ -12,6 +12,7 @@ from dmsae.training import derive_seed, fit
 
 NAME = "train"
 VERSION = "4"  # 4: core gates, birth bias/threshold in the lineage; 3: the autograd-free train step
+READS_ACTIVATIONS = True
 
 
 def run(out_dir: Path, params: dict[str, Any], inputs: dict[str, Artifact], rt: Runtime) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from dmsae import activations, readers
+from dmsae import activations, harvesting, readers
 from dmsae.eval.reconstruction import lm_divergences
 from dmsae.runtime import Runtime
 from stages import attribute as attribute_stage
@@ -73,7 +73,7 @@ def test_no_factor_keeps_every_real_token(pipeline_run):
     windows = load_file(str(pipeline_run.artifact("tokens").file("tokens.safetensors")))["train"]
     assert harvest.metrics["n_outliers"] == 0  # a random tiny Llama has no 10x outliers
     assert harvest.metrics["n_tokens"] == int((windows != pipeline_run.artifact("tokens").metrics["bos_id"]).sum())
-    assert harvest_stage.norm_threshold(torch.ones(4), None) == math.inf
+    assert harvesting.norm_threshold(torch.ones(4), None) == math.inf
 
 
 def test_evaluation_splice_leaves_outliers_untouched(pipeline_run, model, bos_id):

@@ -230,5 +230,26 @@ def test_bad_store_settings_are_refused_in_one_line_before_any_work(case, s3_env
     assert not (Path(env["DMSAE_CACHE"]) / "stores").exists()  # no work began
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# -- the cache ----------------------------------------------------------------------------------------
+def test_the_cache_is_bounded_and_safe_to_delete(s3_run, tmp_path):
+    import shutil
+
+    run, _ = s3_run
+    cache = tmp_path / "bounded"
+    store = RemoteStore(run.store.url, cache_dir=cache, cache_gb=0)  # a bound of 0 bytes: keep only what is in use
+    nodes, last = run.plan.nodes[:-1], run.plan.nodes[-1]
+    for node in nodes:
+        store.load(node.stage, node.key)
+    blobs = lambda: sum(p.stat().st_size for p in (cache / "blobs").rglob("*") if p.is_file())  # noqa: E731
+    assert blobs() > 0  # copies used in the last ten minutes are never evicted
+    for manifest in (cache / "stores").rglob(MANIFEST):  # an hour later
+        os.utime(manifest, (time.time() - 3600, time.time() - 3600))
+    Traffic.down = 0
+    store.load(last.stage, last.key)  # a download: then everything not in use for ten minutes is evicted
+    assert Traffic.down > 0
+    unique = {hashlib.sha256(b).hexdigest(): len(b) for b in data_files(run.store, last.stage, last.key).values()}
+    assert blobs() == sum(unique.values())
+    shutil.rmtree(cache)  # deleting the cache costs downloads, nothing else
+    art = RemoteStore(run.store.url, cache_dir=cache).load(nodes[0].stage, nodes[0].key)
+    assert {rel: (art.path / rel).read_bytes() for rel in art.manifest.files} == data_files(
+        run.store, nodes[0].stage, nodes[0].key)
