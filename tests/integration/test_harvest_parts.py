@@ -104,3 +104,24 @@ def test_a_killed_part_resumes_on_its_own_and_the_others_are_not_redone(make_con
     for node in parts:  # the same bytes as the uninterrupted parted run
         ref = next(n for n in parted_run.plan.nodes if n.label == node.label)
         assert s.manifest(node.stage, node.key).files == parted_run.store.manifest(ref.stage, ref.key).files
+
+
+def test_parts_on_two_dask_workers_give_the_one_process_bytes(make_config, parted_run, tmp_path):
+    store = tmp_path / "store"
+    cfg = make_config(store, f"harvest.parts={PARTS}", "harvest.shard_chunks=2", "cycles=1", "reuse.k=[]",
+                      "interpret.enabled=false", "runner=dask", "dask.workers=2", f"report_dir={tmp_path / 'r'}")
+    config = tmp_path / "parts.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "DMSAE_KILL_AT"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from dmsae.store import Store
+
+    s = Store(store)
+    for node in plan(cfg).nodes:
+        if node.stage in ("harvest_part", "harvest", "train"):
+            ref = next(n for n in parted_run.plan.nodes if n.label == node.label)
+            assert node.key == ref.key  # the runner is in no key
+            assert s.manifest(node.stage, node.key).files == parted_run.store.manifest(ref.stage, ref.key).files
