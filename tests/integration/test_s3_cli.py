@@ -50,7 +50,9 @@ def s3_cli_run(s3_server, make_config, tmp_path_factory):
     # a killed run's lease is taken over after 3 s instead of a minute
     env = {**s3_server.env(), "DMSAE_CACHE": str(work / "cache"), "DMSAE_LEASE_SECONDS": "3",
            "PREFECT_HOME": str(work / "prefect-home")}
-    runs = [dmsae(["run", str(config), "--no-progress"], env, work, kill_at) for kill_at, _ in KILLS]
+    # each run on "another machine": a cache of its own, so a resumed stage finds its checkpoint on the store
+    runs = [dmsae(["run", str(config), "--no-progress"], {**env, "DMSAE_CACHE": str(work / f"cache-{i}")}, work,
+                  kill_at) for i, (kill_at, _) in enumerate(KILLS)]
     runs.append(dmsae(["run", str(config), "--no-progress"], env, work))
     again = dmsae(["run", str(config), "--no-progress"], env, work)
     return {"cfg": cfg, "url": url, "env": env, "work": work, "runs": runs, "again": again}
@@ -93,7 +95,8 @@ def test_the_result_is_byte_identical_to_a_local_uninterrupted_run(s3_cli_run, p
 
 def test_nothing_was_written_to_a_local_store(s3_cli_run):
     work = s3_cli_run["work"]
-    assert sorted(p.name for p in work.iterdir()) == ["cache", "prefect-home", "reports", "tiny.yaml"]
+    assert sorted(p.name for p in work.iterdir()) == ["cache", *(f"cache-{i}" for i in range(len(KILLS))),
+                                                      "prefect-home", "reports", "tiny.yaml"]
     assert not (REPO / "artifacts" / "runs" / "tiny.json").exists()
 
 
