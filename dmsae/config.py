@@ -119,6 +119,18 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(200, gt=0, description="steps between resumable checkpoints")
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class PrecisionConfig(Strict):
+    """Arithmetic per part of the pipeline (docs/operations.md, "Precision"). bf16: 16-bit matmuls with float32
+    accumulation, float32 master weights, optimiser state, losses and metric sums. auto: bf16 where the device
+    runs it natively (a CPU with AMX, a CUDA GPU with bf16), fp32 elsewhere; the run log says which and why.
+    The resolved choice is in the keys of the stages it changes."""
+
+    sae: Precision = Field("fp32", description="the SAE training step (train and reuse stages)")
+
+
 class AttributionConfig(Strict):
     score: Literal["mean", "quantile"] = "mean"
     q: float = Field(0.99, gt=0, lt=1)
@@ -374,6 +386,7 @@ class Config(Strict):
     reuse: ReuseConfig = Field(default_factory=ReuseConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     interpret: InterpretConfig = Field(default_factory=InterpretConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
 
     @field_validator("store")
     @classmethod

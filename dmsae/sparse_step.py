@@ -42,7 +42,7 @@ def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor
     B, c = pre_core.shape
     nc_idx, nc_vals = select_topk(pre_nc, k)
     n_keep = min(k * B, pre_core.numel() + pre_nc.numel())
-    vals, pos = torch.cat([pre_core.flatten(), nc_vals]).topk(n_keep, sorted=False)
+    vals, pos = torch.cat([pre_core.flatten(), nc_vals.to(pre_core.dtype)]).topk(n_keep, sorted=False)
     in_core = pos < B * c
     f_core = torch.zeros_like(pre_core).flatten().index_put_((pos[in_core],), vals[in_core]).view(B, c)
     return nc_idx[pos[~in_core] - B * c], vals[~in_core], f_core
@@ -66,16 +66,34 @@ def aux_entries(sae: MatryoshkaSAE, pre_nc: Tensor) -> tuple[Tensor, Tensor, Ten
     if crowded.numel() > dead_pre.shape[0] // 4:
         top_vals, top_pos = dead_pre.topk(sae.k_aux, dim=1, sorted=False)
         rows, j = (top_vals > 0).nonzero().unbind(1)
-        return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j]
+        return rows, dead_idx[top_pos[rows, j]], top_vals[rows, j].float()
     if crowded.numel():
         pos = dead_pre[crowded].topk(sae.k_aux, dim=1, sorted=False).indices
         keep[crowded] = keep.new_zeros(crowded.numel(), keep.shape[1]).scatter_(1, pos, True)
     rows, pos = keep.nonzero().unbind(1)
-    return rows, dead_idx[pos], dead_pre[rows, pos]
+    return rows, dead_idx[pos], dead_pre[rows, pos].float()
+
+
+def encoder_dtype(device_type: str) -> torch.dtype | None:
+    """The 16-bit type of the encoder matmul when the step runs under torch.autocast (bfloat16 or float16),
+    else None (float32)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 @torch.no_grad()
 def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
+    """The step as `train_sae` drives it. Under torch.autocast (how sparsify's and dictionary_learning's
+    trainers run theirs), the non-core encoder matmul, the one dense product, runs in the autocast type with
+    float32 accumulation and the BatchTopK selection reads its 16-bit output; everything else (the core, the
+    sparse decoder, the losses and every gradient) stays float32 on the float32 master weights."""
+    low = encoder_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _train_step(sae, x, low)
+
+
+def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple[StepStats, Tensor, Tensor]:
     """Loss and gradients (written to .grad, replacing what was there) with one dense matmul, the
     encoder forward, and no autograd.
 
@@ -91,8 +109,11 @@ def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor
     G, m = len(sae.ends), sae.width - sae.core_size
     dev = x.device
     xc = x - sae.b_dec
-    pre_nc = torch.addmm(sae.b_enc, xc, sae.enc)
-    pre_core = F.relu(torch.addmm(sae.b_enc_core, xc, sae.enc_core))
+    if low is None:
+        pre_nc = torch.addmm(sae.b_enc, xc, sae.enc)
+    else:  # the 16-bit copies cost one pass over W_enc; the product accumulates in float32
+        pre_nc = torch.addmm(sae.b_enc.to(low), xc.to(low), sae.enc.to(low))
+    pre_core = F.relu(torch.addmm(sae.b_enc_core, xc, sae.enc_core))  # c latents: cheap, kept float32
     if sae.core_gate == "topk":
         flat_idx, vals, f_core = joint_topk(pre_core, pre_nc, sae.k)
         k_nc = round(float((vals > 0).sum()) / B)
@@ -100,6 +121,7 @@ def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor
         f_core = sae.gate_core(pre_core)
         k_nc = sae.k_noncore(f_core)
         flat_idx, vals = select_topk(pre_nc, k_nc)
+    vals = vals.float()
     del pre_core
     rows, cols = flat_idx // m, flat_idx % m
     group = torch.bucketize(cols, torch.tensor(sae.ends[:-1], device=dev), right=True)

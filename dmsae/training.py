@@ -87,11 +87,15 @@ def train_sae(
         if first:
             rt.resumed = {"step": first}
             print(f"dmsae: resuming {rt.label or 'training'} at step {first}/{n_steps}", file=sys.stderr, flush=True)
+    # bf16: the step runs under autocast, as sparsify's and dictionary_learning's trainers drive theirs; Adam, the
+    # decoder projection and the statistics stay float32
+    low_precision = train_params.get("precision") == "bf16"
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
     for step in range(first, n_steps):
         x = next(batches).to(rt.device)
         opt.zero_grad(set_to_none=True)
-        stats, active_cols, active_vals = step_fn(sae, x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low_precision):
+            stats, active_cols, active_vals = step_fn(sae, x)
         sae.project_decoder_grads()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = lr_at(step, n_steps, train_params["lr"], train_params["warmup_fraction"], train_params["decay_fraction"])

@@ -52,6 +52,10 @@ def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
     store = store_for(cfg)
     p = plan(cfg)
     preflight(cfg, p, store)
+    from dmsae.precision import resolve
+
+    sae_precision = resolve(cfg.precision.sae, cfg.device, "precision.sae")
+    print(f"precision: SAE step {sae_precision.precision} ({sae_precision.reason})", flush=True)
     _check_runner(cfg)
     return cfg, store, p
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from dmsae import precision
 from dmsae.config import Config
 from dmsae.errors import UserError
 from dmsae.eval import tasks as probe_tasks
@@ -64,6 +65,13 @@ def lm_params(cfg: Config) -> dict[str, Any]:
     return {"dtype": cfg.model.dtype} | ({"autocast": autocast} if autocast else {})
 
 
+def sae_precision(cfg: Config) -> dict[str, str]:
+    """The SAE step's precision as the train and reuse keys hold it: nothing for fp32 (the keys they always had),
+    {"precision": "bf16"} for bf16, which changes the numbers."""
+    resolved = precision.resolve(cfg.precision.sae, cfg.device, "precision.sae")
+    return {"precision": resolved.precision} if resolved.precision != "fp32" else {}
+
+
 CORE_ONLY_SAE_FIELDS = ("core_gate", "freeze_core_bias", "freeze_core_encoder", "l0_mode")
 
 
@@ -98,7 +106,7 @@ def plan(cfg: Config) -> Plan:
         harvest_params |= layout
         harvest_inputs = {**harvest_inputs, **{f"part{i}": n for i, n in enumerate(parts)}}
     harvest_node = stage_node("harvest", harvest_params, harvest_inputs, args={"batch_size": d.batch_size})
-    train_params = cfg.train.model_dump(exclude={"checkpoint_every"})
+    train_params = cfg.train.model_dump(exclude={"checkpoint_every"}) | sae_precision(cfg)
     nodes = [model_node, tokens_node, *parts, harvest_node]
     core: Node | None = None
     for cycle in range(cfg.cycles):
