@@ -129,6 +129,8 @@ class PrecisionConfig(Strict):
     The resolved choice is in the keys of the stages it changes."""
 
     sae: Precision = Field("fp32", description="the SAE training step (train and reuse stages)")
+    lm: Precision = Field("fp32", description="the language model's forward passes (harvest, attribution, "
+                          "evaluation, probes, cards) for a float32 model: bf16 runs them under autocast")
 
 
 class AttributionConfig(Strict):

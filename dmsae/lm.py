@@ -68,10 +68,11 @@ def _replace_hidden(output: object, new: Tensor) -> object:
 
 def autocast(model: nn.Module) -> torch.autocast:
     """The autocast `load_model` was asked for (the stage's `autocast` param, set by the plan for a float32
-    model on CUDA): matmuls in bfloat16, reductions and the residual stream in float32. Never on the CPU."""
+    model under precision.lm=bf16, or on CUDA): matmuls in bfloat16; the ops autocast keeps in float32
+    (softmax, log-softmax, losses, norms) and every metric sum stay float32."""
     kind = getattr(model, "dmsae_autocast", None)
     p = next(model.parameters())
-    return torch.autocast(p.device.type, dtype=getattr(torch, kind or "bfloat16"), enabled=bool(kind) and p.is_cuda)
+    return torch.autocast(p.device.type, dtype=getattr(torch, kind or "bfloat16"), enabled=bool(kind))
 
 
 @torch.no_grad()

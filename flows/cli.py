@@ -55,7 +55,9 @@ def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
     from dmsae.precision import resolve
 
     sae_precision = resolve(cfg.precision.sae, cfg.device, "precision.sae")
-    print(f"precision: SAE step {sae_precision.precision} ({sae_precision.reason})", flush=True)
+    lm_precision = resolve(cfg.precision.lm, cfg.device, "precision.lm")
+    print(f"precision: SAE step {sae_precision.precision} ({sae_precision.reason}); language model "
+          f"{lm_precision.precision} ({lm_precision.reason})", flush=True)
     _check_runner(cfg)
     return cfg, store, p
 

@@ -53,15 +53,19 @@ def stage_node(stage: str, params: dict[str, Any], inputs: dict[str, Node], cycl
     return Node(stage, STAGES[stage].VERSION, params, inputs, cycle, **kwargs)
 
 
-def lm_autocast(device: str, dtype: str) -> str | None:
-    """The autocast an LM of `dtype` runs under on `device`: bfloat16 for a float32 model on CUDA, else none."""
-    return "bfloat16" if device.startswith("cuda") and dtype == "float32" else None
+def lm_autocast(device: str, dtype: str, lm_precision: str = "fp32") -> str | None:
+    """The autocast an LM of `dtype` runs under on `device`: bfloat16 for a float32 model when precision.lm
+    resolves to bf16 or (as before precision existed) on CUDA; else none."""
+    if dtype != "float32":
+        return None
+    return "bfloat16" if lm_precision == "bf16" or device.startswith("cuda") else None
 
 
 def lm_params(cfg: Config) -> dict[str, Any]:
     """How a stage runs the language model. Autocast changes the numbers, so it is in the key
-    (`autocast`); the CPU keys have no such entry."""
-    autocast = lm_autocast(cfg.device, cfg.model.dtype)
+    (`autocast`); a float32 forward on the CPU has no such entry (the keys it always had)."""
+    resolved = precision.resolve(cfg.precision.lm, cfg.device, "precision.lm")
+    autocast = lm_autocast(cfg.device, cfg.model.dtype, resolved.precision)
     return {"dtype": cfg.model.dtype} | ({"autocast": autocast} if autocast else {})
 
 
