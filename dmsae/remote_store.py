@@ -472,6 +472,9 @@ class RemoteStore:
     def read_runs(self) -> list[RunRecord]:
         return self._records(RUNS, RunRecord)
 
+    def has_sweep(self, name: str) -> bool:
+        return self.client.exists(f"{SWEEPS}/{name}.json")
+
     def write_sweep(self, record: SweepRecord) -> str:
         self.client.put(f"{SWEEPS}/{record.name}.json", record.model_dump_json(indent=2).encode())
         return f"{self.url}/{SWEEPS}/{record.name}.json"

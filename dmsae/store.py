@@ -418,6 +418,9 @@ class Store:
     def sweep_path(self, name: str) -> Path:
         return self.root / SWEEPS / f"{name}.json"
 
+    def has_sweep(self, name: str) -> bool:
+        return self.sweep_path(name).is_file()
+
     def write_sweep(self, record: SweepRecord) -> Path:
         return _write_record(self.sweep_path(record.name), record)
 

@@ -101,6 +101,11 @@ def shared_prefect_api() -> Iterator[None]:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        # send the queued logs while the server still answers: stopped first, Prefect retries them at exit
+        # for about a minute and then reports it could not
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 

@@ -128,7 +128,7 @@ def prepare_sweep(config: str, sets: list[str], grid: dict[str, list[str]], name
     """Every point's config, plan and preflight: the checks `dmsae sweep` makes before it writes anything."""
     base, sweep, points = sweep_points(config, sets, grid, name)
     store = store_for(base)
-    if store.sweep_path(sweep).is_file() and store.read_sweep(sweep).grid != grid:
+    if store.has_sweep(sweep) and store.read_sweep(sweep).grid != grid:
         raise UserError(f"--name {sweep}: a sweep of another grid is recorded under this name; choose another name")
     setup_torch(base)
     notes: dict[str, None] = {}

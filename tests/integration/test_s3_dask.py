@@ -13,14 +13,17 @@ cache (DMSAE_CACHE), sharing only the store URL (and the server's endpoint and k
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,13 +100,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# a Prefect home of this module's own: its flow runs (killed sweeps among them) stay out of the session's, which
+# other tests read back (test_sweep.py's concurrent task runs)
+MODULE_PREFECT_HOME = tempfile.mkdtemp(prefix="dmsae-s3dask-prefect-")
+atexit.register(shutil.rmtree, MODULE_PREFECT_HOME, True)
+
+
 def process_env(s3_server, **extra: str) -> dict[str, str]:
-    """This test session's environment (its PREFECT_HOME, telemetry off, offline), the S3 server's endpoint and
+    """This module's environment (its own PREFECT_HOME, telemetry off, offline), the S3 server's endpoint and
     keys, 3 s leases, and `extra`; no store, cache or Prefect API of the parent's. Prefect logs at INFO: a stage's
     own lines ("resuming ...", "took over an expired lease", "waiting for it") are Prefect INFO logs."""
     env = {**os.environ, **s3_server.env(), "DMSAE_LEASE_SECONDS": LEASE_S, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": MODULE_PREFECT_HOME}
     for name in ("DMSAE_KILL_AT", "DMSAE_CACHE", "DMSAE_STORE", "PREFECT_API_URL"):
         env.pop(name, None)
     return {**env, **extra}
