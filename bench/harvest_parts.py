@@ -46,13 +46,14 @@ def harvest_only():
     return computed
 
 
-start = time.perf_counter()
-if cfg.runner == "dask":
-    with shared_prefect_api():
-        computed = harvest_only.with_options(task_runner=task_runner("dask", cfg.dask, cfg.device, cfg=cfg))()
-else:
-    computed = harvest_only()
-print("WALL", time.perf_counter() - start, "COMPUTED", ",".join(computed))
+if __name__ == "__main__":  # Dask's worker processes import this file again
+    start = time.perf_counter()
+    if cfg.runner == "dask":
+        with shared_prefect_api():
+            computed = harvest_only.with_options(task_runner=task_runner("dask", cfg.dask, cfg.device, cfg=cfg))()
+    else:
+        computed = harvest_only()
+    print("WALL", time.perf_counter() - start, "COMPUTED", ",".join(computed))
 '''
 
 
