@@ -69,10 +69,18 @@ def default_cache_dir() -> Path:
 
 
 class Traffic:
-    """Bytes this process moved to and from the store (the benchmark and the run log read it)."""
+    """Bytes this process moved to and from the store (the benchmark and the run log read it); counted under a
+    lock, since the upload and download threads add to it at once."""
 
     up = 0
     down = 0
+    _lock = threading.Lock()
+
+    @classmethod
+    def add(cls, up: int = 0, down: int = 0) -> None:
+        with cls._lock:
+            cls.up += up
+            cls.down += down
 
 
 class RemoteStore:
@@ -225,7 +233,7 @@ class RemoteStore:
                 self.client.get_file(path, part)
             except Missing:
                 raise IntegrityError(f"{what}: file {path.rsplit('/', 1)[-1]} is missing from the store") from None
-            Traffic.down += part.stat().st_size
+            Traffic.add(down=part.stat().st_size)
             if sha256_file(part) != digest:
                 raise IntegrityError(f"{what}: file {path.split('/', 2)[-1]} is corrupted (checksum mismatch)")
             os.replace(part, blob)
@@ -272,7 +280,7 @@ class RemoteStore:
 
             def upload(rel: str) -> None:
                 self.client.put_file(f"{stage}/{key}/{rel}", tmp / rel)
-                Traffic.up += (tmp / rel).stat().st_size
+                Traffic.add(up=(tmp / rel).stat().st_size)
 
             with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
                 list(pool.map(upload, manifest.files))
@@ -307,7 +315,7 @@ class RemoteStore:
             rel = obj["path"][len(prefix) + 1:]
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             self.client.get_file(obj["path"], folder / rel)
-            Traffic.down += int(obj["size"])
+            Traffic.add(down=int(obj["size"]))
         self._synced[(stage, key)] = _stamps(folder)
         return folder
 
@@ -323,7 +331,7 @@ class RemoteStore:
 
         def upload(rel: str) -> None:
             self.client.put_file(f"{prefix}/{rel}", folder / rel)
-            Traffic.up += now[rel][0]
+            Traffic.add(up=now[rel][0])
 
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             list(pool.map(upload, nested))
