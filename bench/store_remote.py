@@ -133,9 +133,9 @@ def time_stage_functions() -> list[float]:
 def count_requests() -> dict[str, int]:
     """Count what this process sends to and receives from the object store, call by call, under a lock: data
     files (`put_file`, `get_file`: what `Traffic` counts), small objects (manifests, leases, records) and
-    requests. Instrumentation only: every call goes through unchanged. (`Traffic`'s own counters are
-    incremented from the store's upload and download threads without a lock and can lose updates, so they
-    are reported beside these, not instead.)"""
+    requests. Instrumentation only: every call goes through unchanged. (`Traffic`'s own counters are reported
+    beside these as a cross-check: until commit 79ef7c4 they were incremented from the store's upload and
+    download threads without a lock and lost updates.)"""
     import threading
 
     from dmsae.objects import ObjectClient
@@ -467,9 +467,9 @@ def markdown(r: dict[str, Any]) -> str:
     if any(u or d for u, d in lost):
         lines += [f"`Traffic` fell short of the bytes moved in {sum(1 for u, d in lost if u or d)} of {len(lost)} "
                   "s3 runs (by up to "
-                  f"{mb(max(max(u, d) for u, d in lost))}): its counters are class attributes incremented with `+=` "
-                  "from the store's 8 upload and download threads, without a lock, so concurrent increments are "
-                  "lost; the data columns above are counted under a lock.", ""]
+                  f"{mb(max(max(u, d) for u, d in lost))}): concurrent increments from the store's 8 upload and "
+                  "download threads were lost (no lock before commit 79ef7c4); the data columns above are counted "
+                  "under a lock.", ""]
     lines += ["## Reproduce", "", "```bash", r["command"], "```", ""]
     return "\n".join(lines)
 
