@@ -17,7 +17,9 @@ kind, never the options.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -31,6 +33,9 @@ UNTESTED_SCHEMES = {"gs", "az", "abfs", "gcs"}
 S3_OPTIONS = {"endpoint", "region", "access_key_id", "secret_access_key", "session_token", "allow_http",
               "virtual_hosted_style_request", "skip_signature"}
 SECRET_OPTIONS = {"access_key_id", "secret_access_key", "session_token"}
+# how obstore's messages read when the server is away, restarting or overloaded: worth waiting for
+_UNREACHABLE = ("connect", "connection", "timed out", "error sending request", "broken pipe", "reset by peer")
+_SERVER_ERROR = re.compile(r"status(?: code)?:? 5\d\d")
 
 
 def is_remote(location: str) -> bool:
@@ -65,6 +70,10 @@ def check_url(url: str) -> tuple[str, str, str]:
 
 class ObjectError(Exception):
     """A failed object-store call that may succeed if retried (server down, network)."""
+
+
+class Unreachable(ObjectError):
+    """The endpoint did not answer (refused, reset or timed out) for longer than the client waits."""
 
 
 class Missing(ObjectError):
@@ -125,27 +134,49 @@ class ObjectClient:
         return ObjectClient(self.url, self.options, max_retries=0, retry_timeout_s=5.0, connect_timeout_s=2.0)
 
     # -- calls --------------------------------------------------------------------------------
+    # obstore retries reads itself but not writes (a write with a condition may not be repeatable blindly), so
+    # every call goes through _call, which waits out an endpoint that stopped answering for up to
+    # retry_timeout_s. A conditional write repeated after a lost answer may find its own first attempt landed:
+    # `landed` tells that apart from a real conflict by comparing what is there with what was sent.
+    def _call(self, path: str, call: Callable[[], Any], landed: Callable[[], Any] | None = None) -> Any:
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay, repeated = 0.5, False
+        while True:
+            try:
+                with self._errors(path):
+                    return call()
+            except Unreachable:
+                if self.max_retries == 0 or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay, repeated = min(2 * delay, 10.0), True
+            except (Exists, Changed):
+                if repeated and landed is not None:
+                    result = landed()
+                    if result is not None:
+                        return result
+                raise
+
     def get(self, path: str) -> bytes:
         import obstore
 
-        with self._errors(path):
-            return bytes(obstore.get(self._store, path).bytes())
+        return self._call(path, lambda: bytes(obstore.get(self._store, path).bytes()))
 
     def get_with_tag(self, path: str) -> tuple[bytes, str]:
         """The object's bytes and its ETag (for a later put_if_unchanged)."""
         import obstore
 
-        with self._errors(path):
+        def call() -> tuple[bytes, str]:
             result = obstore.get(self._store, path)
-            data = bytes(result.bytes())
-            return data, str(result.meta.get("e_tag") or "")
+            return bytes(result.bytes()), str(result.meta.get("e_tag") or "")
+
+        return self._call(path, call)
 
     def exists(self, path: str) -> bool:
         import obstore
 
         try:
-            with self._errors(path):
-                obstore.head(self._store, path)
+            self._call(path, lambda: obstore.head(self._store, path))
             return True
         except Missing:
             return False
@@ -154,56 +185,75 @@ class ObjectClient:
         """Write `data` (replacing any object there); returns the new ETag."""
         import obstore
 
-        with self._errors(path):
-            return str(obstore.put(self._store, path, data).get("e_tag") or "")
+        return self._call(path, lambda: str(obstore.put(self._store, path, data).get("e_tag") or ""))
 
     def put_file(self, path: str, local: str | os.PathLike[str]) -> None:
         import obstore
 
-        with self._errors(path), open(local, "rb") as f:
-            obstore.put(self._store, path, f)
+        def call() -> None:
+            with open(local, "rb") as f:  # opened per attempt: a repeat sends the file from its start
+                obstore.put(self._store, path, f)
+
+        self._call(path, call)
+
+    def _ours(self, path: str, data: bytes) -> Callable[[], str | None]:
+        """After a repeated conditional write failed: the ETag if the object holds exactly `data` (our first
+        attempt landed but its answer was lost), else None (someone else's write: a real conflict)."""
+        def check() -> str | None:
+            try:
+                there, tag = self.get_with_tag(path)
+            except Missing:
+                return None
+            return tag if there == data else None
+
+        return check
 
     def create(self, path: str, data: bytes) -> str:
         """Write `data` only if no object is at `path` (raises Exists); returns the ETag."""
         import obstore
 
-        with self._errors(path):
-            return str(obstore.put(self._store, path, data, mode="create").get("e_tag") or "")
+        return self._call(path, lambda: str(obstore.put(self._store, path, data, mode="create").get("e_tag") or ""),
+                          landed=self._ours(path, data))
 
     def put_if_unchanged(self, path: str, data: bytes, e_tag: str) -> str:
         """Replace the object only if its ETag is still `e_tag` (raises Changed); returns the new ETag."""
         import obstore
 
-        with self._errors(path):
-            return str(obstore.put(self._store, path, data, mode={"e_tag": e_tag}).get("e_tag") or "")
+        return self._call(
+            path, lambda: str(obstore.put(self._store, path, data, mode={"e_tag": e_tag}).get("e_tag") or ""),
+            landed=self._ours(path, data))
 
     def get_file(self, path: str, local: str | os.PathLike[str]) -> None:
         import obstore
 
-        with self._errors(path), open(local, "wb") as f:
-            for chunk in obstore.get(self._store, path).stream(min_chunk_size=8 << 20):
-                f.write(chunk)
+        def call() -> None:
+            with open(local, "wb") as f:  # truncated per attempt: a repeat downloads from the start
+                for chunk in obstore.get(self._store, path).stream(min_chunk_size=8 << 20):
+                    f.write(chunk)
+
+        self._call(path, call)
 
     def delete(self, path: str) -> None:
         import obstore
 
-        with self._errors(path):
-            obstore.delete(self._store, path)
+        self._call(path, lambda: obstore.delete(self._store, path))
 
     def list(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under `prefix` (a folder, no trailing slash): dicts with path, size, last_modified."""
         import obstore
 
-        with self._errors(prefix):
-            for batch in obstore.list(self._store, prefix.rstrip("/") + "/" if prefix else None):
-                yield from batch
+        def call() -> list[dict[str, Any]]:  # gathered whole, so that a repeat cannot yield an object twice
+            return [meta for batch in obstore.list(self._store, prefix.rstrip("/") + "/" if prefix else None)
+                    for meta in batch]
+
+        yield from self._call(prefix, call)
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the 'folders' directly under `prefix`."""
         import obstore
 
-        with self._errors(prefix):
-            listing = obstore.list_with_delimiter(self._store, prefix.rstrip("/") + "/" if prefix else None)
+        listing = self._call(prefix, lambda: obstore.list_with_delimiter(
+            self._store, prefix.rstrip("/") + "/" if prefix else None))
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"])
 
     def check(self) -> None:
@@ -249,8 +299,10 @@ class ObjectClient:
             if isinstance(exc, ox.UnauthenticatedError):
                 raise UserError("store: the server refused the credentials; check AWS_ACCESS_KEY_ID and "
                                 "AWS_SECRET_ACCESS_KEY (or store_options)") from None
-            if "Connect" in text or "connection" in text.lower() or "timed out" in text.lower():
-                raise ObjectError("the endpoint does not answer (connection refused or timed out); check "
+            lowered = text.lower()
+            if any(sign in lowered for sign in _UNREACHABLE) or _SERVER_ERROR.search(text):
+                raise Unreachable("the endpoint does not answer (connection refused, reset or timed out, or a server "
+                                  "error); check "
                                   "AWS_ENDPOINT_URL (or store_options.endpoint) and that the server runs") from None
             if isinstance(exc, ox.BaseError):
                 raise ObjectError(f"{name} on {self.path}: {text.splitlines()[0][:200]}") from None

@@ -56,6 +56,7 @@ from dmsae.store import (
 
 LEASES = ".leases"
 UPLOAD_THREADS = 8
+USED = ".used"  # touched on every load: the cache's recency, apart from the manifest verify_files stamps
 GiB = 1 << 30
 
 
@@ -172,7 +173,9 @@ class RemoteStore:
             self._materialize(stage, key, manifest, folder)
         if verify:
             verify_files(folder, manifest, f"{stage}/{key}")
-        (folder / MANIFEST).touch()  # recency for the cache's eviction
+        # recency for the cache's eviction, kept apart from the manifest: touching the manifest would change the
+        # stamp verify_files keys on and make every later load in this process rehash every file
+        (folder / USED).touch()
         return Artifact(folder, manifest)
 
     def load_intact(self, stage: str, key: str) -> Artifact | None:
@@ -256,7 +259,7 @@ class RemoteStore:
         total = sum(p.stat().st_size for p in files)
         if total <= self.cache_bytes:
             return
-        copies = sorted((m.stat().st_mtime, m.parent) for m in (self.cache_dir / "stores").rglob(MANIFEST))
+        copies = sorted((_last_used(m.parent), m.parent) for m in (self.cache_dir / "stores").rglob(MANIFEST))
         for used, folder in copies:
             if total <= self.cache_bytes or time.time() - used < 600:
                 break
@@ -537,6 +540,16 @@ def _holder(raw: bytes) -> str:
         return str(json.loads(raw)["holder"])
     except (ValueError, KeyError, TypeError):
         return "unknown holder"
+
+
+def _last_used(folder: Path) -> float:
+    """When a cached artifact copy was last loaded (its manifest's mtime for copies made before `.used`)."""
+    for name in (USED, MANIFEST):
+        try:
+            return (folder / name).stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
 
 
 class _Renewer(threading.Thread):

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dmsae.objects import Changed, Exists, ObjectClient
-from dmsae.remote_store import LEASES, RemoteStore, Traffic
+from dmsae.remote_store import LEASES, USED, RemoteStore, Traffic
 from dmsae.store import MANIFEST, Store
 from tests.s3server import BUCKET
 
@@ -63,6 +63,63 @@ def test_the_server_refuses_a_write_if_the_object_changed(s3_url):
     with pytest.raises(Changed):
         c.put_if_unchanged("lease", b"v3", first)
     assert c.get("lease") == b"v2"
+
+
+def test_writes_wait_out_a_server_restart_and_a_repeated_create_finds_its_own_write(tmp_path, monkeypatch):
+    """obstore repeats reads but not writes: a checkpoint sync or a lease renewal while the server restarts
+    must wait for it (CI once failed a run that way). A create-only write whose answer was lost is repeated,
+    finds the object, and counts as done only if the object holds exactly what it sent."""
+    from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
+
+    server = S3Server(tmp_path / "server").start()
+    try:
+        c = ObjectClient(f"s3://{BUCKET}/restart", {"endpoint": server.endpoint, "access_key_id": ACCESS_KEY,
+                                                     "secret_access_key": SECRET_KEY})
+        tag = c.put("lease", b"v1")
+        c.put("old", b"old")
+        c.create("theirs", b"someone else")
+        (tmp_path / "upload").write_bytes(b"x" * 100_000)
+        calls = {  # each of these failed in one line with the server away for 3 s before the client waited
+            "put_file": lambda: c.put_file("ckpt/state", tmp_path / "upload"),
+            "create": lambda: c.create("new", b"new"),
+            "put_if_unchanged": lambda: c.put_if_unchanged("lease", b"v2", tag),
+            "get": lambda: c.get("old"),
+            "delete": lambda: c.delete("old"),
+            "list": lambda: sorted(m["path"] for m in c.list("ckpt")),
+        }
+        server.stop()
+        restart = threading.Timer(3.0, server.start)
+        restart.start()
+        try:
+            with ThreadPoolExecutor(len(calls)) as pool:  # all sent while the server is down
+                results = dict(zip(calls, pool.map(lambda call: call(), calls.values()), strict=True))
+        finally:
+            restart.join()
+        assert results["get"] == b"old" and results["put_if_unchanged"] not in ("", tag)
+        assert c.get("ckpt/state") == b"x" * 100_000 and c.get("new") == b"new" and c.get("lease") == b"v2"
+        assert not c.exists("old")
+        # the first attempt of each create below loses its answer: "mine" after landing, "theirs" before
+        first_attempt = {"mine": True, "theirs": True}
+        real_call = ObjectClient._call
+
+        def lost_answer(self, path, call, landed=None):
+            def attempt():
+                first, first_attempt[path] = first_attempt.get(path, False), False
+                if first and path == "theirs":
+                    raise ConnectionResetError("connection reset by peer")
+                result = call()
+                if first:
+                    raise ConnectionResetError("connection reset by peer")
+                return result
+            return real_call(self, path, attempt, landed)
+
+        monkeypatch.setattr(ObjectClient, "_call", lost_answer)
+        assert c.create("mine", b"only mine")  # repeated, found its own bytes: done
+        with pytest.raises(Exists):  # repeated, found someone else's bytes: a real conflict
+            c.create("theirs", b"not theirs")
+        assert not any(first_attempt.values())
+    finally:
+        server.stop()
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
@@ -231,6 +288,24 @@ def test_bad_store_settings_are_refused_in_one_line_before_any_work(case, s3_env
 
 
 # -- the cache ----------------------------------------------------------------------------------------
+def test_a_cached_artifact_is_hashed_once_per_process(s3_run, tmp_path, monkeypatch):
+    """Loading marks recency beside the manifest, not on it: a second load in the same process rehashes nothing
+    (touching the manifest changed the stamp verify_files keys on, so every load rehashed the whole model)."""
+    import dmsae.store
+
+    run, _ = s3_run
+    store = RemoteStore(run.store.url, cache_dir=tmp_path / "hashed")
+    node = run.plan.find("harvest")
+    first = store.load(node.stage, node.key)
+    stamp = (first.path / MANIFEST).stat().st_mtime_ns
+    hashed: list[Path] = []
+    real = dmsae.store.sha256_file
+    monkeypatch.setattr(dmsae.store, "sha256_file", lambda f: hashed.append(f) or real(f))
+    again = store.load(node.stage, node.key)
+    assert again.path == first.path and (again.path / MANIFEST).stat().st_mtime_ns == stamp
+    assert hashed == [] and (again.path / USED).is_file()
+
+
 def test_the_cache_is_bounded_and_safe_to_delete(s3_run, tmp_path):
     import shutil
 
@@ -243,7 +318,7 @@ def test_the_cache_is_bounded_and_safe_to_delete(s3_run, tmp_path):
     blobs = lambda: sum(p.stat().st_size for p in (cache / "blobs").rglob("*") if p.is_file())  # noqa: E731
     assert blobs() > 0  # copies used in the last ten minutes are never evicted
     for manifest in (cache / "stores").rglob(MANIFEST):  # an hour later
-        os.utime(manifest, (time.time() - 3600, time.time() - 3600))
+        os.utime(manifest.parent / USED, (time.time() - 3600, time.time() - 3600))
     Traffic.down = 0
     store.load(last.stage, last.key)  # a download: then everything not in use for ten minutes is evicted
     assert Traffic.down > 0
