@@ -162,12 +162,60 @@ class SelectionConfig(Strict):
         return max(1, round(self.max_core * k))
 
 
+REUSE_ARMS = ("distilled", "random", "none", "frequency", "none_compute")
+ReuseArm = Literal["distilled", "random", "none", "frequency", "none_compute"]
+CONTROL_ARMS = ("frequency", "none_compute")  # trained at reuse.control_k and the run's own seed only
+
+
 class ReuseConfig(Strict):
     k: list[int] = Field(default_factory=list, description="k of the reuse SAEs; empty: no reuse stage")
     width: int | None = Field(None, gt=1, description="width of the reuse SAEs; default sae.width")
     consistency_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=2,
                                          description="two seeds trained at k=sae.k for seed consistency")
     random_core_seed: int = Field(0, ge=0, le=MAX_SEED)
+    arms: list[ReuseArm] = Field(
+        default_factory=lambda: list(REUSE_ARMS), min_length=1,
+        description="the reuse arms to train: distilled (the final core), random (a random core of its size from "
+        "the cycle-0 SAE), none (no core), frequency (the latents of the last cycle's SAE that fire most often on "
+        "the attribution split, as many as the distilled core), none_compute (no core, trained on as many tokens "
+        "as the whole distillation: cycles + 1 trainings); default all five")
+    control_k: list[int] | None = Field(
+        None, description="k of the frequency and none_compute arms (each a value of reuse.k); default: the "
+        "distillation's own k (sae.k) when it is in reuse.k, else the middle reuse k")
+
+    @field_validator("arms")
+    @classmethod
+    def _distinct_arms(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: each arm at most once")
+        return v
+
+    @field_validator("control_k")
+    @classmethod
+    def _sorted_control_k(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else sorted(set(v))
+
+    @model_validator(mode="after")
+    def _controls_at_reuse_k(self) -> ReuseConfig:
+        # a frequency or compute-matched arm at a k without the distilled arm beside it would compare with nothing
+        outside = [k for k in self.control_k or [] if k not in self.k]
+        if outside:
+            raise ValueError(f"control_k: {outside} not among reuse.k {self.k}; the control arms train at values of "
+                             "reuse.k")
+        if not self.k and self.arms != list(REUSE_ARMS):
+            raise ValueError(f"arms: {self.arms} asks for reuse SAEs but reuse.k is empty; set reuse.k (e.g. [16, "
+                             "32]) or drop reuse.arms")
+        return self
+
+    def reference_k(self, sae_k: int) -> int:
+        """The k of the consistency seed and, by default, of the control arms: sae.k if reused, else the middle k."""
+        return sae_k if sae_k in self.k else self.k[len(self.k) // 2]
+
+    def controls_k(self, sae_k: int) -> list[int]:
+        """The k values the frequency and none_compute arms train at (none without reuse.k)."""
+        if not self.k:
+            return []
+        return self.control_k if self.control_k is not None else [self.reference_k(sae_k)]
 
     @field_validator("k")
     @classmethod

@@ -46,6 +46,11 @@ def lr_at(step: int, n_steps: int, lr: float, warmup_fraction: float, decay_frac
     return lr * factor
 
 
+def training_steps(n_tokens: int, tp: dict[str, Any]) -> int:
+    """The steps of one training on `n_tokens` harvested rows: `epochs` passes in batches of `batch_size`."""
+    return max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
+
+
 def build_sae(sae_params: dict[str, Any], d: int, core_encoder: torch.Tensor | None, seed: int,
               core_birth: dict[str, torch.Tensor] | None = None) -> MatryoshkaSAE:
     """A fresh SAE from the `sae` config section. `core_birth`: the core latents' encoder bias and threshold
@@ -146,7 +151,9 @@ def load_checkpoint(path: Path, sae: MatryoshkaSAE, opt: torch.optim.Optimizer,
     if not path.is_file():
         return 0, []
     try:
-        payload = torch.load(path, weights_only=False)
+        # onto the CPU: a checkpoint written by a GPU run may be resumed where there is no GPU (device is not in
+        # the key); load_state_dict then copies each tensor to the device of the SAE and its Adam state
+        payload = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - an unreadable checkpoint only costs the steps it held
         print(f"dmsae: warning: ignoring unreadable checkpoint {path} ({type(e).__name__}); training from step 0",
               file=sys.stderr)
@@ -167,9 +174,12 @@ def fit(
     seed: int,
     born_cycle: int,
     rt: Runtime,
+    trainings: int = 1,
 ) -> dict[str, Any]:
     """Train one SAE on the harvested activations, seeded with the core of a select or random_core artifact if
-    given, and write its weights, lineage and curve into `out_dir`; returns the metrics."""
+    given, and write its weights, lineage and curve into `out_dir`; returns the metrics. `trainings`: run as many
+    steps as that many ordinary trainings (`training_steps` each) in one schedule, continuing the same endless
+    batch stream, so its first training's worth of batches are an ordinary training's."""
     array = readers.harvest_array(harvest)
     d, n_tokens, scale = harvest.metrics["d"], harvest.metrics["n_tokens"], harvest.metrics["scale"]
     core_encoder = core_lineage = core_birth = None
@@ -188,7 +198,7 @@ def fit(
     use_median = sae_params["b_dec_init"] == "geometric_median"
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample) if use_median else sample.mean(0))
-    n_steps = max(1, int(n_tokens * tp["epochs"]) // tp["batch_size"])
+    n_steps = trainings * training_steps(n_tokens, tp)
     curve = train_sae(sae, batches, n_steps, tp, rt)
 
     c = sae.core_size
@@ -219,4 +229,4 @@ def fit(
         "k_noncore": tail[-1]["k_noncore"],
         "core_gate": sae.core_gate,
         "dead_fraction": curve[-1]["dead_fraction"],
-    }
+    } | ({"trainings": trainings} if trainings != 1 else {})

@@ -28,6 +28,7 @@ from stages import (
     attribute,
     baseline,
     evaluate,
+    frequency_core,
     harvest,
     harvest_part,
     interpret,
@@ -42,8 +43,8 @@ from stages import (
 )
 
 STAGES: dict[str, ModuleType] = {
-    m.NAME: m for m in (model, tokens, harvest_part, harvest, train, attribute, select, random_core, reuse,
-                        baseline, evaluate, probes, interpret, latents)
+    m.NAME: m for m in (model, tokens, harvest_part, harvest, train, attribute, select, random_core, frequency_core,
+                        reuse, baseline, evaluate, probes, interpret, latents)
 }
 
 
@@ -174,19 +175,22 @@ def cards_node(cfg: Config, nodes: list[Node]) -> Node:
 
 def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node: Node, core: Node,
                  train_params: dict[str, Any]) -> list[Node]:
-    """Reuse SAEs in three arms at every k (plus a second seed at k=sae.k), and their evaluations."""
+    """Reuse SAEs in the arms of `reuse.arms`: distilled, random and none at every k (plus a second seed at the
+    reference k), frequency and none_compute at `reuse.control_k` and the run's seed; and their evaluations.
+    The controls' nodes come after the others', so the nodes (and keys) of a plan without them are unchanged."""
+    arms = cfg.reuse.arms
     cycle_saes = [n for n in ancestors(core) if n.stage == "train"]
     cycle0 = next(n for n in cycle_saes if n.cycle == 0)
     rand = stage_node("random_core", {"seed": cfg.reuse.random_core_seed}, {"cycle0": cycle0, "core": core},
                 tag="seed=" + str(cfg.reuse.random_core_seed))
     cores: dict[str, Node | None] = {"distilled": core, "random": rand, "none": None}
     runs = [(k, cfg.seed) for k in cfg.reuse.k]
-    consistency_k = cfg.sae.k if cfg.sae.k in cfg.reuse.k else cfg.reuse.k[len(cfg.reuse.k) // 2]
+    consistency_k = cfg.reuse.reference_k(cfg.sae.k)
     runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
     baseline_node = stage_node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
                          args={"batch_size": cfg.evaluation.batch_size})
-    nodes = [rand, baseline_node]
+    nodes = [rand, baseline_node] if "random" in arms else [baseline_node]
     eval_params = {"layer": cfg.harvest.layer, **lm_params(cfg),
                    "dense_threshold": cfg.evaluation.dense_threshold}
     eval_inputs = {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "baseline": baseline_node}
@@ -194,18 +198,35 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     for n in cycle_saes:
         nodes.append(stage_node("evaluate", eval_params, {**eval_inputs, "sae": n}, n.cycle, args=eval_args,
                           tag=f"cycle={n.cycle}"))
+
+    def arm_nodes(arm: str, k: int, seed: int, arm_core: Node | None, extra: dict[str, Any]) -> list[Node]:
+        inputs: dict[str, Node] = {"harvest": harvest_node}
+        if arm_core is not None:
+            inputs["core"] = arm_core
+        tag = f"{arm},k={k},seed={seed}"
+        sae = sae_params_for({**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width},
+                             arm_core is not None)
+        r = stage_node("reuse", {"arm": arm, "seed": seed, "sae": sae, "train": train_params, **extra}, inputs,
+                       tag=tag, args={"checkpoint_every": cfg.train.checkpoint_every})
+        return [r, stage_node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
+
     for k, seed in runs:
         for arm, arm_core in cores.items():
-            inputs: dict[str, Node] = {"harvest": harvest_node}
-            if arm_core is not None:
-                inputs["core"] = arm_core
-            tag = f"{arm},k={k},seed={seed}"
-            sae = sae_params_for({**cfg.sae.model_dump(), "k": k, "width": cfg.reuse.width or cfg.sae.width},
-                                 arm_core is not None)
-            r = stage_node("reuse", {"arm": arm, "seed": seed, "sae": sae,
-                               "train": train_params}, inputs, tag=tag,
-                     args={"checkpoint_every": cfg.train.checkpoint_every})
-            nodes += [r, stage_node("evaluate", eval_params, {**eval_inputs, "sae": r}, args=eval_args, tag=tag)]
+            if arm in arms:
+                nodes += arm_nodes(arm, k, seed, arm_core, {})
+    control_k = cfg.reuse.controls_k(cfg.sae.k)
+    if "frequency" in arms:
+        freq = stage_node("frequency_core", {"layer": cfg.harvest.layer, **lm_params(cfg)},
+                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node,
+                           "train": core.inputs["train"], "core": core},
+                          args={"batch_size": cfg.attribution.batch_size})
+        nodes.append(freq)
+        for k in control_k:
+            nodes += arm_nodes("frequency", k, cfg.seed, freq, {})
+    if "none_compute" in arms:
+        # as many SAE training tokens as the distillation: each cycle's training and the reuse SAE's own
+        for k in control_k:
+            nodes += arm_nodes("none_compute", k, cfg.seed, None, {"trainings": cfg.cycles + 1})
     return nodes
 
 

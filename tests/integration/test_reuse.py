@@ -1,6 +1,8 @@
-"""The reuse stage and its controls (docs/design.md section 2, Reuse): the distilled, random and no-core arms
-at one k differ only in their frozen core; the random core is a uniform draw from the cycle-0 SAE; and
-the plan keys of the reuse nodes follow exactly the settings they depend on."""
+"""The reuse stage and its controls (docs/design.md section 2, Controls): the distilled, random, frequency and
+no-core arms at one k differ only in their frozen core; the random core is a uniform draw from the cycle-0 SAE;
+the frequency core is the most often firing candidates of the last cycle's SAE; the compute-matched no-core arm
+trains as many tokens as the distillation; and the plan keys of the reuse nodes follow exactly the settings they
+depend on, the controls adding nodes without changing any other."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import itertools
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 ARMS = ("distilled", "random", "none")
+CONTROLS = ("frequency", "none_compute")  # at the reference k (8: sae.k=6 is not reused) and seed 0 only
 WIDTH = 128
 D_MODEL = 64
 
@@ -29,10 +33,10 @@ def arm_nodes(run, k: int, seed: int = 0) -> dict[str, object]:
     return {arm: run.node(f"reuse[{arm},k={k},seed={seed}]") for arm in ARMS}
 
 
-def test_reuse_plan_has_three_arms_per_k_and_a_second_seed(reuse_run):
+def test_reuse_plan_has_three_arms_per_k_a_second_seed_and_the_controls(reuse_run):
     labels = [n.label for n in reuse_run.plan.of_stage("reuse")]
     expected = [f"reuse[{arm},k={k},seed={s}]" for k, s in ((4, 0), (8, 0), (8, 1)) for arm in ARMS]
-    assert labels == expected
+    assert labels == expected + [f"reuse[{arm},k=8,seed=0]" for arm in CONTROLS]
     assert all(reuse_run.computed[label] for label in labels)
     final = reuse_run.node("select[1]")
     for (k, s) in ((4, 0), (8, 0), (8, 1)):
@@ -229,7 +233,8 @@ def reuse_keys(make_config, store, *overrides: str) -> dict[str, str]:
 
 def test_plan_reuse_keys_ignore_runtime_settings(make_config, tmp_path):
     base = reuse_keys(make_config, tmp_path / "a")
-    assert len(base) == 1 + 1 + 9 + 2 + 9  # random core, baseline, reuse SAEs, cycle + reuse evaluations
+    # random core, baseline, reuse SAEs, cycle + reuse evaluations, the two controls' SAEs and evaluations
+    assert len(base) == 1 + 1 + 9 + 2 + 9 + 2 + 2
     same = reuse_keys(make_config, tmp_path / "b", "name=other", "report_dir=elsewhere", "threads=1",
                       "evaluation.batch_size=3", "attribution.batch_size=2", "data.batch_size=5",
                       "train.checkpoint_every=7")
@@ -282,3 +287,132 @@ def test_plan_dense_threshold_changes_evaluations_only(make_config, tmp_path):
             assert other[label] != key, label
         else:
             assert other[label] == key, label
+
+
+# -- the controls: frequency core and compute-matched no core ---------------------------------------------
+
+
+def test_frequency_core_equals_an_independent_count(reuse_run, tiny_model_dir):
+    """The frequency core recounted without dmsae's model or SAE code: the model's own hidden states after the
+    layer, the positions attribution splices (not BOS, not above the outlier threshold), the SAE's inference
+    code from its stored tensors, and the candidates' firing counts sorted descending (ties by index)."""
+    from transformers import AutoModelForCausalLM
+
+    node = reuse_run.node("frequency_core")
+    train_last = reuse_run.node("train[1]")
+    assert node.inputs["train"].key == train_last.key and node.inputs["core"].key == reuse_run.node("select[1]").key
+    art = reuse_run.store.load("frequency_core", node.key)
+    stored = core_tensors(art)
+    sae_art = reuse_run.store.load("train", train_last.key)
+    t = sae_tensors(sae_art)
+    n_inner = sae_art.metrics["core_size"] + sae_art.metrics["group_ends"][0]
+    scale = sae_art.metrics["scale"]
+    windows = load_file(str(reuse_run.artifact("tokens").file("tokens.safetensors")))["attribution"].long()
+    harvest = reuse_run.artifact("harvest")
+    limit = harvest.metrics.get("norm_threshold") or float("inf")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    counts = torch.zeros(n_inner, dtype=torch.long)
+    n_tok = 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 5):
+            ids = windows[i:i + 5]
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[reuse_run.cfg.harvest.layer + 1]
+            keep = (ids != 1) & (h.norm(dim=-1) <= limit)
+            x = h[keep] * scale
+            pre = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+            code = torch.where(pre > t["threshold"], pre, torch.zeros_like(pre))[:, :n_inner]
+            counts += (code > 0).sum(0)
+            n_tok += x.shape[0]
+    assert torch.equal(stored["counts"], counts)
+    size = reuse_run.artifact("select", 1).metrics["core_size"]
+    order = sorted(range(n_inner), key=lambda j: (-int(counts[j]), j))
+    assert stored["indices"].tolist() == order[:size] and size > 0
+    assert torch.equal(stored["encoder"], t["W_enc"][:, stored["indices"]])
+    lineage = load_file(str(sae_art.file("lineage.safetensors")))
+    assert torch.equal(stored["lineage"], lineage["lineage"][stored["indices"]])
+    m = art.metrics
+    assert m["core_size"] == size and m["n_tokens"] == n_tok and m["n_candidates"] == n_inner
+    distilled = set(core_tensors(reuse_run.load("select[1]"))["indices"].tolist())
+    assert m["shared_with_distilled"] == len(distilled & set(order[:size]))
+    # and the frequency arm freezes exactly those rows
+    arm = sae_tensors(reuse_run.load("reuse[frequency,k=8,seed=0]"))
+    assert torch.equal(arm["W_enc"][:, :size], stored["encoder"])
+
+
+def test_compute_matched_arm_trains_as_many_tokens_as_the_distillation(reuse_run):
+    cycles = [reuse_run.artifact("train", c).metrics["tokens"] for c in range(reuse_run.cfg.cycles)]
+    own = reuse_run.load("reuse[distilled,k=8,seed=0]").metrics["tokens"]
+    m = reuse_run.load("reuse[none_compute,k=8,seed=0]").metrics
+    assert m["tokens"] == sum(cycles) + own == (reuse_run.cfg.cycles + 1) * own
+    assert m["trainings"] == reuse_run.cfg.cycles + 1 and m["core_size"] == 0
+    curve = pd.read_parquet(reuse_run.load("reuse[none_compute,k=8,seed=0]").file("curve.parquet"))
+    assert int(curve.tokens.iloc[-1]) == m["tokens"]
+
+
+def test_controls_are_paired_with_the_arms_they_control(reuse_run, init_saes):
+    """For seed 0 at k=8: the frequency arm differs from the distilled arm only in its core's rows (same size, so
+    the same init of every other parameter and the same batches); none_compute is the no-core arm's SAE settings,
+    seed and init, trained longer on the same stream."""
+    from dmsae import training
+
+    nodes = {arm: reuse_run.node(f"reuse[{arm},k=8,seed=0]") for arm in (*ARMS, *CONTROLS)}
+    params = {arm: dict(n.params) for arm, n in nodes.items()}
+    assert params["none_compute"].pop("trainings") == reuse_run.cfg.cycles + 1
+    for p in params.values():
+        p.pop("arm")
+    assert params["frequency"] == params["distilled"] and params["none_compute"] == params["none"]
+    seed = training.derive_seed(0, "reuse")
+    freq = training.build_sae(params["frequency"]["sae"], D_MODEL,
+                              core_tensors(reuse_run.load("frequency_core"))["encoder"], seed)
+    dist = init_saes["distilled"]
+    assert freq.core_size == dist.core_size
+    for name in ("enc", "dec", "b_enc", "b_dec", "dec_core", "b_enc_core", "threshold"):
+        assert torch.equal(getattr(freq, name), getattr(dist, name)), name
+
+
+def test_controls_add_nodes_without_changing_any_key(make_config, tmp_path):
+    """A store made before the controls existed is reused whole: the plan without them is the plan with them
+    minus the new nodes, key for key (and minus a random core when the random arm is off)."""
+    from flows.pipeline import plan
+
+    overrides = ("reuse.k=[4, 8]", "reuse.consistency_seeds=[0, 1]", "interpret.enabled=true")
+    full = {n.label: n.key for n in plan(make_config(tmp_path, *overrides)).nodes}
+    before = {n.label: n.key for n in plan(make_config(tmp_path, *overrides,
+                                                       "reuse.arms=[distilled, random, none]")).nodes}
+    assert before.items() <= full.items()
+    added = sorted(set(full) - set(before))
+    assert added == sorted(["frequency_core", *(f"{stage}[{arm},k=8,seed=0]" for arm in CONTROLS
+                                                for stage in ("reuse", "evaluate", "interpret"))])
+    only_distilled = {n.label: n.key for n in plan(make_config(tmp_path, *overrides, "reuse.arms=[distilled]")).nodes}
+    assert only_distilled.items() <= full.items() and "random_core[seed=0]" not in only_distilled
+    assert not any(",k=" in label and not label.split("[")[1].startswith("distilled") for label in only_distilled)
+    # control_k moves the controls only
+    at4 = {n.label: n.key for n in plan(make_config(tmp_path, *overrides, "reuse.control_k=[4, 8]")).nodes}
+    assert full.items() <= at4.items()
+    assert {"reuse[frequency,k=4,seed=0]", "reuse[none_compute,k=4,seed=0]"} <= set(at4) - set(full)
+    # none_compute is shared by every gate (no core, its budget depends on the cycles only)
+    relu = {n.label: n.key for n in plan(make_config(tmp_path, *overrides, "sae.core_gate=relu")).nodes}
+    assert relu["reuse[none_compute,k=8,seed=0]"] == full["reuse[none_compute,k=8,seed=0]"]
+    assert relu["reuse[frequency,k=8,seed=0]"] != full["reuse[frequency,k=8,seed=0]"]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("reuse.control_k=[5]", "control_k"),
+    ("reuse.arms=[distilled, magnitude]", "reuse.arms"),
+    ("reuse.arms=[distilled, distilled]", "reuse.arms"),
+])
+def test_an_arm_the_run_cannot_produce_is_refused_in_one_line(reuse_config_yaml, tmp_path, capsys, override, field):
+    from flows.cli import main
+
+    assert main(["check", str(reuse_config_yaml), "--set", override, "--set", f"store={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0], err
+
+
+def test_control_arms_without_reuse_k_are_refused(make_config, tmp_path):
+    from dmsae.errors import UserError
+
+    with pytest.raises(UserError, match="reuse.k is empty") as e:
+        make_config(tmp_path, "reuse.arms=[distilled, frequency]")
+    assert "\n" not in str(e.value) and "arms" in str(e.value)
+    make_config(tmp_path)  # the default arms with no reuse.k: nothing to train, nothing refused
