@@ -36,12 +36,42 @@ atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 
 
 
+# The devices a test can run on. A CUDA variant carries the `cuda` mark (`pytest -m cuda` runs them alone, as
+# bench/gpu_check.sh does) and skips, at no cost, where torch sees no CUDA device: CI stays on the CPU.
+NO_CUDA = "no CUDA device"
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def skip_without_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """"cpu", then "cuda" (skipped with the reason "no CUDA device" where there is none)."""
+    if request.param == "cuda":
+        skip_without_cuda()
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> str:
+    """For the CUDA variants of tests whose CPU version exists elsewhere (slow ones are not run twice on the CPU)."""
+    skip_without_cuda()
+    return "cuda"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz", action="store_true",
                      help="a long property-test run: many more config draws (tests marked fuzz)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device, skipped where there is none "
+                            "(`pytest -m cuda`: bench/gpu_check.sh)")
     # before test modules are imported, so their @settings inherit the chosen profile
     from hypothesis import settings
 
@@ -176,7 +206,8 @@ def run_pipeline(cfg) -> PipelineRun:
     store = store_for(cfg)
     computed = {}
     for node in p.nodes:
-        _, computed[node.label] = materialize(store, node, Runtime(show_progress=False))
+        # on the config's device, as `dmsae run` runs it (cpu for every config but the CUDA tests')
+        _, computed[node.label] = materialize(store, node, Runtime(device=cfg.device, show_progress=False))
     return PipelineRun(cfg, p, store, computed)
 
 

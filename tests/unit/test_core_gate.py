@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dmsae import sparse_step
+from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE
 from dmsae.training import train_sae
 from tests.unit.test_sae import ENDS, FRACTIONS, TRAIN_PARAMS, WIDTH, B, D, _batches, data, ref_topk_mask
@@ -72,7 +73,8 @@ def reference(sae: MatryoshkaSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("gate,freeze_bias", GATES)
 @pytest.mark.parametrize("with_dead", [False, True])
-def test_fast_step_equals_autograd(gate, freeze_bias, with_dead):
+def test_fast_step_equals_autograd(gate, freeze_bias, with_dead, device):
+    """Each gate's fast step against the float64 autograd reference (on the CPU), the step itself on `device`."""
     sae = make_gated(gate, freeze_bias, dead_after=1000)
     if with_dead:
         with torch.no_grad():
@@ -85,9 +87,10 @@ def test_fast_step_equals_autograd(gate, freeze_bias, with_dead):
     fwd = sae.forward_train(x)
     assert float(fwd.loss.detach()) == pytest.approx(float(loss_ref), rel=1e-5)
     sae.zero_grad(set_to_none=True)
-    stats, _, _ = sparse_step.train_step(sae, x)
+    stats, _, _ = sparse_step.train_step(sae.to(device), x.to(device))
+    sae.cpu()  # Module.to moves the gradients too
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
-    torch.testing.assert_close(stats.core_code.double(), f_core_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.core_code.double().cpu(), f_core_ref, rtol=1e-5, atol=1e-6)
     names = ["enc", "b_enc", "dec", "b_dec", "dec_core"] + ([] if freeze_bias else ["b_enc_core"])
     for name in names:
         got, want = getattr(sae, name).grad, p[name].grad
@@ -144,10 +147,12 @@ def test_relu_bias_core_fires_only_above_its_birth_threshold():
 
 
 @pytest.mark.parametrize("gate,freeze_bias", GATES)
-def test_training_keeps_frozen_parts_bit_identical(gate, freeze_bias):
+def test_training_keeps_frozen_parts_bit_identical(gate, freeze_bias, device):
+    """The training loop (`train_sae`: the step, fused Adam, the statistics) on `device`, for each gate."""
     sae = make_gated(gate, freeze_bias, dead_after=640)
     enc_core, bias, thr = sae.enc_core.clone(), sae.b_enc_core.detach().clone(), sae.core_threshold.clone()
-    train_sae(sae, _batches(), 25, TRAIN_PARAMS)
+    train_sae(sae.to(device), _batches(), 25, TRAIN_PARAMS, Runtime(device=device, show_progress=False))
+    sae.cpu()
     assert torch.equal(sae.enc_core, enc_core)
     assert torch.equal(sae.b_enc_core.detach(), bias) == freeze_bias
     if gate == "topk":  # the core's inference thresholds are learned (EMA) like the non-core's

@@ -14,11 +14,12 @@ from tests.unit.test_sae import _reference_loss, data, make_sae
 
 
 @pytest.mark.parametrize("c,gate,with_dead", [(0, "topk", False), (5, "topk", True), (5, "relu", True)])
-def test_the_step_under_bf16_autocast_matches_the_fp32_reference(c, gate, with_dead):
+def test_the_step_under_bf16_autocast_matches_the_fp32_reference(c, gate, with_dead, device):
     """bfloat16 keeps 8 significant bits, so each non-core pre-activation carries a relative error of at most
     2^-9 (0.2%). The losses and gradients are sums of B*k such terms with errors of both signs, and the few
     entries within that error of the k-th value may trade places, so they stay within 1% of the float32 reference
-    (loss) and point the same way (cosine > 0.995). Weights and gradients themselves stay float32."""
+    (loss) and point the same way (cosine > 0.995). Weights and gradients themselves stay float32. Both steps run
+    on `device` (autocast of that device type); the float64 reference on the CPU."""
     sae, _ = make_sae(c=c, k=6, dead_after=1000, aux_alpha=0.5)
     sae.core_gate = gate
     if with_dead:
@@ -26,10 +27,14 @@ def test_the_step_under_bf16_autocast_matches_the_fp32_reference(c, gate, with_d
             sae.tokens_since_fired[::3] = 1000
     x = data(n=512)
     loss_ref, aux_ref, p = _reference_loss(sae, x, "dynamic") if gate == "relu" else (None, None, None)
+    sae.to(device)
+    x = x.to(device)
     fp32 = copy.deepcopy(sae)
     ref_stats, _, _ = sparse_step.train_step(fp32, x)  # the float32 step, itself checked against autograd
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         stats, cols, vals = sparse_step.train_step(sae, x)
+    sae.cpu()
+    fp32.cpu()
     assert stats.loss == pytest.approx(ref_stats.loss, rel=1e-2)
     assert stats.aux_loss == pytest.approx(ref_stats.aux_loss, rel=1e-2)
     if loss_ref is not None:  # and against float64 autograd directly
@@ -45,12 +50,13 @@ def test_the_step_under_bf16_autocast_matches_the_fp32_reference(c, gate, with_d
     assert vals.dtype == torch.float32 and stats.l0_noncore == pytest.approx(ref_stats.l0_noncore, rel=0.02)
 
 
-def test_the_step_differs_under_autocast_so_the_test_above_can_fail():
+def test_the_step_differs_under_autocast_so_the_test_above_can_fail(device):
     sae, _ = make_sae(c=0, k=6)
-    x = data(n=512)
+    sae.to(device)
+    x = data(n=512).to(device)
     fp32 = copy.deepcopy(sae)
     a, _, _ = sparse_step.train_step(fp32, x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         b, _, _ = sparse_step.train_step(sae, x)
     assert a.loss != b.loss  # the encoder really ran in bfloat16
 

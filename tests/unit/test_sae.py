@@ -230,8 +230,9 @@ def _reference_loss(sae: MatryoshkaSAE, x: torch.Tensor, l0_mode: str) -> tuple[
     (5, True, False, -6.0),  # fewer than k*B positive pre-activations: only the positive ones count
     (5, True, True, -1.0),  # some tokens have more than k_aux positive dead latents, some fewer
 ])
-def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
-    """train_step writes hand-accumulated gradients; they must equal autograd of the dense loss."""
+def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift, device):
+    """train_step writes hand-accumulated gradients; they must equal autograd of the dense loss (computed on the
+    CPU in float64 whatever `device` the step runs on)."""
     sae, _ = make_sae(c=c, k=6, freeze=freeze, dead_after=1000, aux_alpha=0.5)
     with torch.no_grad():
         sae.b_enc.add_(b_enc_shift)
@@ -241,7 +242,9 @@ def test_train_step_gradients_match_autograd(c, freeze, with_dead, b_enc_shift):
     x = data()
     loss_ref, aux_ref, p = _reference_loss(sae, x, "dynamic")
     sae.zero_grad(set_to_none=True)
-    stats, _, _ = sparse_step.train_step(sae, x)
+    # the step on `device`, then the module back on the CPU for the checks below (Module.to moves gradients too)
+    stats, _, _ = sparse_step.train_step(sae.to(device), x.to(device))
+    sae.cpu()
     assert stats.loss == pytest.approx(float(loss_ref), rel=1e-5)
     assert stats.aux_loss == pytest.approx(float(aux_ref), rel=1e-4, abs=1e-7)
     if b_enc_shift < -5:
