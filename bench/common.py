@@ -166,11 +166,21 @@ ENV_THAT_MATTERS = ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                     "MKL_NUM_THREADS", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "LD_PRELOAD")
 
 
+BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_fp16")  # `lscpu` flags that decide bf16's speed
+
+
+def cpu_bf16_flags() -> list[str]:
+    """Which of BF16_FLAGS this CPU has (dmsae.precision's rule: bf16 counts as native with amx_bf16)."""
+    from dmsae.precision import cpu_flags
+
+    return [f for f in BF16_FLAGS if f in cpu_flags()]
+
+
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _mem_total_gib(),
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _mem_total_gib(), "cpu_bf16_flags": cpu_bf16_flags(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads": threads, "os": f"{platform.system()} {platform.release()}", "device": device,
         "gpu": None, "load_average_start": load_average(),

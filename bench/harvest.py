@@ -1,5 +1,7 @@
 """1. Harvest: the harvest stage's tokens/s against a bare truncated forward (the ceiling) and against
-a full forward with output_hidden_states=True (the common way), over the same windows."""
+a full forward with output_hidden_states=True (the common way), over the same windows; and the same stage with
+the language model in bf16 (`precision.lm: bf16`, the pipeline's `autocast: bfloat16` param, activations stored
+in float16) against a bare bf16 truncated forward and against the fp32 harvest, with the bytes each stores."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.common import (
@@ -22,7 +25,7 @@ from bench.common import (
     time_call,
     write_windows,
 )
-from dmsae import lm, readers
+from dmsae import activations, lm, precision, readers
 from dmsae.runtime import Runtime
 from stages import harvest as harvest_stage
 
@@ -30,9 +33,12 @@ STAGE_PARAMS = {"layer": LAYER, "chunk_rows": 4096, "store_dtype": "float32", "d
                 "outlier_factor": 10.0}  # plus "autocast" on CUDA, as the pipeline plans it
 
 
-def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out: Path, device: str) -> dict[str, Any]:
+def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out: Path, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The real harvest stage function, as `materialize` calls it (partial folder for its resumable state),
-    with the model already loaded: loading is a once-per-stage cost, timed separately."""
+    with the model already loaded: loading is a once-per-stage cost, timed separately. `overrides`: params that
+    differ from the planned fp32 harvest (a bf16 variant's `autocast` and `store_dtype`); the model must have
+    been loaded with the same autocast, since the stage's own load is bypassed."""
     if out.exists():
         shutil.rmtree(out)
     partial = out.parent / (out.name + "-partial")
@@ -45,11 +51,35 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
     harvest_stage.lm.load_model = lambda *_a, **_k: model  # type: ignore[assignment]
     try:
         autocast = lm_autocast(device)
-        params = STAGE_PARAMS | ({"autocast": autocast} if autocast else {})
+        params = STAGE_PARAMS | ({"autocast": autocast} if autocast else {}) | (overrides or {})
+        params = {k: v for k, v in params.items() if v is not None}  # autocast None: a plain float32 forward
         return harvest_stage.run(out, params, {"model": model_art, "tokens": tokens}, rt)
     finally:
         harvest_stage.lm.load_model = original  # type: ignore[assignment]
         shutil.rmtree(partial, ignore_errors=True)
+
+
+# precision.lm=bf16 as the plan passes it to the stage (`autocast`), with the activations stored in 16 bits:
+# float16, the store_dtype the config offers (10 mantissa bits against bfloat16's 7, and the residual's range
+# fits it); and the plain float32 harvest it is compared with
+BF16 = {"autocast": "bfloat16", "store_dtype": "float16"}
+FP32 = {"autocast": None, "store_dtype": "float32"}
+
+
+def stored_bytes(out: Path) -> int:
+    """Bytes of the stage's activation array on disk (Zarr chunks, Blosc/zstd-compressed, and metadata)."""
+    return sum(f.stat().st_size for f in (out / activations.ARRAY).rglob("*") if f.is_file())
+
+
+def row_errors(a: Path, b: Path) -> tuple[float, float] | None:
+    """Median and 99th percentile over rows of ||b - a|| / ||a||, for two harvests of the same windows; None when
+    their outlier filters kept different rows (the threshold comes from each harvest's own first batch)."""
+    x = activations.open_array(a / activations.ARRAY)[:].astype(np.float64)
+    y = activations.open_array(b / activations.ARRAY)[:].astype(np.float64)
+    if x.shape != y.shape:
+        return None
+    rel = np.linalg.norm(y - x, axis=1) / np.maximum(np.linalg.norm(x, axis=1), 1e-30)
+    return float(np.median(rel)), float(np.quantile(rel, 0.99))
 
 
 def run(ctx: Context) -> list[Row]:
@@ -62,13 +92,19 @@ def run(ctx: Context) -> list[Row]:
     batches = [windows[i:i + LM_BATCH].long().to(device) for i in range(0, n_win, LM_BATCH)]
     n_tokens = int(windows.numel())
     tokens = write_windows(ctx.work / "harvest-tokens", windows, bos)
-    load_s = time_call(lambda: lm.load_model(model_art.path, device, "float32", lm_autocast(device)), device)
-    model = lm.load_model(model_art.path, device, "float32", lm_autocast(device))
+    planned = lm_autocast(device)  # None on the CPU (float32); bfloat16 on CUDA, as the pipeline plans it
+    load_s = time_call(lambda: lm.load_model(model_art.path, device, "float32", planned), device)
+    model = lm.load_model(model_art.path, device, "float32", planned)
+    model16 = lm.load_model(model_art.path, device, "float32", BF16["autocast"])
+    # the float32 harvest: the planned one on the CPU; on CUDA, where the plan runs bf16, a model of its own
+    model32 = model if planned is None else lm.load_model(model_art.path, device, "float32", None)
     n_layers = lm.num_layers(model)
 
-    def bare() -> None:
-        for ids in batches:
-            lm.residual_upto(model, ids, LAYER)
+    def bare_of(m: torch.nn.Module) -> Any:
+        def bare() -> None:
+            for ids in batches:
+                lm.residual_upto(m, ids, LAYER)
+        return bare
 
     @torch.no_grad()
     def full() -> None:
@@ -77,27 +113,40 @@ def run(ctx: Context) -> list[Row]:
                 out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
             out.hidden_states[LAYER + 1]  # hidden_states[0] is the embedding output
 
-    out_dir = ctx.work / "harvest-out"
+    outs = {"stage": ctx.work / "harvest-out", "stage16": ctx.work / "harvest-out-bf16",
+            "stage32": ctx.work / "harvest-out-fp32"}
     metrics: dict[str, Any] = {}
 
-    def stage() -> None:
-        metrics.update(run_stage(model, model_art, tokens, out_dir, device))
+    def stage_of(m: torch.nn.Module, name: str, overrides: dict[str, Any] | None) -> Any:
+        def stage() -> None:
+            got = run_stage(m, model_art, tokens, outs[name], device, overrides)
+            if name == "stage":
+                metrics.update(got)
+        return stage
 
-    log(f"harvest: {len(batches)} batches of {LM_BATCH}x{windows.shape[1]} tokens, {mode.harvest_repeats} repeats")
-    lm.residual_upto(model, batches[0], LAYER)  # warm-up (allocator, kernels)
+    fns = {"bare": bare_of(model), "stage": stage_of(model, "stage", None), "full": full,
+           "bare16": bare_of(model16), "stage16": stage_of(model16, "stage16", BF16)}
+    if model32 is not model:
+        fns |= {"bare32": bare_of(model32), "stage32": stage_of(model32, "stage32", FP32)}
+    key32 = {"bare": "bare32" if "bare32" in fns else "bare", "stage": "stage32" if "stage32" in fns else "stage"}
+
+    log(f"harvest: {len(batches)} batches of {LM_BATCH}x{windows.shape[1]} tokens, {mode.harvest_repeats} repeats, "
+        f"fp32 and bf16")
+    for m in {id(x): x for x in (model, model16, model32)}.values():
+        lm.residual_upto(m, batches[0], LAYER)  # warm-up (allocator, kernels; bf16's oneDNN primitives)
     sync(device)
-    times: dict[str, list[float]] = {"bare": [], "stage": [], "full": []}
-    for _ in range(mode.harvest_repeats):  # interleaved, so slow phases of a shared machine hit all three
-        for name, fn in (("bare", bare), ("stage", stage), ("full", full)):
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(mode.harvest_repeats):  # interleaved, so slow phases of a shared machine hit every variant
+        for name, fn in fns.items():
             times[name].append(time_call(fn, device))
-    ctx.shared["harvest_out"] = out_dir
+    ctx.shared["harvest_out"] = outs["stage"]
     ctx.shared["harvest_metrics"] = metrics
     tps = {k: n_tokens / median(v) for k, v in times.items()}
     spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in times.items()}
     r_bare = tps["stage"] / tps["bare"]
     r_full = tps["stage"] / tps["full"]
     stage_with_load = n_tokens / (median(times["stage"]) + load_s)
-    return [
+    rows = [
         Row("harvest stage (stages.harvest.run, Zarr + resumable state)", tps["stage"], "tokens/s",
             note=f"{n_tokens} tokens ({metrics.get('n_tokens')} stored), runs {spread['stage']}"),
         Row("vs bare truncated forward, layers 0..15, no storage (ceiling)", tps["stage"], "tokens/s",
@@ -107,4 +156,31 @@ def run(ctx: Context) -> list[Row]:
         Row("harvest stage including the model load", stage_with_load, "tokens/s", "bare forward", tps["bare"],
             stage_with_load / tps["bare"],
             note=f"model load {load_s:.2f} s, once per stage, amortised over a real harvest"),
+    ]
+    return rows + bf16_rows(tps, spread, key32, outs, device)
+
+
+def bf16_rows(tps: dict[str, float], spread: dict[str, str], key32: dict[str, str], outs: dict[str, Path],
+              device: str) -> list[Row]:
+    """The harvest with `precision.lm: bf16` against its own ceiling and against the float32 harvest."""
+    native, why = precision.native_bf16(device)
+    r16 = tps["stage16"] / tps["bare16"]
+    speed = tps["stage16"] / tps[key32["stage"]]
+    bare_speed = tps["bare16"] / tps[key32["bare"]]
+    b32, b16 = stored_bytes(outs[key32["stage"]]), stored_bytes(outs["stage16"])
+    err = row_errors(outs[key32["stage"]], outs["stage16"])
+    err_note = ("the two harvests kept different rows (outlier threshold)" if err is None else
+                f"per row ||bf16 - fp32|| / ||fp32||: median {err[0]:.4f}, 99th percentile {err[1]:.4f}")
+    return [
+        Row("harvest stage, LM in bf16 (autocast bfloat16, float16 stored)", tps["stage16"], "tokens/s",
+            "bare bf16 truncated forward, layers 0..15", tps["bare16"], r16, ">= 0.9x", r16 >= 0.9,
+            note=f"runs {spread['stage16']} and {spread['bare16']}; {why}"),
+        Row("bf16 harvest vs the fp32 harvest (float32 stored): speed-up", tps["stage16"], "tokens/s",
+            "fp32 harvest stage", tps[key32["stage"]], speed,
+            note=f"bare forwards alone: bf16 {bare_speed:.2f}x fp32"
+                 + ("" if native else "; not native bf16 by dmsae.precision's rule")),
+        Row("activations on disk, bf16 harvest (float16) vs fp32 harvest (float32)", b16 / 1e6, "MB",
+            "fp32 harvest's array", b32 / 1e6, b16 / b32,
+            note=f"Zarr, Blosc zstd level 3 with byte shuffle; saved {(b32 - b16) / 1e6:.1f} MB "
+                 f"({1 - b16 / b32:.0%}); {err_note}"),
     ]

@@ -60,7 +60,10 @@ EXPLAIN = {
                "The stage is `stages.harvest.run` as the pipeline calls it (Zarr writes, outlier filter, "
                "resumable state after every batch), with the model already loaded; the bare forward runs "
                "layers 0..15 (`dmsae.lm.residual_upto`) and stores nothing; the full forward is "
-               "`model(ids, output_hidden_states=True)` over all 30 layers and the LM head.",
+               "`model(ids, output_hidden_states=True)` over all 30 layers and the LM head. The bf16 rows run the "
+               "same stage and bare forward with the model under bfloat16 autocast (`precision.lm: bf16`, the "
+               "`autocast` param the plan passes) and the activations stored as float16, interleaved with the "
+               "others; the fp32 harvest they are compared with stores float32.",
     "train": "Every trainer gets the same batches (row indices saved once, gathered before each step's clock "
              "starts) and is timed per step (median, first step excluded); FVU is measured after the last step "
              "on the same held-out rows with the training-time BatchTopK encoding. The anchors run in "
@@ -71,7 +74,9 @@ EXPLAIN = {
     "attribution": "Per-batch times, interleaved, median over batches (after one warm-up batch). The reference "
                    "runs the model with the layer-15 residual replaced by a leaf that requires grad and "
                    "backpropagates the same summed next-token loss: attribution's cost without the SAE. The ratio "
-                   "is attribution's time over the reference's.",
+                   "is attribution's time over the reference's. The bf16 rows load the model with bfloat16 "
+                   "autocast (`precision.lm: bf16`) for both attribution and its reference, interleaved with the "
+                   "fp32 ones on the same batches and the same SAE.",
     "cache": "The real CLI in a subprocess, on a copy of the quickstart store (`store` and `report_dir` are not in "
              "any stage key, so the copy is exactly as cached), with its own Prefect home warmed up by one untimed "
              "run. The quickstart itself is never computed here.",
@@ -194,7 +199,10 @@ def markdown(report: dict, out: Path = GENERATED) -> str:
     lines += ["## Machine", "", "| | |", "|---|---|"]
     load = m.get("load_average_start")
     load_end = m.get("load_average_end")
+    flags = m.get("cpu_bf16_flags")  # absent from raw results made before it was recorded
+    flags_text = "not recorded" if flags is None else ", ".join(f"`{f}`" for f in flags) or "none"
     items = [("CPU", f"{m['cpu']}, {m['cores']} cores visible"),
+             ("CPU bf16 flags (`lscpu`: amx_bf16, amx_tile, avx512_bf16, avx512_fp16)", flags_text),
              ("RAM", f"{m['ram_gib']:.1f} GiB" if m.get("ram_gib") else "?"),
              ("torch", f"{m['torch']}, {m['torch_threads']} threads"), ("transformers", m["transformers"]),
              ("Python", m["python"]), ("OS", m["os"]), ("device", m["device"] + (f" ({m['gpu']})" if m["gpu"] else "")),
