@@ -191,6 +191,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_converge(args: argparse.Namespace) -> int:
+    """The convergence study: the no-core SAE at a series of token budgets and seeds, then its report."""
+    from dmsae.config import load_config
+    from flows.convergence import parse_ints, run_convergence, study_points
+
+    base = load_config(args.config, args.set)
+    points = study_points(base, parse_ints("--budgets", args.budgets), parse_ints("--seeds", args.seeds))
+    setup_torch(base)
+    _quiet_prefect()
+    command = " ".join(["dmsae converge", args.config, "--budgets", args.budgets, "--seeds", args.seeds,
+                        *(f"--set {kv}" for kv in args.set)])
+    path = run_convergence(points, Path(args.out), command, args.report_only, not args.no_progress)
+    print(f"convergence report: {path}")
+    return 0
+
+
 def cmd_branch(args: argparse.Namespace) -> int:
     """Record a new run from a recorded one with some keys changed; it shares every upstream key."""
     store = open_store(args.store)
@@ -281,7 +297,7 @@ def write_latent_cards(cfg: Config, store: AnyStore, p: Plan, out: Path, show_pr
         raise UserError(f"the latent cards need the finished distillation of run '{cfg.name}' ({missing[0]} is "
                         f"missing); run it first: dmsae run CONFIG")
     art, _ = materialize(store, node, Runtime(device=cfg.device, show_progress=show_progress))
-    return render_cards(cfg, node, art, out)
+    return render_cards(cfg, node, art, out, store, p)
 
 
 def cmd_cards(args: argparse.Namespace) -> int:
@@ -374,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--noise-floor-k", default=None, metavar="K,...",
                         help="the reuse k of the noise floor (default: every reuse.k), e.g. 20,40,80")
     ablate.set_defaults(func=cmd_ablate)
+    converge = sub.add_parser("converge", help="the convergence study: the no-core SAE trained for a series of "
+                              "token budgets (epochs over one harvest) and seeds: FVU, CE-loss score, dead fraction "
+                              "and cross-seed overlap against tokens")
+    converge.add_argument("config", help="base preset, e.g. configs/quickstart.yaml")
+    converge.add_argument("--budgets", default="1,4,16,64", help="comma-separated epochs over the harvest")
+    converge.add_argument("--seeds", default="0,1", help="comma-separated seeds; the first two give the overlap")
+    converge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
+    converge.add_argument("--out", default="docs/results/convergence", help="report folder")
+    converge.add_argument("--report-only", action="store_true", help="render what the store holds; run nothing")
+    converge.add_argument("--no-progress", action="store_true", help="no progress bars")
+    converge.set_defaults(func=cmd_converge)
     branch = sub.add_parser("branch", help="record a new run from a recorded one with changed keys; "
                             "it shares every stage upstream of the change")
     branch.add_argument("run", help="name of the recorded run to branch from (see dmsae status)")

@@ -1,6 +1,6 @@
 """The convergence study: how a no-core SAE's quality moves with its training tokens (issue 26, item 1).
 
-    python -m flows.convergence configs/quickstart.yaml --budgets 1,4,16,64 --seeds 0,1
+    dmsae converge configs/quickstart.yaml --budgets 1,4,16,64 --seeds 0,1
 
 One base preset, cycle 0 only (a no-core Matryoshka SAE, the arm every comparison is made against), trained
 for a geometric series of token budgets and evaluated on the held-out split. A budget is a number of epochs
@@ -16,7 +16,6 @@ the first two seeds against tokens, and says where each flattens.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,15 +23,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmsae.config import Config, load_config
+from dmsae.config import Config
 from dmsae.errors import UserError
 from dmsae.plan import ancestors
-from dmsae.reports.convergence import study_nodes, write_convergence_report
+from dmsae.reports.convergence import Point, study_nodes, write_convergence_report
 from dmsae.stores import store_for
 from flows.distill import execute
 from flows.pipeline import plan
-
-DEFAULT_BUDGETS = (1, 4, 16, 64)  # epochs over the harvest: a geometric series of training tokens
 
 
 def point_config(base: Config, epochs: int, seed: int) -> Config:
@@ -68,39 +65,35 @@ def parse_ints(flag: str, text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.convergence", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="base preset, e.g. configs/quickstart.yaml")
-    ap.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="epochs over the harvest")
-    ap.add_argument("--seeds", default="0,1", help="seeds; the first two give the cross-seed overlap")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
-    ap.add_argument("--out", default="docs/results/convergence", help="report folder")
-    ap.add_argument("--report-only", action="store_true", help="render what the store has; compute nothing")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        base = load_config(args.config, args.set)
-        budgets, seeds = parse_ints("--budgets", args.budgets), parse_ints("--seeds", args.seeds)
-        configs = [point_config(base, e, s) for e in sorted(budgets) for s in seeds]  # small budgets first
-        points = [(cfg, plan(cfg)) for cfg in configs]
-    except UserError as e:
-        print(f"dmsae: error: {e}", file=sys.stderr)
-        return 2
-    command = "python -m flows.convergence " + " ".join(argv if argv is not None else sys.argv[1:])
-    if not args.report_only:
+def study_points(base: Config, budgets: list[int], seeds: list[int]) -> list[Point]:
+    """Every (epochs, seed) point with its plan, small budgets first (they finish first and share the harvest)."""
+    configs = [point_config(base, e, s) for e in sorted(set(budgets)) for s in seeds]
+    return [(cfg, plan(cfg)) for cfg in configs]
+
+
+def run_convergence(points: list[Point], out: Path, command: str, report_only: bool = False,
+                    show_progress: bool = False) -> Path:
+    """Compute every point (unless `report_only`), rewriting the report after each; returns the report's path.
+    A failed point stops the study with its one-line message (the next run resumes where it stopped)."""
+    if not report_only:
         for i, (cfg, _) in enumerate(points):
-            print(f"convergence: point {i + 1}/{len(points)}: epochs {cfg.train.epochs}, seed {cfg.seed}",
+            print(f"convergence: point {i + 1}/{len(points)}: {cfg.train.epochs:g} epoch(s), seed {cfg.seed}",
                   file=sys.stderr, flush=True)
             start = time.perf_counter()
-            state = convergence_flow(cfg.model_dump(mode="json"), not args.no_progress, return_state=True)
+            state = convergence_flow(cfg.model_dump(mode="json"), show_progress, return_state=True)
             if state.is_failed():
-                print(f"dmsae: error: {state.message}", file=sys.stderr)
-                return 1
-            print(f"convergence: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            write_convergence_report(points, Path(args.out), command)
-    print(write_convergence_report(points, Path(args.out), command))
-    return 0
+                raise UserError(f"convergence point ({cfg.train.epochs:g} epochs, seed {cfg.seed}): {state.message}")
+            print(f"convergence: point {i + 1} done in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                  flush=True)
+            write_convergence_report(points, out, command)
+    return write_convergence_report(points, out, command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.convergence ...` is `dmsae converge ...` (the CLI turns telemetry off and sets threads)."""
+    from flows.cli import main as cli_main
+
+    return cli_main(["converge", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
