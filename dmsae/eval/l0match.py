@@ -56,3 +56,34 @@ def matched_deltas(table: pd.DataFrame, reference: str = "none", metrics: tuple[
                 row["extrapolated"] |= extra
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def compare_arms(table: pd.DataFrame, arm: str, reference: str, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
+    """`arm` minus `reference` at equal total L0, seed by seed. The arm with more points (k values) is the curve,
+    read at the L0 the other measured; with equal counts the reference is the curve, as in `matched_deltas`. So a
+    control trained at one k is compared with the distilled curve read at its L0. Columns: seed, k (of the SAE read
+    at its own L0), l0 (its L0), curve (which arm was read), d_<metric>, extrapolated; and d_<metric>_same_k, the
+    plain difference at the same k where both arms have it."""
+    table = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") for c in ("l0", *metrics)})
+    rows = []
+    for seed, g in table.groupby("seed", sort=True):
+        a, r = g[g.arm == arm], g[g.arm == reference]
+        if a.empty or r.empty:
+            continue
+        read_reference = len(r) >= len(a)
+        curve, points = (r, a) if read_reference else (a, r)
+        for p in points.sort_values("k").itertuples(index=False):
+            row: dict[str, object] = {"seed": int(seed), "k": int(p.k), "l0": float(p.l0),
+                                      "curve": reference if read_reference else arm, "extrapolated": False}
+            other = (r if read_reference else a)
+            same_k = other[other.k == p.k]
+            for metric in metrics:
+                c = curve[np.isfinite(curve.l0) & (curve.l0 > 0) & np.isfinite(curve[metric])]
+                at, extra = read_at_l0(c.l0.to_numpy(), c[metric].to_numpy(), float(p.l0))
+                value = float(getattr(p, metric))
+                row[f"d_{metric}"] = value - at if read_reference else at - value
+                row["extrapolated"] = bool(row["extrapolated"]) | extra
+                twin = float(same_k[metric].iloc[0]) if len(same_k) else math.nan
+                row[f"d_{metric}_same_k"] = value - twin if read_reference else twin - value
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -20,6 +20,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 SHARED_COSINE = 0.7
+# the Hungarian algorithm is cubic: 2048 latents take under a second, 8192 about a minute; reports leave wider
+# whole dictionaries out
+MAX_WIDTH = 8192
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ SEED = 0
 EXCLUDES = "the interval excludes 0"
 INCLUDES = "it does not"
 ONE_SEED = "one seed: no interval"
+NO_READING = "no reading"  # no finite value, e.g. curves that do not overlap in L0
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Interval:
     def decision(self) -> str:
         """The decision in words: 'the interval excludes 0', 'it does not', or why there is no interval."""
         if self.n == 0:
-            return "no value"
+            return NO_READING
         return {True: EXCLUDES, False: INCLUDES, None: ONE_SEED}[self.excludes_zero]
 
     def text(self, fmt: str = "{:+.4f}") -> str:

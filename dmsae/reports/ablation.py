@@ -18,11 +18,14 @@ from safetensors.torch import load_file
 
 from dmsae import readers
 from dmsae.config import Config
-from dmsae.eval.l0match import matched_deltas
+from dmsae.eval.l0match import compare_arms, matched_deltas
+from dmsae.eval.overlap import MAX_WIDTH, chance_overlap, dictionary_overlap
 from dmsae.eval.probing import pooled_codes, sparse_probing
-from dmsae.plan import Plan
+from dmsae.eval.stats import Interval, bootstrap_ci
+from dmsae.plan import Node, Plan
 from dmsae.reports.noise_floor import NoiseFloor, noise_floor_markdown
 from dmsae.reports.tables import (
+    ARM_COLORS,
     INTERPRET_COLUMNS,
     core_overlap,
     interpret_table,
@@ -76,13 +79,40 @@ def cross_seed_match(a: Path, b: Path, threshold: float = 0.9) -> tuple[float, f
     return float(best.mean()), float((best > threshold).double().mean())
 
 
+def interval(values: pd.Series | np.ndarray) -> Interval:
+    """The paired bootstrap interval of the mean of per-seed differences (dmsae.eval.stats)."""
+    return bootstrap_ci(np.asarray(values, dtype=float))
+
+
+def with_intervals(d: pd.DataFrame, by: list[str], columns: list[str]) -> pd.DataFrame:
+    """Per group of `by`: the seeds, and for each column of per-seed differences its mean, sd, the bounds of its
+    95% bootstrap interval (`_lo`, `_hi`) and the decision in words (`_decision`)."""
+    out = []
+    for key, g in d.groupby(by, sort=True):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+        row["seeds"] = int(g.seed.nunique())
+        for c in columns:
+            ci = interval(g[c])
+            row |= {c: ci.mean, f"{c}_sd": float(g[c].std()), f"{c}_lo": ci.low, f"{c}_hi": ci.high,
+                    f"{c}_decision": ci.decision}
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def ci_text(mean: float, low: float, high: float, fmt: str = "{:+.4f}") -> str:
+    """'mean [low, high]' (the mean alone when there is no interval)."""
+    if pd.isna(mean):
+        return ""
+    return fmt.format(mean) + ("" if pd.isna(low) else f" [{fmt.format(low)}, {fmt.format(high)}]")
+
+
 def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per gate, cap and k: the L0-matched differences, mean and spread over seeds; per gate and cap: the
-    score over the low-L0 half of the k grid that picks the default)."""
+    """(per gate, cap, arm and k: the L0-matched differences over seeds, with bootstrap intervals; per gate and
+    cap: the score over the low-L0 half of the k grid that picks the default, with its interval)."""
     deltas = []
     for (gate, cap), g in rows.groupby(["gate", "cap"], sort=True):
         vs_none = matched_deltas(g)
-        vs_random = matched_deltas(g[g.arm != "none"], reference="random")
+        vs_random = matched_deltas(g[g.arm.isin(["distilled", "random"])], reference="random")
         if vs_none.empty:
             continue
         vs_none = vs_none.merge(vs_random[["arm", "k", "seed", "d_ce_loss_score"]].rename(
@@ -99,23 +129,66 @@ def summarise(rows: pd.DataFrame, k_values: list[int]) -> tuple[pd.DataFrame, pd
         deltas.append(vs_none)
     if not deltas:
         return pd.DataFrame(), pd.DataFrame()
-    d = pd.concat(deltas, ignore_index=True)
-    agg = d.groupby(["gate", "cap", "arm", "k"], sort=True).agg(
-        seeds=("seed", "nunique"), l0=("l0", "mean"), ce_loss_score=("ce_loss_score", "mean"),
-        d_ce_vs_none=("d_ce_loss_score", "mean"), d_ce_vs_none_sd=("d_ce_loss_score", "std"),
-        d_ev_vs_none=("d_explained_variance", "mean"), d_ev_vs_none_sd=("d_explained_variance", "std"),
-        d_ce_vs_random=("d_ce_vs_random", "mean"), d_ce_vs_random_sd=("d_ce_vs_random", "std"),
-        d_ce_vs_random_same_k=("d_ce_vs_random_same_k", "mean"),
-        d_ce_vs_random_same_k_sd=("d_ce_vs_random_same_k", "std"),
-        d_l0_vs_random_same_k=("d_l0_vs_random_same_k", "mean"),
-        extrapolated=("extrapolated", "sum")).reset_index()
+    d = pd.concat(deltas, ignore_index=True).rename(columns={"d_ce_loss_score": "d_ce_vs_none",
+                                                             "d_explained_variance": "d_ev_vs_none"})
+    by = ["gate", "cap", "arm", "k"]
+    agg = with_intervals(d, by, ["d_ce_vs_none", "d_ev_vs_none", "d_ce_vs_random", "d_ce_vs_random_same_k"])
+    means = d.groupby(by, sort=True).agg(l0=("l0", "mean"), ce_loss_score=("ce_loss_score", "mean"),
+                                         d_l0_vs_random_same_k=("d_l0_vs_random_same_k", "mean"),
+                                         extrapolated=("extrapolated", "sum")).reset_index()
+    agg = means.merge(agg, on=by)
     low = sorted(k_values)[: math.ceil(len(k_values) / 2)]
     dist = d[(d.arm == "distilled") & d.k.isin(low)]
-    per_seed = dist.groupby(["gate", "cap", "seed"]).d_ce_loss_score.mean().reset_index()
-    pick = per_seed.groupby(["gate", "cap"]).d_ce_loss_score.agg(["mean", "std", "count"]).reset_index()
-    pick = pick.rename(columns={"mean": "low_l0_d_ce_vs_none", "std": "sd", "count": "seeds"})
+    per_seed = dist.groupby(["gate", "cap", "seed"]).d_ce_vs_none.mean().reset_index()
+    pick = with_intervals(per_seed.rename(columns={"d_ce_vs_none": "low_l0_d_ce_vs_none"}), ["gate", "cap"],
+                          ["low_l0_d_ce_vs_none"])
+    pick = pick.rename(columns={"low_l0_d_ce_vs_none_sd": "sd", "low_l0_d_ce_vs_none_decision": "decision"})
     pick["low_k"] = ",".join(map(str, low))
     return agg, pick.sort_values("low_l0_d_ce_vs_none", ascending=False, ignore_index=True)
+
+
+# distilled against each control, and the compute-matched no core against the plain one
+COMPARISONS = (("distilled", "none"), ("distilled", "none_compute"), ("distilled", "frequency"),
+               ("distilled", "random"), ("none_compute", "none"))
+
+
+def control_deltas(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per gate, cap, comparison (`a - b`), k and seed: the difference at equal L0 (`compare_arms`: the arm with
+    more k values is read at the other's L0) and at equal k, in CE-loss score and explained variance."""
+    out = []
+    for (gate, cap), g in rows.groupby(["gate", "cap"], sort=True):
+        for a, b in COMPARISONS:
+            d = compare_arms(g, a, b)
+            if not d.empty:
+                out.append(d.assign(gate=gate, cap=cap, comparison=f"{a} - {b}"))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+def controls_table(deltas: pd.DataFrame) -> pd.DataFrame:
+    """`control_deltas` over seeds: mean and 95% bootstrap interval of each difference, and the decision."""
+    if deltas.empty:
+        return deltas
+    cols = ["d_ce_loss_score", "d_explained_variance", "d_ce_loss_score_same_k"]
+    t = with_intervals(deltas, ["gate", "cap", "comparison", "k"], cols)
+    extra = deltas.groupby(["gate", "cap", "comparison", "k"], sort=True).agg(
+        l0=("l0", "mean"), curve=("curve", "first"), extrapolated=("extrapolated", "sum")).reset_index()
+    t = t.merge(extra, on=["gate", "cap", "comparison", "k"])
+    order = {f"{a} - {b}": i for i, (a, b) in enumerate(COMPARISONS)}
+    return t.sort_values(["gate", "cap", "comparison", "k"], key=lambda c: c.map(order) if c.name == "comparison"
+                         else c, ignore_index=True)
+
+
+def readable_controls(t: pd.DataFrame) -> pd.DataFrame:
+    """`controls_table` for markdown: each difference as 'mean [low, high]' with its decision."""
+    out = t[["gate", "cap", "comparison", "k", "seeds", "l0"]].copy()
+    out["read on"] = t.curve
+    for col, name in (("d_ce_loss_score", "d CE-loss score"), ("d_explained_variance", "d explained variance"),
+                      ("d_ce_loss_score_same_k", "d CE-loss score, same k")):
+        out[name] = [ci_text(m, lo, hi) for m, lo, hi in zip(t[col], t[f"{col}_lo"], t[f"{col}_hi"], strict=True)]
+        if col == "d_ce_loss_score":
+            out["CE decision"] = t[f"{col}_decision"]
+    out["extrapolated"] = t.extrapolated
+    return out
 
 
 def probing_without_core(cfg: Config, store: AnyStore, p: Plan, ks: tuple[int, ...] = (1, 5)) -> pd.DataFrame:
@@ -174,8 +247,12 @@ def summarise_features(rows: pd.DataFrame) -> pd.DataFrame:
         **{f"{c}_mean": (c, "mean") for c in cols}, **{f"{c}_sd": (c, "std") for c in cols}).reset_index()
     table = agg[["gate", "cap", "arm", "k", "seeds", "l0"]].copy()
     for c in cols:
-        table[c] = [("" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}"))
-                    for m, s in zip(agg[f"{c}_mean"], agg[f"{c}_sd"], strict=True)]
+        if c.startswith("d_"):  # a difference: its bootstrap interval over seeds
+            cis = [interval(g[c]) for _, g in v.groupby(["gate", "cap", "arm", "k"], sort=True)]
+            table[c] = [ci.text("{:+.3f}") for ci in cis]
+        else:
+            table[c] = [("" if pd.isna(m) else f"{m:.3f}" + ("" if pd.isna(s) else f" ± {s:.3f}"))
+                        for m, s in zip(agg[f"{c}_mean"], agg[f"{c}_sd"], strict=True)]
     return table
 
 
@@ -187,10 +264,11 @@ def pm(mean: float, sd: float) -> str:
 
 
 def readable(agg: pd.DataFrame) -> pd.DataFrame:
-    """The per-k table for markdown: each difference as mean ± sd."""
+    """The per-k table for markdown: each difference as 'mean [low, high]', its 95% bootstrap interval over seeds."""
     out = agg[["gate", "cap", "arm", "k", "seeds", "l0", "ce_loss_score"]].copy()
     for col in ("d_ce_vs_none", "d_ev_vs_none", "d_ce_vs_random", "d_ce_vs_random_same_k"):
-        out[col] = [pm(m, s) for m, s in zip(agg[col], agg[f"{col}_sd"], strict=True)]
+        out[col] = [ci_text(m, lo, hi) for m, lo, hi in zip(agg[col], agg[f"{col}_lo"], agg[f"{col}_hi"], strict=True)]
+    out["d_ce_vs_none_decision"] = agg.d_ce_vs_none_decision
     out["d_l0_vs_random_same_k"] = agg.d_l0_vs_random_same_k
     out["extrapolated"] = agg.extrapolated
     return out
@@ -206,7 +284,7 @@ def plot_ablation(rows: pd.DataFrame, path: Path,
     import matplotlib.pyplot as plt
 
     variants = sorted({(g, c) for g, c in zip(rows.gate, rows.cap, strict=True)})
-    colors = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
+    colors = ARM_COLORS
     fig, axes = plt.subplots(len(metrics), len(variants), figsize=(4 * len(variants), 3.5 * len(metrics)),
                              squeeze=False)
     for j, (gate, cap) in enumerate(variants):
@@ -243,16 +321,93 @@ def cross_seed_rows(facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+OVERLAP_MAX_WIDTH = MAX_WIDTH  # whole dictionaries wider than this are not matched (the Hungarian algorithm is cubic)
+DISTILLED_SET, TOPC_SET = "distilled core", "top-c by attribution, cycle 0"
+FREQUENCY_SET, WHOLE_SET = "frequency core", "whole dictionary, cycle 0"
+
+
+def overlap_sets(store: AnyStore, p: Plan) -> dict[str, tuple[Node, tuple[int, ...] | None]]:
+    """The latent sets of a finished point that are compared across seeds: name -> (the SAE they belong to, their
+    indices in it, None for all). Cycle 0 is a no-core SAE of the seed; its top c by attribution (c: the final
+    core's size) is what one attribution without distillation would pick."""
+    final = p.last_core()
+    core = tuple(readers.core(store.load("select", final.key, verify=False))["indices"].tolist())
+    first = p.find("select", 0)
+    order = readers.core(store.load("select", first.key, verify=False))["order"].tolist()
+    sets: dict[str, tuple[Node, tuple[int, ...] | None]] = {
+        DISTILLED_SET: (final.inputs["train"], core), TOPC_SET: (first.inputs["train"], tuple(order[:len(core)]))}
+    for n in p.of_stage("frequency_core"):
+        if store.has(n.stage, n.key):
+            idx = readers.core(store.load(n.stage, n.key))["indices"].tolist()
+            sets[FREQUENCY_SET] = (n.inputs["train"], tuple(idx))
+    sets[WHOLE_SET] = (first.inputs["train"], None)
+    return sets
+
+
+def cross_seed_overlap(done: list[tuple[Config, Plan]], store: AnyStore) -> pd.DataFrame:
+    """Per gate, cap, latent set and pair of seeds: the shared latents of Paulo & Belrose (dmsae.eval.overlap) and
+    the chance level for the same sizes (random unit vectors in the residual's dimension)."""
+    cache: dict[tuple[str, ...], object] = {}
+
+    def directions(node: Node, idx: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ("sae", node.key) not in cache:
+            t = readers.sae_tensors(store.load(node.stage, node.key, verify=False))
+            cache[("sae", node.key)] = (t["W_enc"].T, t["W_dec"])
+        enc, dec = cache[("sae", node.key)]  # type: ignore[misc]
+        return (enc, dec) if idx is None else (enc[list(idx)], dec[list(idx)])
+
+    rows = []
+    by_variant: dict[tuple[str, str], list[tuple[int, dict[str, tuple[Node, tuple[int, ...] | None]]]]] = {}
+    for cfg, p in done:
+        by_variant.setdefault((cfg.sae.core_gate, cap_label(cfg)), []).append((cfg.seed, overlap_sets(store, p)))
+    for (gate, cap), seeds in sorted(by_variant.items()):
+        seeds.sort(key=lambda x: x[0])
+        for i in range(len(seeds)):
+            for j in range(i + 1, len(seeds)):
+                (sa, a), (sb, b) = seeds[i], seeds[j]
+                for name in [n for n in a if n in b]:
+                    (na, ia), (nb, ib) = a[name], b[name]
+                    ea, da = directions(na, ia)
+                    eb, db = directions(nb, ib)
+                    if ia is None and max(ea.shape[0], eb.shape[0]) > OVERLAP_MAX_WIDTH:
+                        continue
+                    key = ("overlap", na.key, nb.key, str(ia), str(ib))
+                    if key not in cache:
+                        cache[key] = dictionary_overlap(ea, da, eb, db)
+                    o = cache[key]
+                    sizes = ("chance", str(ea.shape[0]), str(eb.shape[0]), str(ea.shape[1]))
+                    if sizes not in cache:  # one draw of a whole dictionary is already an average over latents
+                        cache[sizes] = chance_overlap(ea.shape[0], eb.shape[0], ea.shape[1],
+                                                      draws=1 if ia is None else 5)
+                    rows.append({"gate": gate, "cap": cap, "set": name, "seeds": f"{sa},{sb}", "size_a": o.n_a,
+                                 "size_b": o.n_b, "shared": o.shared, "shared_fraction": o.fraction,
+                                 "mean_encoder_cosine": o.mean_encoder_cosine,
+                                 "mean_decoder_cosine": o.mean_decoder_cosine, "chance": cache[sizes]})
+    return pd.DataFrame(rows)
+
+
+def overlap_summary(pairs: pd.DataFrame) -> pd.DataFrame:
+    """`cross_seed_overlap` per gate, cap and set: the mean over pairs of seeds."""
+    if pairs.empty:
+        return pairs
+    order = {DISTILLED_SET: 0, TOPC_SET: 1, FREQUENCY_SET: 2, WHOLE_SET: 3}
+    return pairs.groupby(["gate", "cap", "set"], sort=False).agg(
+        pairs=("seeds", "count"), size=("size_a", "mean"), shared_fraction=("shared_fraction", "mean"),
+        chance=("chance", "mean"), mean_encoder_cosine=("mean_encoder_cosine", "mean"),
+        mean_decoder_cosine=("mean_decoder_cosine", "mean")).reset_index().sort_values(
+        ["gate", "cap", "set"], key=lambda c: c.map(order) if c.name == "set" else c, ignore_index=True)
+
+
 def summarise_diagnostic(diag: pd.DataFrame) -> pd.DataFrame:
     """`probing_without_core` rows as mean ± sd over seeds per gate, cap, arm, k and probe k, with the gain."""
     cols = ["core_share_of_chosen", "accuracy_all_latents", "accuracy_without_core"]
     g = diag.assign(gain=diag.accuracy_without_core - diag.accuracy_all_latents).groupby(
         ["gate", "cap", "arm", "k", "probe_k"], sort=True)
     table = g.seed.nunique().rename("seeds").reset_index()
-    for c in [*cols, "gain"]:
-        fmt = "{:+.3f}" if c == "gain" else "{:.3f}"
-        table[c] = [fmt.format(m) + ("" if pd.isna(sd) else f" ± {sd:.3f}")
+    for c in cols:
+        table[c] = [f"{m:.3f}" + ("" if pd.isna(sd) else f" ± {sd:.3f}")
                     for m, sd in zip(g[c].mean(), g[c].std(), strict=True)]
+    table["gain"] = [interval(part.gain).text("{:+.3f}") for _, part in g]
     return table
 
 
@@ -262,11 +417,12 @@ def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: AnyStore
     """<out_dir>/ablation.md (with `command` to reproduce it), ablation.parquet, ablation_matched.csv and the
     plots, from the points finished in the store; `timings`: wall seconds per point run by this invocation."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables, facts, pending, diagnostics = [], [], [], []
+    tables, facts, pending, diagnostics, done = [], [], [], [], []
     for cfg, p in points:
         if not all(store.has(n.stage, n.key) for n in p.nodes):  # a point counts once all of it is done
             pending.append(cfg.name)
             continue
+        done.append((cfg, p))
         tables.append(point_rows(cfg, store, p))
         facts.append(core_facts(cfg, store, p))
         if probe_diagnostic:
@@ -283,16 +439,31 @@ def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: AnyStore
         rows.drop(columns=["point_seed"]).to_parquet(out_dir / "ablation.parquet", index=False)
         k_values = sorted(rows.k.unique().tolist())
         agg, pick = summarise(rows, k_values)
+        shown = pick[["gate", "cap", "seeds", "low_k"]].assign(
+            low_l0_d_ce_vs_none=[ci_text(m, lo, hi) for m, lo, hi in zip(
+                pick.low_l0_d_ce_vs_none, pick.low_l0_d_ce_vs_none_lo, pick.low_l0_d_ce_vs_none_hi, strict=True)],
+            sd=pick.sd, decision=pick.decision)
+        controls = controls_table(control_deltas(rows))
         parts += ["## The decision: distilled minus no core, CE-loss score at equal L0, low-L0 half of the grid", "",
-                  "Mean over seeds of each seed's mean over the low k; the first row is the best variant.", "",
-                  md_table(pick.assign(low_l0_d_ce_vs_none=[pm(m, s) for m, s in zip(
-                      pick.low_l0_d_ce_vs_none, pick.sd, strict=True)]).drop(columns=["sd"])), "",
-                  "## Per k: L0-matched differences (mean and sd over seeds)", "",
-                  "`d_ce_vs_none`: CE-loss score minus the no-core arm's read at the same total L0 (same seed); "
-                  "`d_ev_vs_none`: the same for explained variance; `d_ce_vs_random`: distilled minus the random "
-                  "core's curve at the same L0 (empty where the curves do not overlap); `d_ce_vs_random_same_k`, "
-                  "`d_l0_vs_random_same_k`: distilled minus random at the same k, in score and in L0. "
-                  "`extrapolated`: readings up to 15% past the reference curve's ends.",
+                  "Mean over seeds of each seed's mean over the low k, its 95% bootstrap interval over seeds "
+                  "[low, high] (the seeds resampled, each seed's arms kept together: dmsae/eval/stats.py) and the "
+                  "decision; the first row is the best variant.", "", md_table(shown, "{:.4f}"), ""]
+        if not controls.empty:
+            controls.to_csv(out_dir / "controls.csv", index=False)
+            parts += ["## The controls: distilled minus each control at equal L0, per k", "",
+                      "`a - b` at equal total L0 within each seed, then over seeds: the mean and its 95% bootstrap "
+                      "interval, and whether the interval excludes 0. The arm with more k values is the curve read "
+                      "at the other's measured L0 (`read on`): a control trained at one k (`frequency`: the most "
+                      "often firing latents of the same SAE, as many as the distilled core; `none_compute`: no core, "
+                      "as many training tokens as the whole distillation) is compared with the distilled curve read "
+                      "at its L0. `same k`: the plain difference at the same k. Empty where the curves do not "
+                      "overlap.", "", md_table(readable_controls(controls), "{:.2f}"), ""]
+        parts += ["## Per k: L0-matched differences (mean and 95% bootstrap interval over seeds)", "",
+                  "`d_ce_vs_none`: CE-loss score minus the no-core arm's read at the same total L0 (same seed), with "
+                  "its decision; `d_ev_vs_none`: the same for explained variance; `d_ce_vs_random`: distilled minus "
+                  "the random core's curve at the same L0 (empty where the curves do not overlap); "
+                  "`d_ce_vs_random_same_k`, `d_l0_vs_random_same_k`: distilled minus random at the same k, in score "
+                  "and in L0 (mean). `extrapolated`: readings up to 15% past the reference curve's ends.",
                   "", md_table(readable(agg), "{:.3f}"), ""]
         if noise is not None:
             parts += noise_floor_markdown(noise)
@@ -322,8 +493,20 @@ def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: AnyStore
                   md_table(f.sort_values(["gate", "cap", "seed"]), "{:.3f}"), "",
                   "Between whole distillations from different seeds (lineage ids do not carry across seeds, so "
                   "encoder directions are matched): mean best cosine, and the share of latents matched above 0.9.",
-                  "", md_table(pd.DataFrame(match_rows), "{:.3f}"), "",
-                  "## Raw points", "", md_table(rows[["gate", "cap", "seed", "arm", "k", "core_size", "l0",
+                  "", md_table(pd.DataFrame(match_rows), "{:.3f}"), ""]
+        overlap = cross_seed_overlap(done, store)
+        if not overlap.empty:
+            overlap.to_csv(out_dir / "overlap.csv", index=False)
+            parts += ["## Cross-seed overlap (Paulo & Belrose 2025)", "",
+                      "Encoders and decoders of two seeds matched one to one (Hungarian, on cosine similarity); a "
+                      "latent is shared when both matchings pair it with the same latent and both cosines are at "
+                      "least 0.7; `shared_fraction` is over min(size_a, size_b), averaged over pairs of seeds. "
+                      "`chance`: the same count for random unit vectors of the same sizes and dimension. "
+                      f"`{TOPC_SET}`: the top c latents by attribution of the seed's no-core cycle-0 SAE, c the "
+                      "final core's size: if the distilled cores share more than these, distillation adds "
+                      "stability beyond picking high-impact latents once. Whole dictionaries wider than "
+                      f"{OVERLAP_MAX_WIDTH} are not matched.", "", md_table(overlap_summary(overlap), "{:.3f}"), ""]
+        parts += ["## Raw points", "", md_table(rows[["gate", "cap", "seed", "arm", "k", "core_size", "l0",
                                                        "l0_noncore", "explained_variance", "ce_loss_score",
                                                        "dead_fraction"]].sort_values(["gate", "cap", "seed", "arm",
                                                                                        "k"]), "{:.4f}"), "",

@@ -132,6 +132,8 @@ def _latent_rows(latents: pd.DataFrame) -> list[dict[str, Any]]:
             **{c: _float(rec[c]) for c in ("attribution", "density", "mean_act", "max_act")},
             "hist_edges": [float(x) for x in _as_list(rec["hist_edges"])],
             "hist_counts": [int(x) for x in _as_list(rec["hist_counts"])],
+            # optional: the latent is in the frequency control core (the run's report adds the column)
+            "in_frequency_core": bool(rec.get("in_frequency_core", False)),
         }
         for side in ("top", "bottom"):
             toks = [str(t) for t in _as_list(rec[f"{side}_logit_tokens"])]
@@ -315,7 +317,8 @@ _INDEX_COLUMNS = (  # key (row dataset), header, numeric, explanation
 def _index_row(r: dict[str, Any]) -> str:
     lid = r["latent"]
     top = [t for t, _ in r["top_logits"]]
-    search = " ".join([str(lid), r["kind"], *top]).lower()
+    frequency = r.get("in_frequency_core", False)
+    search = " ".join([str(lid), r["kind"], *(["frequency"] if frequency else []), *top]).lower()
     data = {
         "latent": lid, "kind": r["kind"], "born": r["born_cycle"], "selected": r["times_selected"],
         "attribution": _exact(r["attribution"]), "density": _exact(r["density"]),
@@ -325,7 +328,9 @@ def _index_row(r: dict[str, Any]) -> str:
     return (
         f"<tr {attrs}>"
         f'<td class="num"><a href="{card_filename(lid)}">{lid}</a></td>'
-        f'<td><span class="badge {_attr(r["kind"])}">{_text(r["kind"])}</span></td>'
+        f'<td><span class="badge {_attr(r["kind"])}">{_text(r["kind"])}</span>'
+        + (' <span class="badge frequency" title="in the frequency control core">frequency</span>' if frequency else "")
+        + "</td>"
         f'<td class="num">{_born(r["born_cycle"])}</td>'
         f'<td class="num">{r["times_selected"]}</td>'
         f'<td class="num">{fmt(r["attribution"])}</td>'
@@ -349,6 +354,8 @@ def _render_index(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
             heads.append(f'<th scope="col"{cls} title="{_attr(explain)}">{label}</th>')
     explain = "".join(f"<div><dt>{label}</dt><dd>{_text(e)}</dd></div>" for _, label, _, e in _INDEX_COLUMNS)
     kinds = "".join(f'<option value="{k}">{k}</option>' for k in KINDS)
+    n_frequency = sum(bool(r.get("in_frequency_core")) for r in rows)
+    frequency_note = f"; {n_frequency} in the frequency control core, filter: frequency" if n_frequency else ""
     body = f"""<header class="top">
 <h1>Latent cards — {_text(title)}</h1>
 {_meta_html(meta)}
@@ -361,7 +368,8 @@ def _render_index(rows: list[dict[str, Any]], meta: Mapping[str, Any]) -> str:
 <span id="count" aria-live="polite">{len(rows)} of {len(rows)} latents shown</span>
 </div>
 <table class="latents" id="latents">
-<caption>{len(rows)} latents ({n_core} core, {len(rows) - n_core} non-core). Click a column header to sort.</caption>
+<caption>{len(rows)} latents ({n_core} core, {len(rows) - n_core} non-core{frequency_note}). Click a column header to \
+sort.</caption>
 <thead><tr>{"".join(heads)}</tr></thead>
 <tbody>
 {chr(10).join(_index_row(r) for r in rows)}

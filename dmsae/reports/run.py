@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from dmsae import readers  # noqa: E402
 from dmsae.config import Config  # noqa: E402
-from dmsae.eval.l0match import matched_deltas  # noqa: E402
+from dmsae.eval.l0match import compare_arms, matched_deltas  # noqa: E402
+from dmsae.eval.overlap import MAX_WIDTH, chance_overlap, dictionary_overlap  # noqa: E402
 from dmsae.eval.reconstruction import mean_best_cosine  # noqa: E402
 from dmsae.plan import Node, Plan  # noqa: E402
 from dmsae.reports.tables import (  # noqa: E402
@@ -87,10 +88,38 @@ def seed_consistency(store: AnyStore, p: Plan, cfg: Config) -> pd.DataFrame:
         pair = [n for n in nodes if n.params["sae"]["k"] in ks]
         if len(pair) != 2:
             continue
-        decs = [readers.sae_tensors(store.load("reuse", n.key, verify=False))["W_dec"] for n in pair]
+        saes = [readers.sae_tensors(store.load("reuse", n.key, verify=False)) for n in pair]
+        width, d = saes[0]["W_dec"].shape
+        shared = chance = float("nan")  # wider dictionaries are not matched (MAX_WIDTH)
+        if width <= MAX_WIDTH:
+            shared = dictionary_overlap(saes[0]["W_enc"].T, saes[0]["W_dec"], saes[1]["W_enc"].T,
+                                        saes[1]["W_dec"]).fraction
+            chance = chance_overlap(width, width, d, draws=1)
         rows.append({"arm": arm, "k": pair[0].params["sae"]["k"], "seeds": f"{pair[0].params['seed']},"
-                     f"{pair[1].params['seed']}", "mean_best_cosine": mean_best_cosine(decs[0], decs[1])})
+                     f"{pair[1].params['seed']}",
+                     "mean_best_cosine": mean_best_cosine(saes[0]["W_dec"], saes[1]["W_dec"]),
+                     "shared_fraction": shared, "chance": chance})
     return pd.DataFrame(rows)
+
+
+CONTROL_COMPARISONS = (("distilled", "frequency"), ("distilled", "none_compute"), ("distilled", "random"),
+                       ("none_compute", "none"))
+
+
+def controls_table(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The distilled arm against each control at equal total L0 for one seed (`compare_arms`: a control trained at
+    one k is compared with the distilled curve read at its L0), and the compute-matched no core against no core."""
+    arms = table[(table.arm != "cycle") & (table.seed == seed)]
+    out = []
+    for a, b in CONTROL_COMPARISONS:
+        d = compare_arms(arms, a, b)
+        if not d.empty:
+            out.append(d.assign(comparison=f"{a} - {b}"))
+    if not out:
+        return pd.DataFrame()
+    d = pd.concat(out, ignore_index=True)
+    return d[["comparison", "k", "l0", "curve", "d_ce_loss_score", "d_explained_variance", "d_ce_loss_score_same_k",
+              "extrapolated"]]
 
 
 def cycle_table(store: AnyStore, p: Plan) -> pd.DataFrame:
@@ -310,6 +339,14 @@ def summary_markdown(cfg: Config, store: AnyStore, p: Plan, table: pd.DataFrame,
                       "Each cored SAE against the no-core arm's curve read at the L0 it measured (linear in log L0; "
                       "`extrapolated`: up to 15% past the curve's ends). `d_*` > 0: the core helps.", "",
                       md_table(matched)]
+        controls = controls_table(table, cfg.seed)
+        if not controls.empty:
+            parts += ["", "## The controls", "",
+                      "The distilled arm minus each control at equal total L0 (`curve`: the arm read at the other's "
+                      "measured L0). `frequency`: the most often firing latents of the same SAE on the attribution "
+                      "split, as many as the distilled core; `none_compute`: no core, trained on as many tokens as "
+                      "the whole distillation (cycles + 1 trainings); `random`: a random core of the same size. "
+                      "One seed: no interval; `dmsae ablate` over seeds gives one.", "", md_table(controls, "{:.4f}")]
         stability = summarise_cosines(cosines)
         if not stability.empty:
             parts += ["", "## The core's decoders across reuse k", "",
@@ -322,7 +359,11 @@ def summary_markdown(cfg: Config, store: AnyStore, p: Plan, table: pd.DataFrame,
                       "and topic tasks; `dense_probe`: all residual dimensions). Definitions: docs/design.md.", "",
                       md_table(interp)]
         parts += ["", "## SAEs on held-out eval tokens", "", md_table(table),
-                  "", "## Seed consistency (mean best decoder cosine)", "", md_table(seed_consistency(store, p, cfg))]
+                  "", "## Seed consistency", "",
+                  "Between the two consistency seeds' SAEs of each arm: the mean best decoder cosine, and the shared "
+                  "fraction of Paulo & Belrose (encoders and decoders Hungarian-matched, shared when both pair a "
+                  "latent with the same latent at cosine >= 0.7) with its chance level.", "",
+                  md_table(seed_consistency(store, p, cfg))]
     if any(store.has(n.stage, n.key) for n in p.of_stage("latents")):
         parts += ["", "## Latent cards", "", "One card per final-core latent and a sample of the others: "
                   "[latents/index.html](latents/index.html)."]
@@ -330,14 +371,23 @@ def summary_markdown(cfg: Config, store: AnyStore, p: Plan, table: pd.DataFrame,
     return "\n".join(parts) + "\n"
 
 
-def render_cards(cfg: Config, node: Node, art: Artifact, out: Path) -> Path:
+def render_cards(cfg: Config, node: Node, art: Artifact, out: Path, store: AnyStore | None = None,
+                 p: Plan | None = None) -> Path:
     """The latent cards' site from a latents artifact; returns its index.html."""
     from dmsae.reports.cards import write_cards
 
     meta = {"run": cfg.name, "sae": node.inputs["train"].label, "model": cfg.model.path, "layer": cfg.harvest.layer,
             "k": cfg.sae.k, "width": cfg.sae.width, "held_out_tokens": art.metrics["n_tokens"]}
-    return write_cards(pd.read_parquet(art.file(readers.LATENTS_FILE)),
-                       pd.read_parquet(art.file(readers.CONTEXTS_FILE)), out, meta)
+    latents = pd.read_parquet(art.file(readers.LATENTS_FILE))
+    if store is not None and p is not None:  # the frequency control core is a set of latents of the same SAE
+        for n in p.of_stage("frequency_core"):
+            if n.inputs["train"].key == node.inputs["train"].key and store.has(n.stage, n.key):
+                idx = set(readers.core(store.load(n.stage, n.key))["indices"].tolist())
+                latents["in_frequency_core"] = latents.latent.isin(idx)
+                m = store.manifest(n.stage, n.key).metrics
+                meta["frequency_core"] = (f"{len(idx)} latents, {int(latents.in_frequency_core.sum())} shown here, "
+                                          f"{m['shared_with_distilled']} in the distilled core")
+    return write_cards(latents, pd.read_parquet(art.file(readers.CONTEXTS_FILE)), out, meta)
 
 
 def write_report(cfg: Config, store: AnyStore, p: Plan, out_dir: Path) -> Path:
@@ -363,7 +413,7 @@ def write_report(cfg: Config, store: AnyStore, p: Plan, out_dir: Path) -> Path:
             cosines.to_parquet(out_dir / "core_decoder_cosines.parquet", index=False)
     cards = [n for n in p.of_stage("latents") if store.has(n.stage, n.key)]
     if cards:
-        render_cards(cfg, cards[0], store.load(cards[0].stage, cards[0].key), out_dir / "latents")
+        render_cards(cfg, cards[0], store.load(cards[0].stage, cards[0].key), out_dir / "latents", store, p)
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(cfg, store, p, table, figures, interp, cosines))
     return summary

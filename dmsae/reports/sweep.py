@@ -68,12 +68,13 @@ def plot_sweep(points: pd.DataFrame, arms: pd.DataFrame, jaccard: pd.DataFrame, 
     axes[0].set_title("Core size across the grid")
     if others:
         axes[0].legend(fontsize=7)
-    styles = {"distilled": "-", "random": ":", "none": "--"}
+    styles = {"distilled": ("-", "o"), "random": (":", "o"), "none": ("--", "o"), "frequency": ("-.", "^"),
+              "none_compute": ("--", "s")}
     for (run, arm), g in arms.groupby(["run", "arm"]) if not arms.empty else []:
         if arm in styles:
             g = g.sort_values("l0")
-            axes[1].plot(g.l0, g.ce_loss_score, styles[arm], marker="o", ms=3,
-                         label=f"{short(run)} {arm}")
+            line, marker = styles[arm]
+            axes[1].plot(g.l0, g.ce_loss_score, line, marker=marker, ms=3, label=f"{short(run)} {arm}")
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("total L0 (eval tokens)")
     axes[1].set_ylabel("CE-loss score")
@@ -106,6 +107,9 @@ def write_sweep_report(store: AnyStore, record: SweepRecord, plans: Mapping[str,
                             "dead_fraction") if c in arms.columns]
         parts += ["## Points: the final core", "", md_table(points), "",
                   "## Reuse arms per point (held-out eval tokens)", "",
+                  "Arms as in docs/design.md: distilled, random and no core at every k; the controls `frequency` "
+                  "(the most often firing latents of the same SAE) and `none_compute` (no core, as many training "
+                  "tokens as the distillation) at `reuse.control_k`.", "",
                   md_table(arms[cols].sort_values(["run", "arm", "k"]), "{:.4f}"), "",
                   "## Final-core Jaccard between points (lineage ids; across seeds they never match)", "",
                   md_table(jaccard.reset_index(names="run")), "", "![the sweep](sweep.png)", ""]

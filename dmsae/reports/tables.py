@@ -12,8 +12,10 @@ from dmsae import readers
 from dmsae.plan import Node, Plan
 from dmsae.stores import AnyStore
 
-ARM_COLORS = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray"}
-ARM_LABELS = {"distilled": "distilled core", "random": "random core", "none": "no core"}
+ARM_COLORS = {"distilled": "tab:blue", "random": "tab:orange", "none": "tab:gray", "frequency": "tab:green",
+              "none_compute": "tab:purple"}
+ARM_LABELS = {"distilled": "distilled core", "random": "random core", "none": "no core",
+              "frequency": "frequency core", "none_compute": "no core, compute-matched"}
 TABLE_COLUMNS = ["sae", "arm", "cycle", "k", "seed", "core_size", "l0", "l0_noncore", "explained_variance", "mse",
                  "cosine", "ce_loss_score", "kl_score", "dead_fraction", "dense_fraction"]
 INTERPRET_COLUMNS = ["absorption_fraction", "absorption_rate", "sparse_probe_k1", "sparse_probe_k2",

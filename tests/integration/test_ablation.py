@@ -44,7 +44,16 @@ def test_report_has_the_matched_tables(ablation):
     rows = pd.read_parquet(out / "ablation.parquet")
     assert set(rows.gate) == {"relu", "topk"} and set(rows.cap) == {"none", "2"}
     matched = pd.read_csv(out / "ablation_matched.csv")
-    assert set(matched.arm) == {"distilled", "random"}
+    assert set(matched.arm) == {"distilled", "random", "frequency", "none_compute"}
+    assert {"d_ce_vs_none_lo", "d_ce_vs_none_hi", "d_ce_vs_none_decision"} <= set(matched.columns)
+    controls = pd.read_csv(out / "controls.csv")
+    assert {"distilled - none", "distilled - none_compute", "distilled - frequency", "distilled - random",
+            "none_compute - none"} == set(controls.comparison)
+    # one seed: a mean and no interval, and the report says so in words
+    # ("no reading" where the tiny arms' L0 curves do not overlap)
+    decisions = set(controls.d_ce_loss_score_decision)
+    assert "one seed: no interval" in decisions and decisions <= {"one seed: no interval", "no reading"}
+    assert "## The controls" in text and "one seed: no interval" in text
     capped = rows[(rows.cap == "2") & (rows.arm == "distilled")]
     uncapped = rows[(rows.cap == "none") & (rows.arm == "distilled")]
     assert (capped.core_size <= 2).all() and (uncapped.core_size > 2).all()
@@ -111,6 +120,25 @@ def test_feature_metrics_are_compared_at_equal_l0_over_seeds():
     table = summarise_features(pd.DataFrame(rows)).set_index(["arm", "k"])
     distilled = table.loc[("distilled", 16)]
     # the no-core curve at L0 16 (halfway in log2 between 8 and 32) reads 0.5 - 0.05 * 4 = 0.3
-    assert distilled["d_absorption_fraction"] == "-0.200 ± 0.141"
-    assert distilled["d_sparse_probe_k1"] == "0.050 ± 0.000" and distilled["seeds"] == 2
+    # the two seeds' differences -0.1 and -0.3: their bootstrap interval is exactly [-0.3, -0.1]
+    assert distilled["d_absorption_fraction"] == "-0.200 [-0.300, -0.100]"
+    assert distilled["d_sparse_probe_k1"] == "+0.050 [+0.050, +0.050]" and distilled["seeds"] == 2
     assert table.loc[("none", 8), "absorption_fraction"] == "0.350 ± 0.000"
+
+
+def test_cross_seed_overlap_of_a_point_with_itself_is_whole(ablation):
+    """The overlap section's sets (distilled core, cycle 0's top c by attribution, frequency core, whole cycle-0
+    dictionary) read from the store: a point paired with itself as another seed shares every latent."""
+    from dmsae.reports.ablation import DISTILLED_SET, FREQUENCY_SET, TOPC_SET, WHOLE_SET, cross_seed_overlap
+
+    _, points = ablation
+    cfg = points[-1]
+    p = plan(cfg)
+    pairs = cross_seed_overlap([(cfg, p), (cfg.model_copy(update={"seed": 1}), p)], Store(cfg.store))
+    assert set(pairs.set) == {DISTILLED_SET, TOPC_SET, FREQUENCY_SET, WHOLE_SET}
+    assert (pairs.shared_fraction == 1.0).all() and (pairs.shared == pairs.size_a).all()
+    assert (pairs.chance < 0.5).all()
+    whole = pairs[pairs.set == WHOLE_SET].iloc[0]
+    assert whole.size_a == 128
+    core = pairs[pairs.set == DISTILLED_SET].iloc[0]
+    assert core.size_a == pairs[pairs.set == TOPC_SET].iloc[0].size_a <= 2  # the cap of the point

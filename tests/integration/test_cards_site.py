@@ -99,6 +99,18 @@ def test_files_and_determinism(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+def test_index_marks_the_frequency_core(tmp_path: Path) -> None:
+    latents, contexts = make_frames()
+    marked = latents.assign(in_frequency_core=latents.latent.isin([42, 7]))
+    index = write_cards(marked, contexts, tmp_path / "f", META).read_text()
+    assert index.count('class="badge frequency"') == 2 and "2 in the frequency control core" in index
+    row = next(line for line in index.splitlines() if 'data-latent="42"' in line)
+    assert 'data-search="42 ' in row and " frequency " in row.split('data-search="')[1].split('"')[0] + " "
+    # without the column the index is as before
+    plain = write_cards(latents, contexts, tmp_path / "p", META).read_text()
+    assert "frequency" not in plain
+
+
 def test_escaping_and_exact_values(tmp_path: Path) -> None:
     latents, contexts = make_frames()
     write_cards(latents, contexts, tmp_path / "site", META)

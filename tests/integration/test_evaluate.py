@@ -311,6 +311,7 @@ def test_evaluate_stage_matches_recomputation_from_the_saved_sae(reuse_run, mode
 def test_every_evaluated_sae_has_its_own_metrics(reuse_run):
     """One evaluation per cycle SAE and per reuse SAE; different SAEs give different reconstructions."""
     evals = reuse_run.plan.of_stage("evaluate")
-    assert len(evals) == reuse_run.cfg.cycles + 3 * (len(reuse_run.cfg.reuse.k) + 1)
+    # the cycles, three arms at each k and the second seed, and the two controls at one k
+    assert len(evals) == reuse_run.cfg.cycles + 3 * (len(reuse_run.cfg.reuse.k) + 1) + 2
     evs = {n.label: reuse_run.store.manifest("evaluate", n.key).metrics["explained_variance"] for n in evals}
     assert len(set(evs.values())) == len(evs), evs

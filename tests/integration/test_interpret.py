@@ -62,7 +62,7 @@ def test_every_evaluated_sae_is_interpreted(interpreted):
     run = interpreted
     evaluated = {n.label.removeprefix("evaluate") for n in run.plan.of_stage("evaluate")}
     interpreted_saes = {n.label.removeprefix("interpret") for n in run.plan.of_stage("interpret")}
-    assert evaluated == interpreted_saes and len(evaluated) == 2 + 3 * 2 + 2 * 3 - 3
+    assert evaluated == interpreted_saes and len(evaluated) == 2 + 3 * 2 + 2 * 3 - 3 + 2  # + the two controls
     probes = run.load("probes").metrics
     assert probes["n_words"] == 0  # the tiny word-level vocabulary ("w00".."w99") has no alphabetic words
     for node in run.plan.of_stage("interpret"):
@@ -149,8 +149,8 @@ def test_probing_without_core_keeps_the_stage_numbers_and_leaves_the_core_out(in
     run = interpreted
     table = probing_without_core(run.cfg, run.store, run.plan, ks=(1, 5))
     cored = [n for n in run.plan.of_stage("interpret")
-             if n.inputs["sae"].stage == "reuse" and n.inputs["sae"].params["arm"] != "none"]
-    assert len(table) == 2 * len(cored) and set(table.arm) == {"distilled", "random"}
+             if n.inputs["sae"].stage == "reuse" and n.inputs["sae"].params["arm"] not in ("none", "none_compute")]
+    assert len(table) == 2 * len(cored) and set(table.arm) == {"distilled", "random", "frequency"}
     for node in cored:
         stage_metrics = run.store.load(node.stage, node.key).metrics
         sae_art = run.store.load("reuse", node.inputs["sae"].key)

@@ -67,13 +67,25 @@ def test_summary_names_the_run_and_its_sections(report_dir, reuse_run):
         assert label in summary
 
 
+def test_summary_has_the_controls(report_dir, reuse_run):
+    summary = (report_dir / "summary.md").read_text()
+    controls = summary.split("## The controls")[1].split("\n## ")[0]
+    for comparison in ("distilled - frequency", "distilled - none_compute", "distilled - random",
+                       "none_compute - none"):
+        assert comparison in controls, comparison
+    assert "shared_fraction" in summary.split("## Seed consistency")[1]
+    table = pd.read_parquet(report_dir / "metrics.parquet")
+    assert {"frequency", "none_compute"} <= set(table.arm)
+
+
 def test_metrics_table_has_one_row_per_evaluation(report_dir, reuse_run):
     table = pd.read_parquet(report_dir / "metrics.parquet")
     cfg = reuse_run.cfg
-    # 2 cycle SAEs + 3 arms x (k=4, k=8, k=8 with the second seed)
-    assert len(table) == cfg.cycles + 3 * (len(cfg.reuse.k) + 1) == 11
+    # 2 cycle SAEs + 3 arms x (k=4, k=8, k=8 with the second seed) + the two controls at k=8
+    assert len(table) == cfg.cycles + 3 * (len(cfg.reuse.k) + 1) + 2 == 13
     assert table["sae"].is_unique
-    assert sorted(table["arm"].value_counts().items()) == [("cycle", 2), ("distilled", 3), ("none", 3), ("random", 3)]
+    assert sorted(table["arm"].value_counts().items()) == [("cycle", 2), ("distilled", 3), ("frequency", 1),
+                                                           ("none", 3), ("none_compute", 1), ("random", 3)]
     for ev in reuse_run.plan.of_stage("evaluate"):
         row = table[table.sae == ev.inputs["sae"].label]
         assert len(row) == 1, ev.label
@@ -82,9 +94,11 @@ def test_metrics_table_has_one_row_per_evaluation(report_dir, reuse_run):
             assert row[col].iloc[0] == pytest.approx(m[col]), (ev.label, col)
     reuse_rows = table[table.arm != "cycle"]
     assert set(zip(reuse_rows.k, reuse_rows.seed, strict=True)) == {(4, 0), (8, 0), (8, 1)}
-    assert (table[table.arm == "none"].core_size == 0).all()
+    assert set(zip(*[table[table.arm.isin(["frequency", "none_compute"])][c] for c in ("k", "seed")],
+                   strict=True)) == {(8, 0)}
+    assert (table[table.arm.isin(["none", "none_compute"])].core_size == 0).all()
     final_size = reuse_run.artifact("select", 1).metrics["core_size"]
-    assert (table[table.arm.isin(["distilled", "random"])].core_size == final_size).all()
+    assert (table[table.arm.isin(["distilled", "random", "frequency"])].core_size == final_size).all()
 
 
 def brute_force_mean_best_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,7 +166,7 @@ def test_cli_report_writes_the_report(reuse_config_yaml, tmp_path, capsys):
     out = tmp_path / "cli-report"
     assert main(["report", str(reuse_config_yaml), "--out", str(out)]) == 0
     assert (out / "summary.md").is_file()
-    assert len(pd.read_parquet(out / "metrics.parquet")) == 11
+    assert len(pd.read_parquet(out / "metrics.parquet")) == 13
     for name in linked_images((out / "summary.md").read_text()):
         check_png(out / name)
     assert str(out) in capsys.readouterr().out

@@ -53,3 +53,25 @@ def test_a_diverged_sae_reads_as_nan_and_stays_off_the_curve():
     d = matched_deltas(table).set_index("k")
     assert d.loc[16, "none_ce_loss_score"] == pytest.approx(0.7 + 0.1 * math.log(24 / 16) / math.log(2))
     assert math.isnan(d.loc[32, "d_ce_loss_score"]) and math.isnan(d.loc[32, "d_explained_variance"])
+
+
+def test_compare_arms_reads_the_arm_with_more_points():
+    """A control at one k is compared with the distilled curve read at the control's L0; with equal counts the
+    reference is read, as matched_deltas does."""
+    from dmsae.eval.l0match import compare_arms
+
+    rows = [{"arm": "distilled", "k": k, "seed": 0, "l0": float(k), "ce_loss_score": s, "explained_variance": 0.5}
+            for k, s in ((16, 0.70), (32, 0.80), (64, 0.90))]
+    rows.append({"arm": "none_compute", "k": 32, "seed": 0, "l0": math.sqrt(16 * 32), "ce_loss_score": 0.72,
+                 "explained_variance": 0.4})
+    d = compare_arms(pd.DataFrame(rows), "distilled", "none_compute")
+    assert len(d) == 1 and d.curve[0] == "distilled" and d.k[0] == 32
+    # the distilled curve halfway in log L0 between 16 and 32 reads 0.75: distilled - control = 0.75 - 0.72
+    assert d.d_ce_loss_score[0] == pytest.approx(0.03)
+    assert d.d_explained_variance[0] == pytest.approx(0.1)
+    assert d.d_ce_loss_score_same_k[0] == pytest.approx(0.80 - 0.72)
+    # three points each: the reference is the curve, as in matched_deltas
+    none = [{**r, "arm": "none", "ce_loss_score": r["ce_loss_score"] - 0.05} for r in rows[:3]]
+    d = compare_arms(pd.DataFrame(rows[:3] + none), "distilled", "none")
+    assert list(d.curve) == ["none"] * 3 and d.d_ce_loss_score.to_numpy() == pytest.approx([0.05] * 3)
+    assert compare_arms(pd.DataFrame(rows[:3]), "distilled", "frequency").empty
