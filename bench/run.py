@@ -44,8 +44,10 @@ NOTES = REPO / "BENCHMARKS.md"  # hand-written; never written here
 
 BENCHES: dict[str, tuple[str, Callable[[Context], list[Row]]]] = {
     "harvest": ("1. Harvest: SmolLM2-135M, layer 15 of 30, context 128, batches of 32 windows", harvest.run),
-    "train": ("2. SAE training: d=576, width 4096, k=32, prefixes [128, 512, 1024, 2048, 4096], batch 4096, fp32",
-              train.run),
+    "train": ("2. SAE training: d=576, width 4096, k=32, prefixes [128, 512, 1024, 2048, 4096], batch 4096, fp32 "
+              "(and the no-core step in fp32 and bf16 against sparsify and dictionary_learning)", train.run),
+    "anchors": ("2b. SAE training in fp32 and bf16: the no-core step against sparsify and dictionary_learning in the "
+                "same precision, d=576, width 4096, k=32, batch 4096", train.run_anchors),
     "attribution": ("3. Attribution: batches of 8 windows of 128 tokens, layer 15", attribution.run),
     "cache": ("4. Cache: the quickstart, fully cached, and a tau branch", cache.run),
     "memory": ("5. Memory: peak RSS at N and 4N tokens, each in a fresh process", memory.run),
@@ -71,6 +73,20 @@ EXPLAIN = {
              "functions. Same lr (5e-4) and a 5 % warm-up / 20 % decay schedule for all. The dmsae rows call "
              "`dmsae.training.train_sae`, the train stage's loop (Adam, gradient projection, clipping, decoder "
              "normalisation, dead-latent and threshold statistics).",
+    "anchors": "Only the comparisons made in each precision (the train benchmark makes them too, after its own "
+               "rows): the no-core dmsae step (`train_sae`, as the train stage runs it; bf16 is "
+               "`precision.sae=bf16`: the encoder matmul under bfloat16 autocast, everything else float32 on float32 "
+               "master weights), dictionary_learning's MatryoshkaBatchTopKTrainer.update and EleutherAI sparsify's "
+               "SparseCoder (driven as its Trainer.fit drives it with optimizer=adam: unit-norm decoder, gradient "
+               "parallel to the decoder rows removed, loss = FVU, no AuxK by its default, Adam), all on the same "
+               "batches with the same lr (5e-4) and schedule (5 % warm-up, 20 % decay), timed per step (median, "
+               "first step excluded). In bf16 each anchor's step runs under `torch.autocast(device, bfloat16)`, the "
+               "context its own trainer puts around it on CUDA (dictionary_learning's trainSAE also casts the batch "
+               "to bfloat16; on CPU both trainers leave autocast off, so bf16 on a CPU is this bench's choice, "
+               "applied alike to all three). FVU: full width, held-out rows, float32, after the last step "
+               "(dictionary_learning and dmsae with the training-time BatchTopK, sparsify with its per-token TopK). "
+               "The encoder matmul is timed in each precision (bf16: both operands already bfloat16) before and "
+               "after the trainers.",
     "attribution": "Per-batch times, interleaved, median over batches (after one warm-up batch). The reference "
                    "runs the model with the layer-15 residual replaced by a leaf that requires grad and "
                    "backpropagates the same summed next-token loss: attribution's cost without the SAE. The ratio "
@@ -231,11 +247,9 @@ def markdown(report: dict, out: Path = GENERATED) -> str:
             lines += READING.get(name, [])
         lines += ["", f"({section['seconds']:.0f} s)", ""]
     lines += ["## Reproduce", "", "```bash",
-              "# the anchors, once, in their own environment (never project dependencies); pip's torchvision",
-              "# does not load against the local torch 2.13.0+cpu and nothing used here needs it",
-              "python3 -m venv bench/.venv",
-              "bench/.venv/bin/pip install torch==2.13.0 sae-lens==6.54.12 dictionary-learning==0.1.0",
-              "bench/.venv/bin/pip uninstall -y torchvision",
+              "# the anchors, once, in their own environment bench/.venv (never project dependencies): the pins of",
+              "# bench/requirements-anchors.txt, CPU torch, torchvision removed (it does not load against it)",
+              "make bench-venv",
               report["command"], "```", ""]
     return "\n".join(lines)
 
@@ -305,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             report["benchmarks"][name] = {"rows": [r.to_dict() for r in rows], "seconds": seconds,
                                           "extra": EXTRA.get(name, lambda _: [])(ctx)}
             log(f"{name}: {seconds:.0f} s")
-        report["raw"] = {"train": ctx.shared.get("train_raw")}
+        report["raw"] = {"train": ctx.shared.get("train_raw"), "anchors": ctx.shared.get("anchors_raw")}
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)

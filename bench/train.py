@@ -1,7 +1,9 @@
 """2. SAE training: the train stage's step (`dmsae.training.train_sae` around `dmsae.sparse_step.train_step`)
-against SAELens's and dictionary_learning's Matryoshka BatchTopK trainers and a plain dense PyTorch step,
-on identical batches of the same harvested activations, compared at equal steps by held-out FVU; and the
-step against one bare encoder matmul of the same shape, timed in the same run."""
+against SAELens's and dictionary_learning's Matryoshka BatchTopK trainers, EleutherAI's sparsify and a plain
+dense PyTorch step, on identical batches of the same harvested activations, compared at equal steps by
+held-out FVU; and the step against one bare encoder matmul of the same shape, timed in the same run. Each
+comparison of `PRECISIONS` is made in one precision on both sides: fp32, and bf16 (the dmsae step with
+`precision.sae=bf16`, the anchors under bfloat16 autocast as their trainers run it)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from bench.common import (
     repeat,
     sync,
 )
-from dmsae import activations, readers
+from dmsae import activations, precision, readers
 from dmsae.config import SAEConfig, TrainConfig
 from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
 from dmsae.training import B_DEC_SAMPLE, Step, build_sae, train_sae
@@ -40,14 +42,19 @@ OTHER_GATES = ("relu_bias", "topk")  # besides relu, each gets a row against rel
 DEFAULT_GATE = SAEConfig().core_gate
 EVAL_ROWS = 2048
 SEED = 0
+PRECISIONS = ("fp32", "bf16")
+MATMUL = "bare encoder matmul [4096x576]@[576x4096]"
 
 
 def sae_params(**overrides: Any) -> dict[str, Any]:
     return SAEConfig(width=WIDTH, k=K, group_fractions=FRACTIONS, **overrides).model_dump()
 
 
-def train_params(steps: int) -> dict[str, Any]:
-    return TrainConfig(batch_size=BATCH).model_dump(exclude={"checkpoint_every"}) | {"log_every": max(1, steps)}
+def train_params(steps: int, precision: str = "fp32") -> dict[str, Any]:
+    """The train stage's parameters; bf16 as the pipeline adds it to the key (`flows.pipeline.sae_precision`)."""
+    extra = {"precision": precision} if precision != "fp32" else {}
+    return (TrainConfig(batch_size=BATCH).model_dump(exclude={"checkpoint_every"}) | {"log_every": max(1, steps)}
+            | extra)
 
 
 def dense_reference_step(sae: MatryoshkaSAE, x: torch.Tensor) -> tuple[StepStats, torch.Tensor, torch.Tensor]:
@@ -149,14 +156,17 @@ def write_batches(folder: Path, pool: np.ndarray, steps: int) -> tuple[torch.Ten
 
 
 def run_dmsae(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, x_eval: torch.Tensor, steps: int,
-              device: str, step_fn: Step | None = None) -> dict[str, Any]:
+              device: str, step_fn: Step | None = None, precision: str = "fp32") -> dict[str, Any]:
     sae.to(device)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(pool[: min(B_DEC_SAMPLE, pool.shape[0])]))  # as dmsae.training.fit
     batches = TimedBatches(pool, idx, device, sae)
-    train_sae(sae, batches, steps, train_params(steps), **({} if step_fn is None else {"step_fn": step_fn}))
+    train_sae(sae, batches, steps, train_params(steps, precision),
+              **({} if step_fn is None else {"step_fn": step_fn}))
     batches.finish()
-    return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device))}
+    # FVU in float32 on the float32 master weights, whatever precision the steps ran in (as for the anchors)
+    return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device)),
+            "precision": precision}
 
 
 PROFILE_STEPS = 4
@@ -180,14 +190,15 @@ def profile_steps(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, ste
             "ops": [(name, ms) for name, ms in ops if ms > 0]}
 
 
-def run_anchor(lib: str, data: Path, ctx: Context, decoder_init_norm: float | None = None) -> dict[str, Any]:
-    out = data / f"{lib}-{decoder_init_norm}.json"
+def run_anchor(lib: str, data: Path, ctx: Context, decoder_init_norm: float | None = None,
+               precision: str = "fp32") -> dict[str, Any]:
+    out = data / f"{lib}-{decoder_init_norm}-{precision}.json"
     cmd = [str(ANCHOR_PYTHON), str(REPO / "bench" / "anchors.py"), "--lib", lib, "--data", str(data),
-           "--out", str(out), "--device", ctx.device, "--threads", str(ctx.threads)]
+           "--out", str(out), "--device", ctx.device, "--threads", str(ctx.threads), "--precision", precision]
     if decoder_init_norm is not None:
         cmd += ["--decoder-init-norm", str(decoder_init_norm)]
     if not ANCHOR_PYTHON.exists():
-        return {"error": f"{ANCHOR_PYTHON} missing; see bench/README in README.md (Benchmarks)"}
+        return {"error": f"{ANCHOR_PYTHON.relative_to(REPO)} missing: make bench-venv (BENCHMARKS.md, Reproduce)"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
@@ -195,27 +206,82 @@ def run_anchor(lib: str, data: Path, ctx: Context, decoder_init_norm: float | No
     return json.loads(out.read_text())
 
 
-def run(ctx: Context) -> list[Row]:
-    mode, device, steps = ctx.mode, ctx.device, ctx.mode.train_steps
-    pool_np, _scale, source = pool_rows(ctx)
+def prepare(ctx: Context) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared batches, written once for every trainer of this run (dmsae in-process, the anchors in
+    bench/.venv): the data folder, the training pool, each step's row indices, the held-out rows."""
+    steps = ctx.mode.train_steps
+    pool_np, scale, source = pool_rows(ctx)
     data = ctx.work / "train-data"
     pool, idx, x_eval = write_batches(data, pool_np, steps)
     del pool_np
+    ctx.shared["sae_scale"] = scale
     meta = {"d": D, "width": WIDTH, "k": K, "prefixes": PREFIXES, "steps": steps, "batch": BATCH, "seed": SEED,
             "lr": train_params(steps)["lr"], "warmup_steps": int(TrainConfig().warmup_fraction * steps),
             "decay_steps": int(TrainConfig().decay_fraction * steps), "layer": LAYER, "model": "SmolLM2-135M"}
     (data / "meta.json").write_text(json.dumps(meta))
     log(f"train: {steps} steps of {BATCH} on {pool.shape[0]} rows from the {source}; {x_eval.shape[0]} held out")
+    return data, pool, idx, x_eval
 
-    x_mm = pool[idx[0]].to(device)
-    w_mm = torch.randn(D, WIDTH, device=device)
-    matmul_s = repeat(lambda: x_mm @ w_mm, mode.matmul_repeats, device, warmup=2)
+
+class Matmuls:
+    """The bare encoder matmul in each precision (bf16: operands already bfloat16, the product's floor under
+    autocast), timed before and after the trainers so that a change of load during the run shows in both."""
+
+    def __init__(self, x: torch.Tensor, device: str, repeats: int):
+        w = torch.randn(D, WIDTH, device=device)
+        self.ops = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+        self.device, self.repeats = device, repeats
+        self.seconds: dict[str, list[float]] = {p: [] for p in self.ops}
+        self.time(warmup=2)
+
+    def time(self, warmup: int = 1) -> None:
+        for p, (a, b) in self.ops.items():
+            self.seconds[p] += repeat(lambda a=a, b=b: a @ b, self.repeats, self.device, warmup=warmup)
+
+    def median(self) -> dict[str, float]:
+        return {p: median(s) for p, s in self.seconds.items()}
+
+
+def precision_runs(ctx: Context, data: Path, pool: torch.Tensor, idx: torch.Tensor, x_eval: torch.Tensor,
+                   results: dict[str, dict[str, Any]]) -> None:
+    """The no-core dmsae step, dictionary_learning's trainer and sparsify's in each of PRECISIONS, on the same
+    batches; adds to `results` whichever of them it does not hold yet."""
+    device, steps = ctx.device, ctx.mode.train_steps
+    for prec in PRECISIONS:
+        key = "dmsae" if prec == "fp32" else f"dmsae-{prec}"
+        if key not in results:
+            log(f"train: dmsae train stage step (no core), {prec}")
+            results[key] = run_dmsae(build_sae(sae_params(), D, None, SEED), pool, idx, x_eval, steps, device,
+                                     precision=prec)
+        for lib in ("dictionary_learning", "sparsify"):
+            key = f"{lib}-None" if (lib, prec) == ("dictionary_learning", "fp32") else f"{lib}-{prec}"
+            if key not in results:
+                log(f"train: anchor {lib}, {prec}")
+                results[key] = run_anchor(lib, data, ctx, precision=prec)
+
+
+def run_anchors(ctx: Context) -> list[Row]:
+    """Only the comparisons in each precision (the `anchors` benchmark): the no-core step in fp32 and bf16
+    against sparsify and dictionary_learning in the same precision and against the matmul in that precision."""
+    data, pool, idx, x_eval = prepare(ctx)
+    mm = Matmuls(pool[idx[0]].to(ctx.device), ctx.device, ctx.mode.matmul_repeats)
+    results: dict[str, dict[str, Any]] = {}
+    precision_runs(ctx, data, pool, idx, x_eval, results)
+    mm.time()
+    ctx.shared["anchors_raw"] = results | {"matmul_seconds": mm.seconds}
+    return precision_rows(results, mm.median(), ctx.mode.train_steps, ctx.device)
+
+
+def run(ctx: Context) -> list[Row]:
+    mode, device, steps = ctx.mode, ctx.device, ctx.mode.train_steps
+    data, pool, idx, x_eval = prepare(ctx)
+    mm = Matmuls(pool[idx[0]].to(device), device, mode.matmul_repeats)
 
     results: dict[str, dict[str, Any]] = {}
     log("train: dmsae train stage step (no core)")
     sae = build_sae(sae_params(), D, None, SEED)
     results["dmsae"] = run_dmsae(sae, pool, idx, x_eval, steps, device)
-    ctx.shared["sae"], ctx.shared["sae_scale"] = sae, _scale
+    ctx.shared["sae"] = sae
     log(f"train: dmsae with a {CORE}-latent core and AuxK")
     core_enc = sae.enc[:, :CORE].detach().clone()
     # the default dead-latent window (100k tokens), shortened to half the run when the run is shorter,
@@ -242,9 +308,10 @@ def run(ctx: Context) -> list[Row]:
     for lib, norm in anchors:
         log(f"train: anchor {lib}" + (f" (decoder_init_norm={norm})" if norm is not None else ""))
         results[f"{lib}-{norm}"] = run_anchor(lib, data, ctx, norm)
-    matmul_s += repeat(lambda: x_mm @ w_mm, mode.matmul_repeats, device, warmup=1)  # before and after
-    ctx.shared["train_raw"] = {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}
-    return rows(results, median(matmul_s), steps, dead_after)
+    precision_runs(ctx, data, pool, idx, x_eval, results)
+    mm.time()  # before and after
+    ctx.shared["train_raw"] = {k: dict(v) for k, v in results.items()} | {"matmul_seconds": mm.seconds}
+    return rows(results, mm.median()["fp32"], steps, dead_after) + precision_rows(results, mm.median(), steps, device)
 
 
 def _timed(r: dict[str, Any]) -> list[float]:
@@ -331,4 +398,68 @@ def rows(results: dict[str, dict[str, Any]], matmul_s: float, steps: int, dead_a
     plain_s = BATCH / ours_tps
     out.append(Row("dmsae step, no core", plain_s * 1000, "ms/step", "bare encoder matmul", matmul_s * 1000,
                    plain_s / matmul_s, note=_aux(ours)))
+    return out
+
+
+def precision_rows(results: dict[str, dict[str, Any]], matmul: dict[str, float], steps: int,
+                   device: str) -> list[Row]:
+    """The rows of issue 25's targets, each precision against the anchors in the same precision."""
+    native, why = precision.native_bf16(device)
+    out: list[Row] = []
+    ours_of = {"fp32": results["dmsae"], "bf16": results["dmsae-bf16"]}
+    for prec in PRECISIONS:
+        ours = ours_of[prec]
+        tps, fvu = _tps(ours), ours["fvu"]
+        assert tps is not None
+        dl = results["dictionary_learning-None" if prec == "fp32" else f"dictionary_learning-{prec}"]
+        sp = results[f"sparsify-{prec}"]
+        what = f"dmsae step, no core, {prec}"
+        if "error" in sp:
+            out.append(Row(f"{what} vs sparsify, {prec}", tps, "tokens/s", "sparsify", target=">= 1.5x",
+                           note=sp["error"]))
+        else:
+            sp_tps = _tps(sp)
+            assert sp_tps is not None
+            out.append(Row(f"{what} vs sparsify {sp['version']} SparseCoder, {prec}", tps, "tokens/s",
+                           f"sparsify, {prec}", sp_tps, tps / sp_tps, ">= 1.5x", tps / sp_tps >= 1.5,
+                           note=f"FVU {fvu:.3f} vs sparsify's {sp['fvu']:.3f} (per-token TopK, no prefixes: "
+                                f"reported, not a target) after {steps} steps; sparsify {_spread(sp)}; "
+                                f"its decoder {sp.get('decoder', '?')}"))
+        if "error" in dl:
+            out.append(Row(f"{what} vs dictionary_learning, {prec}", tps, "tokens/s", "dictionary_learning",
+                           target=">= 4x, FVU <= its + 0.01", note=dl["error"]))
+        else:
+            dl_tps = _tps(dl)
+            assert dl_tps is not None
+            ok = tps / dl_tps >= 4 and fvu <= dl["fvu"] + 0.01
+            bdec = f"; its b_dec ends {dl['b_dec_dtype']}" if prec != "fp32" and "b_dec_dtype" in dl else ""
+            out.append(Row(f"{what} vs dictionary_learning {dl['version']} MatryoshkaBatchTopKTrainer, {prec}", tps,
+                           "tokens/s", f"dictionary_learning, {prec}", dl_tps, tps / dl_tps,
+                           ">= 4x, FVU <= its + 0.01", ok,
+                           note=f"full-width held-out FVU {fvu:.3f} vs {dl['fvu']:.3f} after {steps} steps; "
+                                f"dictionary_learning {_spread(dl)}{bdec}"))
+        step_s = BATCH / tps
+        limit = 2 if prec == "fp32" else 3
+        out.append(Row(what, step_s * 1000, "ms/step", f"{MATMUL}, {prec}", matmul[prec] * 1000,
+                       step_s / matmul[prec], f"<= {limit}x", step_s / matmul[prec] <= limit,
+                       note=f"{_spread(ours)}; {_aux(ours)}"))
+    fp, bf = ours_of["fp32"], ours_of["bf16"]
+    fp_tps, bf_tps = _tps(fp), _tps(bf)
+    assert fp_tps is not None and bf_tps is not None
+    dfvu = bf["fvu"] - fp["fvu"]
+    applies = native or device.startswith("cuda")
+    out.append(Row("dmsae step, no core, bf16 vs fp32", bf_tps, "tokens/s", "the same step in fp32", fp_tps,
+                   bf_tps / fp_tps, ">= 2x on a CPU with AMX, |dFVU| <= 0.005",
+                   (bf_tps / fp_tps >= 2 and abs(dfvu) <= 0.005) if applies else None,
+                   note=f"dFVU {dfvu:+.4f} (FVU {bf['fvu']:.4f} vs {fp['fvu']:.4f}); {why}; matmul alone "
+                        f"{matmul['fp32'] / matmul['bf16']:.2f}x faster in bf16"))
+    for lib, label in (("sparsify", "sparsify"), ("dictionary_learning", "dictionary_learning")):
+        a = results["dictionary_learning-None"] if lib == "dictionary_learning" else results["sparsify-fp32"]
+        b = results[f"{lib}-bf16"]
+        if "error" in a or "error" in b:
+            continue
+        a_tps, b_tps = _tps(a), _tps(b)
+        assert a_tps is not None and b_tps is not None
+        out.append(Row(f"{label} step, bf16 autocast vs fp32", b_tps, "tokens/s", f"{label}, fp32", a_tps,
+                       b_tps / a_tps, note=f"FVU {b['fvu']:.4f} vs {a['fvu']:.4f}"))
     return out

@@ -1,0 +1,59 @@
+"""bench/train.py's rows for issue 25's anchor targets: each precision against the anchors in the same precision,
+PASS/MISS from the measured ratios and FVUs, and the bf16-vs-fp32 target judged only where bf16 is native."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import train
+
+
+def result(step_ms: float, fvu: float, **extra: Any) -> dict[str, Any]:
+    return {"step_seconds": [1.0] + [step_ms / 1000] * 4, "n_dead": [0] * 5, "fvu": fvu, "version": "x", **extra}
+
+
+def results(ours_fp32: float = 250, ours_bf16: float = 120, dl_fvu: float = 0.30) -> dict[str, dict[str, Any]]:
+    return {"dmsae": result(ours_fp32, 0.300), "dmsae-bf16": result(ours_bf16, 0.302),
+            "dictionary_learning-None": result(1500, dl_fvu), "dictionary_learning-bf16": result(900, dl_fvu),
+            "sparsify-fp32": result(400, 0.25, decoder="eager_decode"), "sparsify-bf16": result(300, 0.25)}
+
+
+def by_what(rows: list[train.Row]) -> dict[str, train.Row]:
+    return {r.what.split(" SparseCoder")[0].split(" MatryoshkaBatchTopKTrainer")[0]: r for r in rows}
+
+
+def test_rows_per_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.precision, "native_bf16", lambda device: (True, "the CPU has AMX (amx_bf16)"))
+    rows = by_what(train.precision_rows(results(), {"fp32": 0.100, "bf16": 0.030}, 200, "cpu"))
+    sp = rows["dmsae step, no core, fp32 vs sparsify x"]
+    assert sp.ratio == pytest.approx(1.6) and sp.passed
+    dl = rows["dmsae step, no core, bf16 vs dictionary_learning x"]
+    assert dl.ratio == pytest.approx(7.5) and dl.passed
+    fp32, bf16 = rows["dmsae step, no core, fp32"], rows["dmsae step, no core, bf16"]  # vs the matmul
+    assert fp32.ratio == pytest.approx(2.5) and fp32.passed is False  # <= 2x
+    assert bf16.ratio == pytest.approx(4.0) and bf16.passed is False  # <= 3x
+    speed = rows["dmsae step, no core, bf16 vs fp32"]
+    assert speed.ratio == pytest.approx(250 / 120) and speed.passed  # >= 2x and |dFVU| 0.002
+
+
+def test_fvu_worse_than_dictionary_learning_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.precision, "native_bf16", lambda device: (True, "AMX"))
+    rows = by_what(train.precision_rows(results(dl_fvu=0.28), {"fp32": 0.1, "bf16": 0.03}, 200, "cpu"))
+    assert rows["dmsae step, no core, fp32 vs dictionary_learning x"].passed is False  # 0.300 > 0.28 + 0.01
+
+
+def test_bf16_target_not_judged_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.precision, "native_bf16", lambda device: (False, "no amx_bf16"))
+    rows = by_what(train.precision_rows(results(), {"fp32": 0.1, "bf16": 0.03}, 200, "cpu"))
+    assert rows["dmsae step, no core, bf16 vs fp32"].passed is None
+
+
+def test_anchor_error_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.precision, "native_bf16", lambda device: (True, "AMX"))
+    res = results()
+    res["sparsify-bf16"] = {"error": "sparsify exited 1: boom"}
+    rows = train.precision_rows(res, {"fp32": 0.1, "bf16": 0.03}, 200, "cpu")
+    failed = [r for r in rows if r.note == "sparsify exited 1: boom"]
+    assert len(failed) == 1 and failed[0].passed is None and failed[0].ratio is None
