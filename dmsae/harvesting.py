@@ -121,12 +121,16 @@ def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any],
     for i in range(first_batch, n_batches):
         ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
         h = lm.residual_upto(model, ids, layer)
-        if not torch.isfinite(h[ids != bos]).all():
+        # the row norms the outlier filter needs, computed once: a NaN or inf anywhere in a row makes its norm
+        # NaN or inf, so they are also the finite check (one pass fewer over the batch than checking every entry)
+        real = ids != bos
+        norms = h.float().norm(dim=-1)
+        if not torch.isfinite(norms[real]).all():
             raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; "
                             "check model.dtype (float32 is safest) and the model weights")
         if i == 0 and measure_threshold:  # the median of the first batch fixes the threshold for the whole harvest
-            threshold = norm_threshold(h[ids != bos].norm(dim=-1), params["outlier_factor"])
-        rows = h[lm.kept_positions(h, ids, bos, threshold)].float().cpu().numpy()
+            threshold = norm_threshold(h[real].norm(dim=-1), params["outlier_factor"])
+        rows = h[lm.kept_positions(h, ids, bos, threshold, norms)].float().cpu().numpy()
         batch_sums.append(float(np.square(rows, dtype=np.float64).sum()))
         writer.append(rows.astype(params["store_dtype"], copy=False))
         if rt.checkpoint_dir is not None:

@@ -109,11 +109,12 @@ def splice(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iter
         handle.remove()
 
 
-def kept_positions(h: Tensor, ids: Tensor, bos: int, norm_threshold: float) -> Tensor:
+def kept_positions(h: Tensor, ids: Tensor, bos: int, norm_threshold: float, norms: Tensor | None = None) -> Tensor:
     """Positions whose residual the SAE models: not BOS, and not a massive-activation outlier whose
     norm exceeds `norm_threshold` (the harvest stage's factor x median norm). Everywhere else the
-    model keeps its own activation: in harvest, attribution and evaluation alike."""
-    return (ids != bos) & (h.float().norm(dim=-1) <= norm_threshold)
+    model keeps its own activation: in harvest, attribution and evaluation alike. `norms`: the rows'
+    float32 norms, `h.float().norm(dim=-1)`, when the caller has them already."""
+    return (ids != bos) & ((h.float().norm(dim=-1) if norms is None else norms) <= norm_threshold)
 
 
 def token_losses(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
