@@ -78,8 +78,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cached = {n.label for n in p.nodes if store.has(n.stage, n.key)}
     print(f"config '{cfg.name}' is valid; store {store.location}; device {cfg.device}")
     print(f"{len(p.nodes)} stages: {len(cached)} cached, {len(p.nodes) - len(cached)} to compute")
+    width = max([36, *(len(n.label) for n in p.nodes)])
     for n in p.nodes:
-        print(f"  {'cached ' if n.label in cached else 'compute'}  {n.label:<36} {n.key}")
+        print(f"  {'cached ' if n.label in cached else 'compute'}  {n.label:<{width}} {n.key}")
     return 0
 
 
@@ -120,8 +121,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = status_rows(store_for(cfg), plan(cfg), stage_detail)
         done = sum(r["state"] == "done" for r in rows)
         print(f"run '{cfg.name}' (store {cfg.store}): {done}/{len(rows)} stages done")
+        width = max([32, *(len(r["stage"]) for r in rows)])  # labels of the control arms run longer
         for r in rows:
-            print(f"  {r['stage']:<32} {r['state']:<8} {r['key']}  {r['detail']}")
+            print(f"  {r['stage']:<{width}} {r['state']:<8} {r['key']}  {r['detail']}")
         return 0
     store = open_store(args.store)
     records = store.read_runs()
@@ -196,8 +198,9 @@ def cmd_converge(args: argparse.Namespace) -> int:
     from dmsae.config import load_config
     from flows.convergence import parse_ints, run_convergence, study_points
 
+    budgets, seeds = parse_ints("--budgets", args.budgets), parse_ints("--seeds", args.seeds)
     base = load_config(args.config, args.set)
-    points = study_points(base, parse_ints("--budgets", args.budgets), parse_ints("--seeds", args.seeds))
+    points = study_points(base, budgets, seeds)
     setup_torch(base)
     _quiet_prefect()
     command = " ".join(["dmsae converge", args.config, "--budgets", args.budgets, "--seeds", args.seeds,

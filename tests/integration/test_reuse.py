@@ -416,3 +416,19 @@ def test_control_arms_without_reuse_k_are_refused(make_config, tmp_path):
         make_config(tmp_path, "reuse.arms=[distilled, frequency]")
     assert "\n" not in str(e.value) and "arms" in str(e.value)
     make_config(tmp_path)  # the default arms with no reuse.k: nothing to train, nothing refused
+
+
+def test_status_and_check_show_the_controls(reuse_config_yaml, capsys):
+    from flows.cli import main
+
+    assert main(["status", str(reuse_config_yaml)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert "done" in lines["frequency_core"] and "shared with the distilled core" in lines["frequency_core"]
+    assert "3 trainings" in lines["reuse[none_compute,k=8,seed=0]"]
+    assert lines["evaluate[none_compute,k=8,seed=0]"].split()[1] == "done"  # the column holds for long labels
+    assert main(["check", str(reuse_config_yaml)]) == 0
+    out = capsys.readouterr().out
+    planned = {line.split()[1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    for label in ("frequency_core", "reuse[frequency,k=8,seed=0]", "reuse[none_compute,k=8,seed=0]"):
+        assert planned[label] == "cached", label
