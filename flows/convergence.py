@@ -38,6 +38,8 @@ def point_config(base: Config, epochs: int, seed: int) -> Config:
     data["cycles"] = 1
     data["seed"] = seed
     data["train"]["epochs"] = epochs
+    if not data["reuse"]["k"]:  # the plan evaluates cycle SAEs only beside reuse arms (never run here, no key)
+        data["reuse"]["k"] = [data["sae"]["k"]]
     return Config.model_validate(data)
 
 
