@@ -221,15 +221,16 @@ def test_run_publishes_summary_metrics_and_progress_artifacts(server: Server, cl
         rows = json.loads(metrics.data) if isinstance(metrics.data, str) else metrics.data
         evaluated = sorted(label.removeprefix("evaluate[").removesuffix("]") for label in cli_runs.labels
                            if label.startswith("evaluate["))
-        assert len(rows) == len(evaluated) == 5  # cycles 0 and 1 + the three arms at k=6
-        assert {"train[0]", "train[1]", "reuse[distilled,k=6,seed=0]"} <= {row["sae"] for row in rows}
+        assert len(rows) == len(evaluated) == 7  # cycles 0 and 1 + the five arms at k=6 (two of them controls)
+        assert {"train[0]", "train[1]", "reuse[distilled,k=6,seed=0]", "reuse[frequency,k=6,seed=0]",
+                "reuse[none_compute,k=6,seed=0]"} <= {row["sae"] for row in rows}
 
     # progress artifacts only for work that ran: two trainings in the first run, none in the cached one
     progress = artifacts(server, cli_runs.first, "progress-train")
     assert len(progress) == 2
     assert all(a.type == "progress" and float(a.data) == pytest.approx(100.0) for a in progress), progress
     assert {a.description.split()[0] for a in progress} == {"train[0]", "train[1]"}
-    assert len(artifacts(server, cli_runs.first, "progress-reuse")) == 3
+    assert len(artifacts(server, cli_runs.first, "progress-reuse")) == 5  # the three arms and the two controls
     assert artifacts(server, cli_runs.second, "progress-train") == []
 
 

@@ -25,10 +25,10 @@ GRID = ["--grid", "selection.tau=0.5,0.9", "--grid", "selection.max_core=2,4"]
 
 
 def write_base(make_config, root: Path, *extra: str) -> Path:
-    # 6 epochs: a training long enough (seconds) that two points' trainings overlap on the two workers rather
+    # 12 epochs: a training long enough (seconds) that two points' trainings overlap on the two workers rather
     # than being serialised by the orchestration's own per-task latency (tenths of a second)
     cfg = make_config(root / "store", f"report_dir={root / 'reports'}", "threads=1", "train.checkpoint_every=8",
-                      "train.epochs=6", *extra)
+                      "train.epochs=12", *extra)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
