@@ -77,6 +77,7 @@ def test_writes_wait_out_a_server_restart_and_a_repeated_create_finds_its_own_wr
                                                      "secret_access_key": SECRET_KEY})
         tag = c.put("lease", b"v1")
         c.put("old", b"old")
+        c.put("gone", b"to delete")
         c.create("theirs", b"someone else")
         (tmp_path / "upload").write_bytes(b"x" * 100_000)
         calls = {  # each of these failed in one line with the server away for 3 s before the client waited
@@ -84,7 +85,7 @@ def test_writes_wait_out_a_server_restart_and_a_repeated_create_finds_its_own_wr
             "create": lambda: c.create("new", b"new"),
             "put_if_unchanged": lambda: c.put_if_unchanged("lease", b"v2", tag),
             "get": lambda: c.get("old"),
-            "delete": lambda: c.delete("old"),
+            "delete": lambda: c.delete("gone"),
             "list": lambda: sorted(m["path"] for m in c.list("ckpt")),
         }
         server.stop()
@@ -97,7 +98,7 @@ def test_writes_wait_out_a_server_restart_and_a_repeated_create_finds_its_own_wr
             restart.join()
         assert results["get"] == b"old" and results["put_if_unchanged"] not in ("", tag)
         assert c.get("ckpt/state") == b"x" * 100_000 and c.get("new") == b"new" and c.get("lease") == b"v2"
-        assert not c.exists("old")
+        assert not c.exists("gone") and c.exists("old")
         # the first attempt of each create below loses its answer: "mine" after landing, "theirs" before
         first_attempt = {"mine": True, "theirs": True}
         real_call = ObjectClient._call
