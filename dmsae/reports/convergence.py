@@ -75,7 +75,7 @@ def flattens(curve: pd.Series, budgets: list[int], metric: str) -> str:
     values = [curve.get(b) for b in budgets]
     for i in range(len(budgets) - 1):
         a, b = values[i], values[i + 1]
-        if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        if a is None or b is None or math.isnan(a) or math.isnan(b):  # a budget not finished yet
             continue
         if abs(b - a) < FLAT[metric]:
             return f"flat from {budgets[i]} epoch(s) on ({a:.4f} -> {b:.4f} at {budgets[i + 1]})"
