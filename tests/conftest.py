@@ -312,3 +312,12 @@ def s3_url(s3_env) -> str:
     import uuid
 
     return f"s3://dmsae/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real `prefect server start` on loopback, shared by the tests of a session (tests/prefectserver.py)."""
+    from tests.prefectserver import start_prefect_server
+
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-server-home")) as server:
+        yield server

@@ -33,6 +33,11 @@ def study_nodes(p: Plan) -> tuple[Node, Node]:
     return train, evaluate
 
 
+def whole(x: float) -> int | float:
+    """An integral number as an int (tables print it without decimals)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def point_rows(points: list[Point], store: AnyStore) -> pd.DataFrame:
     """One row per point the store has evaluated: epochs, seed, tokens trained, and its held-out metrics."""
     rows: list[dict[str, Any]] = []
@@ -44,10 +49,11 @@ def point_rows(points: list[Point], store: AnyStore) -> pd.DataFrame:
         m = store.manifest("evaluate", evaluate.key).metrics
         n_tokens = int(store.manifest("harvest", harvest.key).metrics["n_tokens"])
         ev = m.get("explained_variance")
-        rows.append({"epochs": cfg.train.epochs, "seed": cfg.seed, "tokens": cfg.train.epochs * n_tokens,
+        seconds = store.manifest("train", train.key).timings.get("seconds")
+        rows.append({"epochs": whole(cfg.train.epochs), "seed": cfg.seed, "tokens": whole(cfg.train.epochs * n_tokens),
                      "fvu": None if ev is None else 1.0 - ev, "ce_loss_score": m.get("ce_loss_score"),
                      "dead_fraction": m.get("dead_fraction"), "l0": m.get("l0"),
-                     "seconds": store.manifest("train", train.key).timings.get("seconds")})
+                     "train_seconds": None if seconds is None else round(seconds)})
     return pd.DataFrame(rows)
 
 
@@ -63,7 +69,7 @@ def overlap_rows(points: list[Point], store: AnyStore) -> pd.DataFrame:
             continue
         (a, _), (b, _) = (readers.load_sae(store.load("train", t.key)) for t in trains)
         o = dictionary_overlap(a.enc.T, a.dec, b.enc.T, b.dec)
-        rows.append({"epochs": epochs, "overlap": o.fraction, "agree": o.agree / o.matched,
+        rows.append({"epochs": whole(epochs), "overlap": o.fraction, "agree": o.agree / o.matched,
                      "encoder_cosine": o.mean_encoder_cosine, "decoder_cosine": o.mean_decoder_cosine,
                      "chance": chance_overlap(o.n_a, o.n_b, a.dec.shape[1])})
     return pd.DataFrame(rows)

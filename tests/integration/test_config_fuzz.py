@@ -56,6 +56,11 @@ def values_for(ann: typing.Any) -> list[str]:
         return out
     if origin is typing.Literal:
         return [str(a) for a in args] + ["nope", "''"]
+    if origin is list and args and typing.get_origin(args[0]) is typing.Literal:
+        # a list of choices (reuse.arms): subsets of them, a repeat, an unknown choice, the empty list
+        choices = [str(a) for a in typing.get_args(args[0])]
+        return ["[]", f"[{choices[0]}]", f"[{', '.join(choices)}]", f"[{', '.join(choices[:2])}]",
+                f"[{choices[-1]}]", f"[{choices[0]}, {choices[0]}]", "[nope]", choices[0]]
     if origin is list:
         return LISTS_OF_FLOATS if args and args[0] is float else LISTS_OF_INTS
     if ann is bool:

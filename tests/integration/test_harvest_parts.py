@@ -5,7 +5,6 @@ byte-identical to the same config harvested in one part."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -78,14 +77,15 @@ def test_a_harvest_without_its_parts_attached_is_refused(parted_run):
         readers.harvest_array(harvest)
 
 
-def test_a_killed_part_resumes_on_its_own_and_the_others_are_not_redone(make_config, parted_run, tmp_path):
+def test_a_killed_part_resumes_on_its_own_and_the_others_are_not_redone(make_config, parted_run, tmp_path,
+                                                                        prefect_server):
     store = tmp_path / "store"
     cfg = make_config(store, f"harvest.parts={PARTS}", "harvest.shard_chunks=2", "cycles=1", "reuse.k=[]",
                       "interpret.enabled=false", f"report_dir={tmp_path / 'reports'}")
     config = tmp_path / "parts.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO",
-           "PYTHONPATH": str(REPO)}
+    # the session's Prefect server: the runs do not start temporary ones (a SIGKILL of the run is what is tested)
+    env = {**prefect_server.env, "PREFECT_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(REPO)}
     outputs = []
     for kill_at in ("harvest_part[part=1]:batch:2", None):
         run_env = {**env, "DMSAE_KILL_AT": kill_at} if kill_at else {k: v for k, v in env.items()
@@ -106,14 +106,14 @@ def test_a_killed_part_resumes_on_its_own_and_the_others_are_not_redone(make_con
         assert s.manifest(node.stage, node.key).files == parted_run.store.manifest(ref.stage, ref.key).files
 
 
-def test_parts_on_two_dask_workers_give_the_one_process_bytes(make_config, parted_run, tmp_path):
+def test_parts_on_two_dask_workers_give_the_one_process_bytes(make_config, parted_run, tmp_path, prefect_server):
     store = tmp_path / "store"
     cfg = make_config(store, f"harvest.parts={PARTS}", "harvest.shard_chunks=2", "cycles=1", "reuse.k=[]",
                       "interpret.enabled=false", "runner=dask", "dask.workers=2", f"report_dir={tmp_path / 'r'}")
     config = tmp_path / "parts.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "DMSAE_KILL_AT"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env = {k: v for k, v in prefect_server.env.items() if k != "DMSAE_KILL_AT"}
+    env.update(PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=600, start_new_session=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

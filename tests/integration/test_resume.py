@@ -2,8 +2,10 @@
 and twice between writing an artifact and publishing it), restarted each time, ends with artifacts
 byte-identical to an uninterrupted run, and never redoes a completed stage.
 
-Five kills come from crash points (`DMSAE_KILL_AT`, a real SIGKILL of the process group, ephemeral
-Prefect server included); one comes from outside, the moment a training checkpoint appears on disk.
+Five kills come from crash points (`DMSAE_KILL_AT`, a real SIGKILL of the process group); one comes from
+outside, the moment a training checkpoint appears on disk. The runs report to the session's Prefect server, as a
+user watching the UI runs them (the killed runs' flow runs stay "Running" there); test_s3_cli kills runs together
+with the temporary server a command starts on its own.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ KILLS = [  # (crash point or "poll", what the next run must say it resumed)
 RUN_TIMEOUT_S = 300
 
 
-def start_run(config: Path, prefect_home: Path, kill_at: str | None) -> subprocess.Popen:
+def start_run(config: Path, server_env: dict[str, str], kill_at: str | None) -> subprocess.Popen:
     # INFO: dmsae's notices inside a stage reach the console through Prefect's print logging
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_LOGGING_LEVEL": "INFO"}
+    env = {**server_env, "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("DMSAE_KILL_AT", None)
     if kill_at is not None and kill_at != "poll":
         env["DMSAE_KILL_AT"] = kill_at
-    # a session of its own: a kill takes the CLI and its ephemeral Prefect server together
+    # a session of its own: a kill takes the CLI and every process it started
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -63,7 +65,7 @@ def complete_manifests(store: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(make_config, tmp_path_factory):
+def killed_and_resumed(make_config, tmp_path_factory, prefect_server):
     root = tmp_path_factory.mktemp("resume")
     store = root / "store"
     cfg = make_config(store, "train.checkpoint_every=8", "retries=0")
@@ -72,7 +74,7 @@ def killed_and_resumed(make_config, tmp_path_factory):
     outputs, returncodes, completed_before = [], [], []
     for kill_at, _ in [*KILLS, (None, None)]:
         completed_before.append(complete_manifests(store))
-        proc = start_run(config, root / "prefect-home", kill_at)
+        proc = start_run(config, prefect_server.env, kill_at)
         if kill_at == "poll":
             kill_when_checkpoint_appears(proc, store)
         try:

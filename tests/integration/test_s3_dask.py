@@ -100,22 +100,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# a Prefect home of this module's own: its flow runs (killed sweeps among them) stay out of the session's, which
-# other tests read back (test_sweep.py's concurrent task runs)
+# a Prefect home of this module's own (the API is the session's Prefect server): nothing of it mixes with the
+# in-process Prefect of the test session, which other tests read back (test_sweep.py's concurrent task runs)
 MODULE_PREFECT_HOME = tempfile.mkdtemp(prefix="dmsae-s3dask-prefect-")
 atexit.register(shutil.rmtree, MODULE_PREFECT_HOME, True)
 
 
-def process_env(s3_server, **extra: str) -> dict[str, str]:
+def process_env(s3_server, prefect_server, **extra: str) -> dict[str, str]:
     """This module's environment (its own PREFECT_HOME, telemetry off, offline), the S3 server's endpoint and
-    keys, 3 s leases, and `extra`; no store, cache or Prefect API of the parent's. Prefect logs at INFO: a stage's
-    own lines ("resuming ...", "took over an expired lease", "waiting for it") are Prefect INFO logs."""
+    keys, 3 s leases, the session's Prefect server as the API (so no command starts a temporary server of its
+    own), and `extra`; no store or cache of the parent's. Prefect logs at INFO: a stage's own lines ("resuming
+    ...", "took over an expired lease", "waiting for it") are Prefect INFO logs."""
     env = {**os.environ, **s3_server.env(), "DMSAE_LEASE_SECONDS": LEASE_S, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": MODULE_PREFECT_HOME}
-    for name in ("DMSAE_KILL_AT", "DMSAE_CACHE", "DMSAE_STORE", "PREFECT_API_URL"):
+    for name in ("DMSAE_KILL_AT", "DMSAE_CACHE", "DMSAE_STORE"):
         env.pop(name, None)
-    return {**env, **extra}
+    return {**env, "PREFECT_API_URL": prefect_server.api_url, **extra}
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Cluster:
 
     root: Path
     s3_server: object
+    prefect_server: object
     procs: Procs
     address: str = ""
     workers: dict[str, Worker] = field(default_factory=dict)
@@ -140,7 +142,8 @@ class Cluster:
         port = free_port()
         self.address = f"tcp://127.0.0.1:{port}"
         self.procs.start("scheduler", [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--no-dashboard"], process_env(self.s3_server), self.root / "scheduler")
+                                       "--no-dashboard"], process_env(self.s3_server, self.prefect_server),
+                         self.root / "scheduler")
 
     def add_workers(self, *names: str) -> None:
         for name in names:
@@ -148,7 +151,7 @@ class Cluster:
             proc = self.procs.start(name, [DASK, "worker", self.address, "--name", name, "--nworkers", "1",
                                            "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
                                            "--local-directory", str(scratch), "--death-timeout", "60"],
-                                    process_env(self.s3_server, DMSAE_CACHE=str(cache)), scratch)
+                                    process_env(self.s3_server, self.prefect_server, DMSAE_CACHE=str(cache)), scratch)
             self.workers[name] = Worker(name, proc, cache, scratch)
         self.wait_for(names)
 
@@ -178,10 +181,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def dask_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
+def dask_cluster(s3_server, prefect_server, tmp_path_factory) -> Iterator[Cluster]:
     """A scheduler and two workers, worker-a and worker-b, for this module's sweeps."""
     root = tmp_path_factory.mktemp("s3dask-cluster")
-    cluster = Cluster(root, s3_server, Procs(root / "logs"))
+    cluster = Cluster(root, s3_server, prefect_server, Procs(root / "logs"))
     try:
         cluster.start_scheduler()
         cluster.add_workers("worker-a", "worker-b")
@@ -243,10 +246,11 @@ def write_base(make_config, root: Path, url: str) -> Path:
     return path
 
 
-def sweep_env(s3_server, root: Path) -> dict[str, str]:
-    """The sweep command's environment: a cache of its own, and Prefect at WARNING (the test default): at INFO the
-    command waits about 70 s at exit sending its last logs to the temporary Prefect server it already stopped."""
-    return process_env(s3_server, DMSAE_CACHE=str(root / "sweep-cache"), PREFECT_LOGGING_LEVEL="WARNING")
+def sweep_env(s3_server, prefect_server, root: Path) -> dict[str, str]:
+    """The sweep command's environment: a cache of its own, and Prefect at WARNING (the test default; the stages'
+    own lines are read from the workers' logs)."""
+    return process_env(s3_server, prefect_server, DMSAE_CACHE=str(root / "sweep-cache"),
+                       PREFECT_LOGGING_LEVEL="WARNING")
 
 
 def sweep_command(config: Path, address: str) -> list[str]:
@@ -269,7 +273,7 @@ def swept(dask_cluster, s3_server, make_config, tmp_path_factory):
     procs = Procs(root / "logs")
     try:
         proc = procs.start("sweep", sweep_command(config, dask_cluster.address),
-                           sweep_env(s3_server, root), root / "sweep-cwd")
+                           sweep_env(s3_server, dask_cluster.prefect_server, root), root / "sweep-cwd")
         code, out = procs.finish("sweep", proc, RUN_TIMEOUT_S)
     finally:
         procs.kill_all()
@@ -335,7 +339,7 @@ def killed(dask_cluster, s3_server, make_config, tmp_path_factory):
     config = write_base(make_config, root, url)
     probe = remote(url, s3_server, root / "probe-cache")
     cycle1 = {n.key for cfg in point_configs(make_config, url, root) for n in plan(cfg).nodes if n.label == "train[1]"}
-    env = sweep_env(s3_server, root)
+    env = sweep_env(s3_server, dask_cluster.prefect_server, root)
     procs = Procs(root / "logs")
     try:
         first = procs.start("sweep-1", sweep_command(config, dask_cluster.address), env, root / "sweep-cwd")
@@ -409,7 +413,7 @@ def computed_labels(out: str) -> list[str]:
     return listed.split(", ") if int(n) else []
 
 
-def test_two_runs_racing_one_key_compute_it_once(s3_server, make_config, reference, tmp_path):
+def test_two_runs_racing_one_key_compute_it_once(s3_server, prefect_server, make_config, reference, tmp_path):
     """Both runs are started while this test holds the first stage's lease; once both wait for it, it is released,
     so both race for that key (and then for every later one)."""
     url = f"s3://dmsae/race-{uuid.uuid4().hex[:12]}"
@@ -426,8 +430,9 @@ def test_two_runs_racing_one_key_compute_it_once(s3_server, make_config, referen
         held.enter_context(store.lock(first.stage, first.key))
         try:
             runs = [procs.start(name, [sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"],
-                                # like two machines: a cache and a Prefect home each; a lease no stall outlives
-                                process_env(s3_server, DMSAE_CACHE=str(tmp_path / name / "cache"),
+                                # like two machines: a cache and a Prefect home each (one Prefect server, as a
+                                # team shares one); a lease no stall outlives
+                                process_env(s3_server, prefect_server, DMSAE_CACHE=str(tmp_path / name / "cache"),
                                             DMSAE_LEASE_SECONDS="30",
                                             PREFECT_HOME=str(tmp_path / name / "prefect-home")),
                                 tmp_path / name / "cwd") for name in RACERS]

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,12 +19,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 import yaml
 
+from tests.prefectserver import PREFECT, Server, ctrl_c_as_in_a_terminal, stop_process, wait_for
+
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = Path(sys.executable).parent / "prefect"
 FLOW_NAME = "dmsae-distill"
 CRON = "0 3 * * *"
 # one reuse k with a single seed (seed 1 dropped: consistency_seeds needs two entries, both 0 here), so
@@ -34,91 +32,10 @@ CRON = "0 3 * * *"
 SERVER_OVERRIDES = ["reuse.k=[6]", "reuse.consistency_seeds=[0, 0]", "threads=1"]
 
 
-@dataclass
-class Server:
-    api_url: str
-    env: dict[str, str]  # environment for processes that talk to this server
-    log: Path
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT back to its default in the child. A suite started in the background by a non-interactive
-    shell (`make test &`, as CI may) inherits SIGINT ignored, and Python then never turns it into
-    KeyboardInterrupt: the Ctrl-C this test sends would be lost."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20.0,
-          dump_stacks: bool = False) -> None:
-    """Signal the whole process group (servers and runners start children), then kill what is left.
-    `dump_stacks`: a leader still running after the grace gets SIGUSR1 first (`dmsae serve` prints its
-    threads' stacks to its log on it), so a hang leaves the place where it hung."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            if dump_stacks:
-                os.kill(proc.pid, signal.SIGUSR1)
-                time.sleep(2)
-        except ProcessLookupError:
-            return
-    try:  # children may outlive a leader that exited on the signal
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def _wait_for(check: Callable[[], Any], timeout: float, what: str, alive: subprocess.Popen[bytes] | None = None,
-              log: Path | None = None, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:] if log else ""
-            pytest.fail(f"{what}: the process exited with code {alive.returncode}\n{tail}")
-        time.sleep(every)
-    tail = log.read_text(errors="replace")[-4000:] if log else ""
-    pytest.fail(f"{what}: not within {timeout:.0f} s\n{tail}")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",  # the UI is not tested here; skip its build
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    api_url = f"http://127.0.0.1:{port}/api"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait_for(healthy, 120, "prefect server start", alive=proc, log=log)
-        yield Server(api_url, {**env, "PREFECT_API_URL": api_url}, log)
-    finally:
-        _stop(proc)
+def server(prefect_server: Server) -> Server:
+    """The session's Prefect server (conftest), which test_resume's runs may have used before."""
+    return prefect_server
 
 
 @contextmanager
@@ -244,7 +161,7 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
             [sys.executable, "-m", "flows.cli", "serve", str(cli_runs.config_path), "--cron", CRON,
              "--name", "tiny-nightly"],
             env=server.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_ctrl_c_as_in_a_terminal)
+            preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         def deployment() -> Any:
             with client(server) as c:
@@ -253,7 +170,7 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
                 except ObjectNotFound:
                     return None
 
-        dep = _wait_for(deployment, 120, "dmsae serve: deployment registered", alive=proc, log=log)
+        dep = wait_for(deployment, 120, "dmsae serve: deployment registered", alive=proc, log=log)
         assert [s.schedule.cron for s in dep.schedules] == [CRON]
         assert dep.schedules[0].active
         assert dep.parameters == {"config": cli_runs.cfg.model_dump(mode="json"), "show_progress": False}
@@ -267,7 +184,7 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
                 state = c.read_flow_run(flow_run.id).state
             return state if state is not None and state.is_final() else None
 
-        state = _wait_for(finished, 180, "the triggered deployment run", alive=proc, log=log, every=1.0)
+        state = wait_for(finished, 180, "the triggered deployment run", alive=proc, log=log, every=1.0)
         assert state.name == "Completed", f"{state.name}: {state.message}\n{log.read_text(errors='replace')[-3000:]}"
         # same config, same store: the served run found every artifact of the CLI runs
         runs = task_runs(server, flow_run.id)
@@ -276,10 +193,10 @@ def test_serve_registers_a_cron_deployment_and_runs_it_on_demand(server: Server,
 
         assert not dep.paused
         # Ctrl-C: the runner shuts down cleanly (about 1 s here) and pauses the deployment
-        _stop(proc, signal.SIGINT, grace=60, dump_stacks=True)
+        stop_process(proc, signal.SIGINT, grace=60, dump_stacks=True)
         assert deployment().paused, f"exit code {proc.returncode}\n" + log.read_text(errors="replace")[-6000:]
     finally:
-        _stop(proc, signal.SIGINT)
+        stop_process(proc, signal.SIGINT)
 
 
 def _tiny_yaml(make_config: Callable[..., Any], tmp_path: Path) -> Path:
