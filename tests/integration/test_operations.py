@@ -3,7 +3,6 @@ collection and retries, each on a real store of the tiny run (copied, so the sha
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -123,14 +122,15 @@ class OutputReader:
         return "".join(self.lines)
 
 
-def test_two_runs_at_once_compute_each_stage_once(make_config, pipeline_run, tmp_path):
+def test_two_runs_at_once_compute_each_stage_once(make_config, pipeline_run, tmp_path, prefect_server):
     """Two `dmsae run`s of one config at once. The test holds the harvest's lock until both runs wait
     on it, so they meet there for certain (tiny stages alone rarely overlap): when it lets go, one
     computes the harvest while the other waits and then reuses it, and every stage is computed once."""
     cfg = make_config(tmp_path / "store", f"report_dir={tmp_path / 'reports'}")
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "INFO"}
+    # both report to the session's Prefect server (no temporary server each)
+    env = {**prefect_server.env, "PREFECT_LOGGING_LEVEL": "INFO"}
     harvest = plan(cfg).find("harvest")
     with Store(cfg.store).lock("harvest", harvest.key):
         procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"],

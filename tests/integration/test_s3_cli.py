@@ -143,9 +143,10 @@ def test_the_server_stopped_mid_run_and_started_again_the_run_finishes(make_conf
         server.stop()
 
 
-def test_every_command_works_on_the_s3_store(s3_cli_run, monkeypatch):
+def test_every_command_works_on_the_s3_store(s3_cli_run, monkeypatch, prefect_server):
     """status, the run list, branch, report, cards, export and gc read (and gc cleans) the s3:// store."""
-    env, work, url = s3_cli_run["env"], s3_cli_run["work"], s3_cli_run["url"]
+    work, url = s3_cli_run["work"], s3_cli_run["url"]
+    env = {**s3_cli_run["env"], "PREFECT_API_URL": prefect_server.api_url}  # the last run: no temporary server
     config = str(work / "tiny.yaml")
 
     def ok(*args: str) -> str:
@@ -166,7 +167,7 @@ def test_every_command_works_on_the_s3_store(s3_cli_run, monkeypatch):
     assert (work / "exported" / "cfg.json").is_file()
     listed = ok("gc", "--store", url)  # a dry run: the branch's missing stages are not garbage
     assert "nothing to remove" in listed or "would remove" in listed.lower() or listed
-    for name, value in env.items():
+    for name, value in s3_cli_run["env"].items():  # the store's settings for this process (no Prefect API)
         monkeypatch.setenv(name, value)
     store = RemoteStore(url, cache_dir=work / "cache")
     store.client.put("train/orphan-upload/sae.safetensors", b"half")
