@@ -85,9 +85,11 @@ def flattens(curve: pd.Series, budgets: list[int], metric: str) -> str:
             continue
         if abs(b - a) < FLAT[metric]:
             return f"flat from {budgets[i]} epoch(s) on ({a:.4f} -> {b:.4f} at {budgets[i + 1]})"
-    if len([v for v in values if v is not None]) < 2:
+    done = [(e, v) for e, v in zip(budgets, values, strict=True) if v is not None and not math.isnan(v)]
+    if len(done) < 2:
         return "not enough points yet"
-    return f"still moving at the largest budget ({values[-2]:.4f} -> {values[-1]:.4f})"
+    (e_a, a), (e_b, b) = done[-2:]
+    return f"still moving at the largest finished budget ({a:.4f} at {e_a} -> {b:.4f} at {e_b} epochs)"
 
 
 def plot(metrics: pd.DataFrame, overlap: pd.DataFrame, path: Path) -> None:
@@ -125,12 +127,13 @@ def write_convergence_report(points: list[Point], out: Path, command: str) -> Pa
     base = points[0][0]
     store = store_for(base)
     metrics, overlap = point_rows(points, store), overlap_rows(points, store)
-    budgets = sorted({c.train.epochs for c, _ in points})
+    budgets = sorted({whole(c.train.epochs) for c, _ in points})
     lines = ["# Convergence of the no-core SAE with training tokens", "",
              f"Made by `{command}`. Base: `{base.name}` (width {base.sae.width}, k {base.sae.k}, "
              f"batch {base.train.batch_size}, lr {base.train.lr}, precision {base.precision.sae}); "
              f"cycle 0 of each point, evaluated on the held-out split. A budget is epochs over the harvest "
-             "(the corpus is used again past one epoch).", ""]
+             "(the corpus is used again past one epoch). `train_seconds`: the training's wall clock, waits for "
+             "a busy CPU included.", ""]
     if metrics.empty:
         lines += ["No point is finished yet."]
     else:

@@ -72,3 +72,19 @@ def test_bad_budgets_are_refused_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("dmsae: error: --budgets")
     assert cli_main(["converge", "configs/quickstart.yaml", "--seeds", "a"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_flattening_is_read_over_the_finished_budgets_only():
+    import math
+
+    import pandas as pd
+
+    from dmsae.reports.convergence import flattens
+
+    budgets = [1, 4, 16, 64]
+    assert flattens(pd.Series({1: 0.30}), budgets, "fvu") == "not enough points yet"
+    moving = flattens(pd.Series({1: 0.30, 4: 0.25}), budgets, "fvu")  # 16 and 64 not trained yet
+    assert moving == "still moving at the largest finished budget (0.3000 at 1 -> 0.2500 at 4 epochs)"
+    assert flattens(pd.Series({1: 0.30, 4: 0.25, 16: 0.248, 64: math.nan}), budgets, "fvu").startswith(
+        "flat from 4 epoch(s) on")
+    assert "0.2500 at 4 -> 0.2400 at 64" in flattens(pd.Series({1: 0.30, 4: 0.25, 64: 0.24}), budgets, "fvu")
