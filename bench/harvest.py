@@ -136,9 +136,12 @@ def run(ctx: Context) -> list[Row]:
         lm.residual_upto(m, batches[0], LAYER)  # warm-up (allocator, kernels; bf16's oneDNN primitives)
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(mode.harvest_repeats):  # interleaved, so slow phases of a shared machine hit every variant
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, device))
+    names = list(fns)
+    for r in range(mode.harvest_repeats):  # interleaved, so slow phases of a shared machine hit every variant
+        # in an order rotated each pass: a variant is not always timed right after the same one (the full forward
+        # leaves a large heap behind, which the next variant refills or trims)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_call(fns[name], device))
     ctx.shared["harvest_out"] = outs["stage"]
     ctx.shared["harvest_metrics"] = metrics
     tps = {k: n_tokens / median(v) for k, v in times.items()}

@@ -58,7 +58,8 @@ EXPLAIN = {
     "parallel": "The real CLI in subprocesses on copies of the quickstart store holding only its cycles "
                 "(model to the last selection), so each side computes the same reuse, random-core, baseline and "
                 "evaluate stages. Walls include the Prefect server's and the Dask cluster's start.",
-    "harvest": "Tokens/s over the same windows, all three timed in interleaved passes (median over passes). "
+    "harvest": "Tokens/s over the same windows, all three timed in interleaved passes, each pass in an order "
+               "rotated by one (median over passes). "
                "The stage is `stages.harvest.run` as the pipeline calls it (Zarr writes, outlier filter, "
                "resumable state after every batch), with the model already loaded; the bare forward runs "
                "layers 0..15 (`dmsae.lm.residual_upto`) and stores nothing; the full forward is "
