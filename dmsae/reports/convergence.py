@@ -97,14 +97,23 @@ def plot(metrics: pd.DataFrame, overlap: pd.DataFrame, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    budgets = sorted(set(metrics["tokens"] / 1e6))
+
+    def token_axis(ax: Any) -> None:
+        """Log scale, one labelled tick per budget ("1M", "3.9M", ...), no minor labels."""
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{t:.2g}M" for t in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training tokens")
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, metric in zip(axes[:3], ("fvu", "ce_loss_score", "dead_fraction"), strict=True):
         for seed, g in metrics.groupby("seed"):
             g = g.sort_values("tokens")
             ax.plot(g["tokens"] / 1e6, g[metric], marker="o", label=f"seed {seed}")
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens (M)")
+        token_axis(ax)
         ax.set_title(LABELS[metric])
         ax.legend(fontsize=8)
     ax = axes[3]
@@ -112,9 +121,8 @@ def plot(metrics: pd.DataFrame, overlap: pd.DataFrame, path: Path) -> None:
         tokens = overlap["epochs"].map(dict(zip(metrics["epochs"], metrics["tokens"], strict=False))) / 1e6
         ax.plot(tokens, overlap["overlap"], marker="o", label="shared (cos >= 0.7, both matchings)")
         ax.plot(tokens, overlap["chance"], linestyle="--", color="gray", label="chance")
-        ax.set_xscale("log")
         ax.legend(fontsize=8)
-    ax.set_xlabel("training tokens (M)")
+    token_axis(ax)
     ax.set_title(LABELS["overlap"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
