@@ -29,6 +29,7 @@ from dmsae.errors import UserError
 from dmsae.plan import ancestors
 from dmsae.reports.ablation import write_ablation_report
 from dmsae.reports.noise_floor import NoiseFloor, no_core_nodes, noise_floor, noise_floor_text
+from dmsae.reports.tables import interim_report
 from dmsae.stores import AnyStore, store_for
 from flows.distill import execute
 from flows.pipeline import plan
@@ -173,7 +174,8 @@ def run_ablation(ablation: Ablation, report_only: bool = False) -> Path:
             timings[cfg.name] = seconds
             print(f"ablation: {cfg.name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s, computed {len(computed)}",
                   file=sys.stderr, flush=True)
-            write_ablation_report(planned, store, ablation.out, ablation.command, timings)
+            interim_report(lambda: write_ablation_report(planned, store, ablation.out, ablation.command, timings),
+                           "ablation")
         if ablation.noise_config is not None:
             print(f"ablation: noise floor: the no-core arm with seed {ablation.noise_seed} at k = "
                   f"{','.join(map(str, ablation.noise_ks))}", file=sys.stderr, flush=True)

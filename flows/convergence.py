@@ -27,6 +27,7 @@ from dmsae.config import Config
 from dmsae.errors import UserError
 from dmsae.plan import ancestors
 from dmsae.reports.convergence import Point, study_nodes, write_convergence_report
+from dmsae.reports.tables import interim_report
 from dmsae.stores import store_for
 from flows.distill import execute
 from flows.pipeline import plan
@@ -87,7 +88,7 @@ def run_convergence(points: list[Point], out: Path, command: str, report_only: b
                 raise UserError(f"convergence point ({cfg.train.epochs:g} epochs, seed {cfg.seed}): {state.message}")
             print(f"convergence: point {i + 1} done in {time.perf_counter() - start:.0f} s", file=sys.stderr,
                   flush=True)
-            write_convergence_report(points, out, command)
+            interim_report(lambda: write_convergence_report(points, out, command), "convergence")
     return write_convergence_report(points, out, command)
 
 

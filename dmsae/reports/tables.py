@@ -3,6 +3,8 @@ between cycles, and a markdown rendering of a DataFrame."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,19 @@ def md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
         cells = ["" if pd.isna(v) else floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def interim_report(write: Callable[[], Any], what: str) -> bool:
+    """Rewrite a study's report between its points. A failure is a one-line warning and False, never the end of
+    the study: hours of training must not stop on a report bug (a re-run would meet it again after the first
+    point and never get further). The report written at the end is not guarded: it fails loudly."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - any report bug; the computation it reports on goes on
+        print(f"{what}: the interim report failed ({type(e).__name__}: {e}); the next points still run and the "
+              "report is written again at the end", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def write_text_atomically(path: Path, text: str) -> Path:

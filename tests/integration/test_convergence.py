@@ -88,3 +88,24 @@ def test_flattening_is_read_over_the_finished_budgets_only():
     assert flattens(pd.Series({1: 0.30, 4: 0.25, 16: 0.248, 64: math.nan}), budgets, "fvu").startswith(
         "flat from 4 epoch(s) on")
     assert "0.2500 at 4 -> 0.2400 at 64" in flattens(pd.Series({1: 0.30, 4: 0.25, 64: 0.24}), budgets, "fvu")
+
+
+def test_a_failing_interim_report_does_not_stop_the_study(study, tmp_path, monkeypatch, capsys):
+    """Every point still runs when the report between points fails (a report bug once stopped a long study);
+    only the report written at the end raises."""
+    import flows.convergence as convergence
+
+    _, points, _ = study
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise ValueError("a report bug")
+
+    monkeypatch.setattr(convergence, "write_convergence_report", broken)
+    with pytest.raises(ValueError, match="a report bug"):
+        convergence.run_convergence(points, tmp_path, "dmsae converge tiny")
+    assert len(calls) == len(points) + 1  # after each point, then the final one
+    err = capsys.readouterr().err
+    assert err.count("convergence: the interim report failed (ValueError: a report bug)") == len(points)
+    assert f"point {len(points)} done" in err
