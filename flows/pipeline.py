@@ -186,7 +186,8 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     cores: dict[str, Node | None] = {"distilled": core, "random": rand, "none": None}
     runs = [(k, cfg.seed) for k in cfg.reuse.k]
     consistency_k = cfg.reuse.reference_k(cfg.sae.k)
-    runs += [(consistency_k, s) for s in cfg.reuse.consistency_seeds[:2] if s != cfg.seed]
+    # once each: consistency seeds [0, 0] at seed 1 would otherwise plan the seed-0 arms twice
+    runs += [(consistency_k, s) for s in dict.fromkeys(cfg.reuse.consistency_seeds[:2]) if s != cfg.seed]
     baseline_node = stage_node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
                          args={"batch_size": cfg.evaluation.batch_size})

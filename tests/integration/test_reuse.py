@@ -432,3 +432,13 @@ def test_status_and_check_show_the_controls(reuse_config_yaml, capsys):
     planned = {line.split()[1]: line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     for label in ("frequency_core", "reuse[frequency,k=8,seed=0]", "reuse[none_compute,k=8,seed=0]"):
         assert planned[label] == "cached", label
+
+
+def test_a_repeated_consistency_seed_is_planned_once(make_config, tmp_path):
+    """consistency_seeds [0, 0] at seed 1: the seed-0 arms once, every label of the plan distinct."""
+    from flows.pipeline import plan
+
+    cfg = make_config(tmp_path / "s", "reuse.k=[4, 8]", "reuse.consistency_seeds=[0, 0]", "seed=1")
+    labels = [n.label for n in plan(cfg).nodes]
+    assert len(labels) == len(set(labels))
+    assert "reuse[distilled,k=8,seed=0]" in labels and "reuse[distilled,k=8,seed=1]" in labels
