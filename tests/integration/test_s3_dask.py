@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import yaml
 from dmsae.remote_store import RemoteStore
 from flows.pipeline import plan
 from tests.conftest import run_pipeline
+from tests.prefectserver import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -92,12 +92,6 @@ def kill(*procs: subprocess.Popen[str]) -> None:
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # a Prefect home of this module's own (the API is the session's Prefect server): nothing of it mixes with the
