@@ -308,6 +308,41 @@ def plot_ablation(rows: pd.DataFrame, path: Path,
     plt.close(fig)
 
 
+def plot_controls(controls: pd.DataFrame, path: Path, metric: str = "d_ce_loss_score") -> int:
+    """A forest plot of `controls_table`: one panel per (gate, cap), one line per comparison and k, the mean over
+    seeds as a dot and its 95% bootstrap interval as a bar, 0 marked. Returns how many intervals it drew (a
+    single seed or a comparison without a reading has a dot or nothing, no bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({(g, c) for g, c in zip(controls.gate, controls.cap, strict=True)})
+    n_lines = max(len(controls[(controls.gate == g) & (controls.cap == c)]) for g, c in variants)
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 1.4 + 0.32 * n_lines), squeeze=False)
+    drawn = 0
+    for ax, (gate, cap) in zip(axes[0], variants, strict=True):
+        t = controls[(controls.gate == gate) & (controls.cap == cap)].reset_index(drop=True)
+        y = np.arange(len(t))[::-1]
+        for yi, (_, r) in zip(y, t.iterrows(), strict=True):
+            color = ARM_COLORS.get(r.comparison.split(" - ")[1], "black")
+            lo, hi = r[f"{metric}_lo"], r[f"{metric}_hi"]
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [yi, yi], color=color, lw=2)
+                drawn += 1
+            if np.isfinite(r[metric]):
+                ax.plot(r[metric], yi, "o", color=color)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(y, [f"{c}, k={k}" for c, k in zip(t.comparison, t.k, strict=True)], fontsize=8)
+        what = {"d_ce_loss_score": "CE-loss score", "d_explained_variance": "explained variance"}.get(metric, metric)
+        ax.set_xlabel(f"difference in {what} at equal L0 (mean over seeds, 95% bootstrap interval)", fontsize=8)
+        ax.set_title(f"gate {gate}, cap {cap}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def cross_seed_rows(facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per gate and cap, `cross_seed_match` averaged over every pair of seeds' final cores."""
     rows = []
@@ -457,7 +492,9 @@ def write_ablation_report(points: Sequence[tuple[Config, Plan]], store: AnyStore
                       "often firing latents of the same SAE, as many as the distilled core; `none_compute`: no core, "
                       "as many training tokens as the whole distillation) is compared with the distilled curve read "
                       "at its L0. `same k`: the plain difference at the same k. Empty where the curves do not "
-                      "overlap.", "", md_table(readable_controls(controls), "{:.2f}"), ""]
+                      "overlap.", "", md_table(readable_controls(controls), "{:.2f}"), "",
+                      "![The controls: differences at equal L0 with their intervals](controls.png)", ""]
+            plot_controls(controls, out_dir / "controls.png")
         parts += ["## Per k: L0-matched differences (mean and 95% bootstrap interval over seeds)", "",
                   "`d_ce_vs_none`: CE-loss score minus the no-core arm's read at the same total L0 (same seed), with "
                   "its decision; `d_ev_vs_none`: the same for explained variance; `d_ce_vs_random`: distilled minus "

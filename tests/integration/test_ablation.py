@@ -57,7 +57,8 @@ def test_report_has_the_matched_tables(ablation):
     capped = rows[(rows.cap == "2") & (rows.arm == "distilled")]
     uncapped = rows[(rows.cap == "none") & (rows.arm == "distilled")]
     assert (capped.core_size <= 2).all() and (uncapped.core_size > 2).all()
-    assert (out / "ablation.png").stat().st_size > 0
+    assert (out / "ablation.png").stat().st_size > 0 and (out / "controls.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![The controls" in text
     assert "## The decision" in text and "relu" in text and "topk" in text
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dmsae.eval.overlap import chance_overlap, dictionary_overlap, random_dictionary, unit_rows
@@ -138,3 +139,34 @@ def test_different_sizes_match_the_smaller():
     assert o.shared == 4 and o.fraction == 1.0
     empty = dictionary_overlap(big[:0], big[:0], big, big)
     assert empty.shared == 0 and math.isnan(empty.fraction)
+
+
+def test_controls_table_and_its_forest_plot(tmp_path):
+    """Per comparison and k, the mean over seeds with its bootstrap interval; the plot draws a bar per interval
+    and none for a single seed."""
+    from dmsae.reports.ablation import controls_table, plot_controls
+
+    rows = []
+    for seed, d in enumerate([0.010, 0.012, 0.008, 0.011, 0.009]):  # distilled - none: all above 0
+        rows.append({"gate": "topk", "cap": "0.6", "comparison": "distilled - none", "k": 16, "seed": seed,
+                     "d_ce_loss_score": d, "d_explained_variance": d, "d_ce_loss_score_same_k": d,
+                     "l0": 16.0, "curve": "none", "extrapolated": False})
+    for seed, d in enumerate([0.01, -0.01, 0.02, -0.02, 0.0]):  # straddles 0
+        rows.append({"gate": "topk", "cap": "0.6", "comparison": "distilled - random", "k": 16, "seed": seed,
+                     "d_ce_loss_score": d, "d_explained_variance": d, "d_ce_loss_score_same_k": d,
+                     "l0": 16.0, "curve": "random", "extrapolated": False})
+    rows.append({"gate": "topk", "cap": "0.6", "comparison": "distilled - frequency", "k": 32, "seed": 0,
+                 "d_ce_loss_score": 0.003, "d_explained_variance": 0.003, "d_ce_loss_score_same_k": 0.003,
+                 "l0": 32.0, "curve": "distilled", "extrapolated": False})
+    t = controls_table(pd.DataFrame(rows))
+    by = t.set_index("comparison")
+    assert by.loc["distilled - none", "d_ce_loss_score"] == pytest.approx(0.010)
+    assert 0.008 <= by.loc["distilled - none", "d_ce_loss_score_lo"] < 0.010 < by.loc["distilled - none",
+                                                                                        "d_ce_loss_score_hi"] <= 0.012
+    assert by.loc["distilled - none", "d_ce_loss_score_decision"] != by.loc["distilled - random",
+                                                                             "d_ce_loss_score_decision"]
+    assert by.loc["distilled - frequency", "seeds"] == 1
+    # the table's order: distilled - none first, as COMPARISONS lists them
+    assert list(t.comparison) == ["distilled - none", "distilled - frequency", "distilled - random"]
+    path = tmp_path / "controls.png"
+    assert plot_controls(t, path) == 2 and path.read_bytes()[:4] == b"\x89PNG"
