@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
 
+# the signed integer type whose order matches a 16-bit float type's above zero (float32 compares as fast as int32)
+SAME_ORDER_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 ABOVE_CHUNK = 1 << 18  # entries per pass of `above`: the chunk's mask and its indices stay in the core's cache
 
 
@@ -22,6 +24,17 @@ def above(flat: Tensor, thr: Tensor) -> Tensor:
     back, and nonzero reads it twice (count, then write); chunked, it never leaves the cache: half the time."""
     if flat.numel() <= ABOVE_CHUNK or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
         return (flat > thr).nonzero().squeeze(1)
+    as_int = SAME_ORDER_INT.get(flat.dtype)
+    if as_int is None or not float(thr) > 0:
+        return _above_in_chunks(flat, thr)
+    # Above a positive threshold, 16-bit floats order as their bit patterns read as signed integers (a negative
+    # float reads negative), and the CPU compares integers faster than it converts bfloat16 to compare. Only a
+    # positive NaN reads above every number: the float compare over the few survivors drops it.
+    cand = _above_in_chunks(flat.view(as_int), thr.view(as_int))
+    return cand[flat[cand] > thr]
+
+
+def _above_in_chunks(flat: Tensor, thr: Tensor) -> Tensor:
     parts = [(flat[start:start + ABOVE_CHUNK] > thr).nonzero().squeeze(1).add_(start)
              for start in range(0, flat.numel(), ABOVE_CHUNK)]
     return torch.cat(parts)
@@ -110,6 +123,15 @@ def workspace(sae: MatryoshkaSAE) -> Workspace:
     return ws
 
 
+def weighted_bags(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, low: torch.dtype | None) -> Tensor:
+    """Per bag, the sum of `table`'s rows at `indices` times `weights` (embedding_bag). With `low` (the step under
+    autocast): on 16-bit copies of the table and the weights, the result in 16 bits; on a CPU with bf16 units the
+    16-bit kernel reads half the bytes and runs several times faster than the float32 one."""
+    if low is not None:
+        table, weights = table.to(low), weights.to(low)
+    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
+
+
 def encoder_dtype(device_type: str) -> torch.dtype | None:
     """The 16-bit type of the encoder matmul when the step runs under torch.autocast (bfloat16 or float16),
     else None (float32)."""
@@ -122,8 +144,9 @@ def encoder_dtype(device_type: str) -> torch.dtype | None:
 def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
     """The step as `train_sae` drives it. Under torch.autocast (how sparsify's and dictionary_learning's
     trainers run theirs), the non-core encoder matmul, the one dense product, runs in the autocast type with
-    float32 accumulation and the BatchTopK selection reads its 16-bit output; everything else (the core, the
-    sparse decoder, the losses and every gradient) stays float32 on the float32 master weights."""
+    float32 accumulation and the BatchTopK selection reads its 16-bit output, and the three sparse gathers (the
+    decoder's output, the decoder's and the encoder's weight gradients) read 16-bit copies; the core, the
+    residuals, the losses, the per-entry gradients and the weights stay float32 (the float32 master weights)."""
     low = encoder_dtype(x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         return _train_step(sae, x, low)
@@ -176,7 +199,12 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     n_bags = (G + (aux is not None)) * B
     bag_counts = torch.bincount(bag, minlength=n_bags)
     offsets = bag_counts.cumsum(0) - bag_counts
-    out = F.embedding_bag(cols, sae.dec.detach(), offsets, mode="sum", per_sample_weights=vals).view(-1, B, d)
+    if low is None:
+        out = weighted_bags(cols, sae.dec.detach(), offsets, vals, None).view(-1, B, d)
+    else:  # the residuals are summed in float32, in a reused buffer (47 MB at the bench shape)
+        out16 = weighted_bags(cols, sae.dec.detach(), offsets, vals, low)
+        out = ws.get("out", tuple(out16.shape), x.dtype, dev).copy_(out16).view(-1, B, d)
+        del out16
 
     # resid[g] = x_hat_g - x, the nested reconstructions' residuals, built in place from the group outputs
     resid = out[:G]
@@ -211,11 +239,9 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     by_col = torch.sort(cols, stable=True).indices
     col_counts = torch.bincount(cols, minlength=m)
     col_offsets = col_counts.cumsum(0) - col_counts
-    sae.dec.grad = F.embedding_bag(bag[by_col], table, col_offsets, mode="sum",
-                                   per_sample_weights=(vals * entry_scale)[by_col])
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
-    sae.enc.grad = enc_grad.copy_(F.embedding_bag(rows[by_col], xc, col_offsets, mode="sum",
-                                                  per_sample_weights=g_vals[by_col]).T)
+    sae.dec.grad = weighted_bags(bag[by_col], table, col_offsets, (vals * entry_scale)[by_col], low).float()
+    sae.enc.grad = enc_grad.copy_(weighted_bags(rows[by_col], xc, col_offsets, g_vals[by_col], low).T)
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
     # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen

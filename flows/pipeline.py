@@ -71,10 +71,12 @@ def lm_params(cfg: Config) -> dict[str, Any]:
 
 
 def sae_precision(cfg: Config) -> dict[str, str]:
-    """The SAE step's precision as the train and reuse keys hold it: nothing for fp32 (the keys they always had),
-    {"precision": "bf16"} for bf16, which changes the numbers."""
+    """The SAE step's precision as the train and reuse keys hold it: nothing for fp32 (the keys they always had);
+    for bf16, which changes the numbers, {"precision": "bf16"} and the bf16 step's revision (`bf16_step`)."""
     resolved = precision.resolve(cfg.precision.sae, cfg.device, "precision.sae")
-    return {"precision": resolved.precision} if resolved.precision != "fp32" else {}
+    if resolved.precision == "fp32":
+        return {}
+    return {"precision": resolved.precision, "bf16_step": STAGES["train"].BF16_STEP}
 
 
 CORE_ONLY_SAE_FIELDS = ("core_gate", "freeze_core_bias", "freeze_core_encoder", "l0_mode")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from dmsae.precision import native_bf16
+from stages import train as train_stage
 
 pytestmark = pytest.mark.skipif(not native_bf16("cpu")[0], reason="this CPU has no native bfloat16 (no AMX)")
 
@@ -23,6 +24,7 @@ def test_only_the_sae_stages_and_what_follows_them_change_keys(bf16_run, pipelin
         assert same == (node.stage in ("model", "tokens", "harvest", "harvest_part", "baseline", "probes")), node.label
     train = bf16_run.plan.find("train", 0)
     assert train.params["train"]["precision"] == "bf16"
+    assert train.params["train"]["bf16_step"] == train_stage.BF16_STEP  # a new bf16 step gets new bf16 keys
     assert "precision" not in pipeline_run.plan.find("train", 0).params["train"]  # fp32 keeps its old key
 
 
