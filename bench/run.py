@@ -76,8 +76,8 @@ EXPLAIN = {
              "normalisation, dead-latent and threshold statistics).",
     "anchors": "Only the comparisons made in each precision (the train benchmark makes them too, after its own "
                "rows): the no-core dmsae step (`train_sae`, as the train stage runs it; bf16 is "
-               "`precision.sae=bf16`: the encoder matmul under bfloat16 autocast, everything else float32 on float32 "
-               "master weights), dictionary_learning's MatryoshkaBatchTopKTrainer.update and EleutherAI sparsify's "
+               "`precision.sae=bf16`: the encoder matmul and the three sparse gathers in bfloat16 under autocast, "
+               "losses, residuals and the float32 master weights in float32), dictionary_learning's MatryoshkaBatchTopKTrainer.update and EleutherAI sparsify's "
                "SparseCoder (driven as its Trainer.fit drives it with optimizer=adam: unit-norm decoder, gradient "
                "parallel to the decoder rows removed, loss = FVU, no AuxK by its default, Adam), all on the same "
                "batches with the same lr (5e-4) and schedule (5 % warm-up, 20 % decay), timed per step (median, "
