@@ -169,11 +169,12 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     dev = x.device
     ws = workspace(sae)
     xc = x - sae.b_dec
+    xc_low = xc if low is None else xc.to(low)  # the encoder's input, and the encoder gradient's gathered rows
     pre_nc = ws.get("pre_nc", (B, m), low or x.dtype, dev)
     if low is None:
         torch.addmm(sae.b_enc, xc, sae.enc, out=pre_nc)
     else:  # the 16-bit copies cost one pass over W_enc; the product accumulates in float32
-        torch.addmm(sae.b_enc.to(low), xc.to(low), sae.enc.to(low), out=pre_nc)
+        torch.addmm(sae.b_enc.to(low), xc_low, sae.enc.to(low), out=pre_nc)
     pre_core = F.relu(torch.addmm(sae.b_enc_core, xc, sae.enc_core))  # c latents: cheap, kept float32
     if sae.core_gate == "topk":
         flat_idx, vals, f_core = joint_topk(pre_core, pre_nc, sae.k)
@@ -241,7 +242,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     col_offsets = col_counts.cumsum(0) - col_counts
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
     sae.dec.grad = weighted_bags(bag[by_col], table, col_offsets, (vals * entry_scale)[by_col], low).float()
-    sae.enc.grad = enc_grad.copy_(weighted_bags(rows[by_col], xc, col_offsets, g_vals[by_col], low).T)
+    sae.enc.grad = enc_grad.copy_(weighted_bags(rows[by_col], xc_low, col_offsets, g_vals[by_col], low).T)
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
     # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen
