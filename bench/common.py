@@ -170,7 +170,7 @@ BF16_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_fp16")  # `lscpu` f
 
 
 def cpu_bf16_flags() -> list[str]:
-    """Which of BF16_FLAGS this CPU has (dmsae.precision's rule: bf16 counts as native with amx_bf16)."""
+    """Which of BF16_FLAGS this CPU has (dmsae.precision's rule: bf16 counts as native with amx_bf16 or avx512_bf16)."""
     from dmsae.precision import cpu_flags
 
     return [f for f in BF16_FLAGS if f in cpu_flags()]

@@ -3,10 +3,10 @@
 fraction) and on the distillation (training FVU and the core chosen at each cycle: Jaccard overlap of the
 selected latents' ids).
 
-    .venv/bin/python -m bench.precision_quality [--store DIR] [--set KEY=VALUE ...]
+    .venv/bin/python -m bench.precision_quality [--store DIR] [--out FILE] [--set KEY=VALUE ...]
 
 Targets (issue 25): |dFVU| <= 0.005, |dCE-loss score| <= 0.002, core overlap >= 0.9 Jaccard. Writes the table to
-docs/benchmarks-precision.md (generated).
+docs/benchmarks-precision.md (generated), or to --out (one file per machine).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def run(sets: list[str], env: dict[str, str]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=str(REPO / "artifacts"), help="store (the quickstart's is reused)")
+    ap.add_argument("--out", default=str(OUT), help="the generated table's file")
     ap.add_argument("--set", action="append", default=[], help="extra overrides for both runs")
     args = ap.parse_args()
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -59,7 +60,7 @@ def main() -> int:
         summary,
     ])
     print(text)
-    OUT.write_text(text + "\n")
+    Path(args.out).write_text(text + "\n")
     return 0
 
 

@@ -125,7 +125,8 @@ Precision = Literal["auto", "fp32", "bf16"]
 class PrecisionConfig(Strict):
     """Arithmetic per part of the pipeline (docs/operations.md, "Precision"). bf16: 16-bit matmuls with float32
     accumulation, float32 master weights, optimiser state, losses and metric sums. auto: bf16 where the device
-    runs it natively (a CPU with AMX, a CUDA GPU with bf16), fp32 elsewhere; the run log says which and why.
+    runs it natively (a CPU with AMX or AVX512-BF16, a CUDA GPU with bf16), fp32 elsewhere; the run log says
+    which and why.
     The resolved choice is in the keys of the stages it changes."""
 
     sae: Precision = Field("fp32", description="the SAE training step (train and reuse stages)")

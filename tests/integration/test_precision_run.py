@@ -9,7 +9,8 @@ import pytest
 from dmsae.precision import native_bf16
 from stages import train as train_stage
 
-pytestmark = pytest.mark.skipif(not native_bf16("cpu")[0], reason="this CPU has no native bfloat16 (no AMX)")
+pytestmark = pytest.mark.skipif(not native_bf16("cpu")[0],
+                                reason="this CPU has no native bfloat16 (neither AMX nor AVX512-BF16)")
 
 
 @pytest.fixture(scope="module")

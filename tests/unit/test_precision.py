@@ -62,14 +62,17 @@ def test_the_step_differs_under_autocast_so_the_test_above_can_fail(device):
 
 
 AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})  # AMD Zen 4, Intel Cooper Lake
 PLAIN = frozenset({"avx2", "fma"})
 
 
-def test_auto_picks_bf16_only_where_the_cpu_has_amx():
+def test_auto_picks_bf16_only_where_the_cpu_has_bf16_units():
     assert precision.resolve("auto", "cpu", "precision.sae", AMX).precision == "bf16"
+    assert precision.resolve("auto", "cpu", "precision.sae", AVX512_BF16).precision == "bf16"
     assert precision.resolve("auto", "cpu", "precision.sae", PLAIN).precision == "fp32"
-    assert precision.resolve("auto", "cpu", "precision.sae", frozenset({"avx512_bf16"})).precision == "fp32"
+    assert precision.resolve("auto", "cpu", "precision.sae", frozenset({"avx512f", "avx512_fp16"})).precision == "fp32"
     assert "AMX" in precision.resolve("auto", "cpu", "precision.sae", AMX).reason
+    assert "avx512_bf16" in precision.resolve("auto", "cpu", "precision.sae", AVX512_BF16).reason
     assert precision.resolve("fp32", "cpu", "precision.sae", AMX).precision == "fp32"
 
 
