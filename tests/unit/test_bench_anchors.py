@@ -1,5 +1,6 @@
 """bench/train.py's rows for issue 25's anchor targets: each precision against the anchors in the same precision,
-PASS/MISS from the measured ratios and FVUs, and the bf16-vs-fp32 target judged only where bf16 is native."""
+PASS/MISS from the measured ratios and FVUs, and the bf16-vs-fp32 target judged only where bf16 is native;
+bench/precision_quality.py's speed line."""
 
 from __future__ import annotations
 
@@ -57,3 +58,17 @@ def test_anchor_error_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> N
     rows = train.precision_rows(res, {"fp32": 0.1, "bf16": 0.03}, 200, "cpu")
     failed = [r for r in rows if r.note == "sparsify exited 1: boom"]
     assert len(failed) == 1 and failed[0].passed is None and failed[0].ratio is None
+
+
+def test_precision_speed_counts_only_the_stages_whose_keys_differ() -> None:
+    from bench.precision_quality import speed
+
+    # the harvest is shared (computed once, by the fp32 run: 100 s there, none in the bf16 run): left out
+    fp32 = {"harvest": ("harvest", "h", 100.0), "train[0]": ("train", "a", 30.0),
+            "evaluate[cycle=0]": ("evaluate", "e", 10.0)}
+    bf16 = {"harvest": ("harvest", "h", 0.0), "train[0]": ("train", "b", 20.0),
+            "evaluate[cycle=0]": ("evaluate", "f", 10.0)}
+    line = speed(fp32, bf16)
+    assert "the 2 stages" in line
+    assert "all: fp32 40 s, bf16 30 s (1.33x)" in line
+    assert "(train, reuse): fp32 30 s, bf16 20 s (1.50x)" in line
