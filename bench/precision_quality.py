@@ -123,5 +123,6 @@ def speed(fp32: dict[str, tuple[str, str, float]], bf16: dict[str, tuple[str, st
     return (f"- compute time of the {len(changed)} stages whose keys the precision changes (seconds from their "
             f"manifests; the shared stages excluded): " + "; ".join(parts))
 
+
 if __name__ == "__main__":
     sys.exit(main())
