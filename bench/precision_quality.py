@@ -80,12 +80,12 @@ def compare(arms: dict[str, list[str]]) -> tuple[str, str]:
     for name, sets in arms.items():
         cfg = load_config(CONFIG, sets)
         p, store = plan(cfg), store_for(cfg)
-        seconds[name] = {n.label: (n.stage, n.key, store.manifest(n.stage, n.key).timings.get("seconds", 0.0))
-                         for n in p.nodes}
+        manifests = {n.label: store.manifest(n.stage, n.key) for n in p.nodes}  # each read once
+        seconds[name] = {n.label: (n.stage, n.key, manifests[n.label].timings.get("seconds", 0.0)) for n in p.nodes}
         tables[name] = results_table(store, p).set_index("sae")
         cores[name] = [{tuple(r) for r in readers.core(store.load("select", n.key))["lineage"].tolist()}
                        for n in p.of_stage("select")]
-        fvus[name] = [store.manifest("train", n.key).metrics["train_fvu"] for n in p.of_stage("train")]
+        fvus[name] = [manifests[n.label].metrics["train_fvu"] for n in p.of_stage("train")]
     a, b = tables["fp32"], tables["bf16"]
     rows = pd.DataFrame({
         "fvu fp32": 1 - a.explained_variance, "fvu bf16": 1 - b.explained_variance,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dmsae.config import load_config
+from dmsae.config import Config, load_config
 from dmsae.reports.convergence import study_nodes
 from flows.ablate import point_config
 from flows.convergence import point_config as convergence_point
@@ -21,7 +21,7 @@ CONTROLS_AS_SETS = ["data.train_tokens=1000000", "data.eval_tokens=8192", "train
                     "reuse.control_k=[16,32]", "reuse.consistency_seeds=[0,0]", "interpret.enabled=false"]
 
 
-def stage_keys(cfg) -> list[tuple[str, str]]:
+def stage_keys(cfg: Config) -> list[tuple[str, str]]:
     return sorted((n.stage, n.key) for n in plan(cfg).nodes)
 
 
