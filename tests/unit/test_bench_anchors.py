@@ -51,6 +51,17 @@ def test_bf16_target_not_judged_without_native_bf16(monkeypatch: pytest.MonkeyPa
     assert rows["dmsae step, no core, bf16 vs fp32"].passed is None
 
 
+def test_without_native_bf16_only_fp32_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.precision, "native_bf16", lambda device: (False, "the CPU has no native bfloat16"))
+    assert train.measured_precisions("cpu") == ("fp32",)
+    res = {k: v for k, v in results().items() if not k.endswith("bf16")}
+    rows = train.precision_rows(res, {"fp32": 0.1, "bf16": 0.5}, 200, "cpu")
+    judged = [r for r in rows if r.passed is not None]
+    assert judged and all(", fp32" in r.what or r.what.endswith("fp32") for r in judged)
+    skipped = [r for r in rows if "bf16" in r.what]
+    assert len(skipped) == 1 and skipped[0].value is None and "no native bfloat16" in skipped[0].note
+
+
 def test_anchor_error_is_a_row_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train.precision, "native_bf16", lambda device: (True, "AMX"))
     res = results()
