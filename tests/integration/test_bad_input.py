@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from dmsae.precision import native_bf16
 from flows.cli import main
 
 
@@ -107,6 +108,10 @@ CASES: dict[str, Case] = {
     "run name of dots": Case(run_args("name=.."), "is not a usable run name"),
     "device torch does not know": Case(run_args("device=tpu"), "device: 'tpu' is not a device"),
     "device mps": Case(run_args("device=mps"), "'mps' is not a device dmsae runs on"),
+    # the refusal on real hardware (tests/unit/test_precision.py checks the rule on given flags)
+    "bf16 on a CPU without bfloat16 units": Case(
+        run_args("precision.sae=bf16"), "precision.sae=bf16: the CPU has no native bfloat16",
+        setup=lambda c, w: pytest.skip("this CPU runs bfloat16 natively") if native_bf16("cpu")[0] else None),
     "cuda index past the devices": Case(run_args("device=cuda:7"), "device=cuda:7",
                                         setup=lambda c, w: None if torch.cuda.device_count() < 8 else pytest.skip()),
     "report folder under /proc": Case(run_args("report_dir=/proc/nope"), "report_dir=/proc/nope is not writable"),
