@@ -15,29 +15,36 @@ from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
 
 # the signed integer type whose order matches a 16-bit float type's above zero (float32 compares as fast as int32)
 SAME_ORDER_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-ABOVE_CHUNK = 1 << 18  # entries per pass of `above`: the chunk's mask and its indices stay in the core's cache
+SMALL = 1 << 18  # below this many entries one plain nonzero is as fast
 
 
 def above(flat: Tensor, thr: Tensor) -> Tensor:
-    """The indices of the entries of `flat` greater than `thr`, in order: the same as (flat > thr).nonzero(),
-    a chunk at a time. Over the whole [B, width] batch the mask (16 MB at the bench shape) goes to memory and
-    back, and nonzero reads it twice (count, then write); chunked, it never leaves the cache: half the time."""
-    if flat.numel() <= ABOVE_CHUNK or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
+    """The indices of the entries of `flat` greater than `thr`, in order: the same as (flat > thr).nonzero()."""
+    if flat.numel() <= SMALL or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
         return (flat > thr).nonzero().squeeze(1)
     as_int = SAME_ORDER_INT.get(flat.dtype)
     if as_int is None or not float(thr) > 0:
-        return _above_in_chunks(flat, thr)
+        return _above_by_words(flat, thr)
     # Above a positive threshold, 16-bit floats order as their bit patterns read as signed integers (a negative
     # float reads negative), and the CPU compares integers faster than it converts bfloat16 to compare. Only a
     # positive NaN reads above every number: the float compare over the few survivors drops it.
-    cand = _above_in_chunks(flat.view(as_int), thr.view(as_int))
+    cand = _above_by_words(flat.view(as_int), thr.view(as_int))
     return cand[flat[cand] > thr]
 
 
-def _above_in_chunks(flat: Tensor, thr: Tensor) -> Tensor:
-    parts = [(flat[start:start + ABOVE_CHUNK] > thr).nonzero().squeeze(1).add_(start)
-             for start in range(0, flat.numel(), ABOVE_CHUNK)]
-    return torch.cat(parts)
+def _above_by_words(flat: Tensor, thr: Tensor) -> Tensor:
+    """(flat > thr).nonzero() for a sparse mask, faster on the CPU: nonzero over the whole mask (16.7M flags at the
+    bench shape) cost three times the compare; read as 8-byte words it scans an eighth as many, and only the few
+    words with a flag set (about 1 in 10 when 1.6 % of the entries pass) are opened."""
+    mask = flat > thr
+    n8 = mask.numel() // 8 * 8
+    words = mask[:n8].view(-1, 8)
+    hit = words.view(torch.int64).squeeze(1).nonzero().squeeze(1)
+    word, bit = words.index_select(0, hit).nonzero().unbind(1)
+    idx = hit.index_select(0, word).mul_(8).add_(bit)
+    if n8 < mask.numel():
+        idx = torch.cat([idx, mask[n8:].nonzero().squeeze(1).add_(n8)])
+    return idx
 
 
 def select_topk(pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -57,8 +64,8 @@ def select_topk(pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if cand is None:
         vals, idx = flat.topk(n_keep, sorted=False)
         return idx, vals
-    vals, pos = flat[cand].topk(n_keep, sorted=False)
-    return cand[pos], vals
+    vals, pos = flat.index_select(0, cand).topk(n_keep, sorted=False)
+    return cand.index_select(0, pos), vals
 
 
 def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,6 +105,14 @@ def aux_entries(sae: MatryoshkaSAE, pre_nc: Tensor) -> tuple[Tensor, Tensor, Ten
         keep[crowded] = keep.new_zeros(crowded.numel(), keep.shape[1]).scatter_(1, pos, True)
     rows, pos = keep.nonzero().unbind(1)
     return rows, dead_idx[pos], dead_pre[rows, pos].float()
+
+
+def narrow_keys(keys: Tensor, bound: int) -> Tensor:
+    """Sort keys in [0, bound) in the narrowest integer type that holds them: the CPU sorts 131k int16 keys in a third
+    of the time of int64 ones, int32 in half. The same permutation (stable, or unique keys), so the same step."""
+    if bound <= torch.iinfo(torch.int16).max:
+        return keys.to(torch.int16)
+    return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
 
 
 class Workspace:
@@ -188,8 +203,9 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     rows, cols = flat_idx // m, flat_idx % m
     group = torch.bucketize(cols, torch.tensor(sae.ends[:-1], device=dev), right=True)
     bag = group * B + rows
-    order = torch.sort(bag * m + cols).indices  # bags contiguous, a fixed order inside each
-    rows, cols, bag, vals = rows[order], cols[order], bag[order], vals[order].clamp_min(0)
+    order = torch.sort(narrow_keys(bag * m + cols, G * B * m)).indices  # bags contiguous, a fixed order inside each
+    rows, cols, bag = rows.index_select(0, order), cols.index_select(0, order), bag.index_select(0, order)
+    vals = vals.index_select(0, order).clamp_min(0)
     n_main = vals.numel()
     aux = aux_entries(sae, pre_nc)
     del pre_nc
@@ -237,12 +253,14 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     g_vals *= entry_scale
     g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
 
-    by_col = torch.sort(cols, stable=True).indices
+    by_col = torch.sort(narrow_keys(cols, m), stable=True).indices
     col_counts = torch.bincount(cols, minlength=m)
     col_offsets = col_counts.cumsum(0) - col_counts
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
-    sae.dec.grad = weighted_bags(bag[by_col], table, col_offsets, (vals * entry_scale)[by_col], low).float()
-    sae.enc.grad = enc_grad.copy_(weighted_bags(rows[by_col], xc_low, col_offsets, g_vals[by_col], low).T)
+    sae.dec.grad = weighted_bags(bag.index_select(0, by_col), table, col_offsets,
+                                 (vals * entry_scale).index_select(0, by_col), low).float()
+    sae.enc.grad = enc_grad.copy_(weighted_bags(rows.index_select(0, by_col), xc_low, col_offsets,
+                                                g_vals.index_select(0, by_col), low).T)
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
     # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen

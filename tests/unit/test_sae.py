@@ -145,12 +145,12 @@ def test_train_step_selects_the_same_batch_topk(c, core_bias, l0_mode):
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "mostly_negative", "heavy_tail", "constant"])
 @pytest.mark.parametrize("k", [3, 40])
-@pytest.mark.parametrize("chunk", [None, 1000])
-def test_select_topk_is_an_exact_batch_topk(kind, k, chunk, monkeypatch):
+@pytest.mark.parametrize("small", [None, 1000])
+def test_select_topk_is_an_exact_batch_topk(kind, k, small, monkeypatch):
     """The sampled-threshold shortcut must pick the same values as a full top-k (large input: strided sample),
-    with the candidates found in one pass or a chunk at a time (1000 entries: 132 chunks, the last partial)."""
-    if chunk is not None:
-        monkeypatch.setattr(sparse_step, "ABOVE_CHUNK", chunk)
+    with the candidates found by one nonzero or by 8-flag words (`small` lowered so that this input takes them)."""
+    if small is not None:
+        monkeypatch.setattr(sparse_step, "SMALL", small)
     g = torch.Generator().manual_seed(3)
     shape = (512, 256)
     pre = {
@@ -170,13 +170,17 @@ def test_select_topk_is_an_exact_batch_topk(kind, k, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_above_in_chunks_equals_one_nonzero(dtype, monkeypatch):
-    """The chunked search returns exactly (flat > thr).nonzero(), in order, NaN and infinities included."""
-    monkeypatch.setattr(sparse_step, "ABOVE_CHUNK", 4096)
-    flat = torch.randn(4096 * 5 + 77, generator=torch.Generator().manual_seed(0)).to(dtype)
-    flat[[5, 4096, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
-    for thr in (torch.tensor(1.5, dtype=dtype), torch.tensor(-0.5, dtype=dtype), torch.tensor(9.0, dtype=dtype)):
-        assert torch.equal(sparse_step.above(flat, thr), (flat > thr).nonzero().squeeze(1))
+@pytest.mark.parametrize("tail", [0, 77])
+def test_above_by_words_equals_one_nonzero(dtype, tail, monkeypatch):
+    """The search by 8-flag words returns exactly (flat > thr).nonzero(), in order, NaN and infinities included,
+    with a length that is not a multiple of 8, for sparse, dense, full and empty masks."""
+    monkeypatch.setattr(sparse_step, "SMALL", 4096)
+    flat = torch.randn(4096 * 5 + tail, generator=torch.Generator().manual_seed(0)).to(dtype)
+    flat[[5, 4096, 9000, flat.numel() - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0],
+                                                           dtype=dtype)
+    for thr in (1.5, 2.5, -0.5, -9.0, 9.0, float("inf")):
+        t = torch.tensor(thr, dtype=dtype)
+        assert torch.equal(sparse_step.above(flat, t), (flat > t).nonzero().squeeze(1)), thr
 
 
 # -- Matryoshka prefix losses ------------------------------------------------------------------------
