@@ -15,7 +15,7 @@ from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
 
 # the signed integer type whose order matches a 16-bit float type's above zero (float32 compares as fast as int32)
 SAME_ORDER_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-SMALL = 1 << 18  # below this many entries one plain nonzero is as fast
+SMALL = 1 << 18  # up to this many entries `above` runs the plain nonzero (its cost is small beside the step's)
 
 
 def above(flat: Tensor, thr: Tensor) -> Tensor:
@@ -108,8 +108,8 @@ def aux_entries(sae: MatryoshkaSAE, pre_nc: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def narrow_keys(keys: Tensor, bound: int) -> Tensor:
-    """Sort keys in [0, bound) in the narrowest integer type that holds them: the CPU sorts 131k int16 keys in a third
-    of the time of int64 ones, int32 in half. The same permutation (stable, or unique keys), so the same step."""
+    """Sort keys in [0, bound) in the narrowest integer type that holds them: the CPU sorted 131k int16 keys in 37 % of
+    the time of int64 ones, int32 in about 60 %. The same permutation (stable, or unique keys), so the same step."""
     if bound <= torch.iinfo(torch.int16).max:
         return keys.to(torch.int16)
     return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
