@@ -9,7 +9,18 @@ import math
 
 import torch
 
-from bench.common import ATTR_BATCH, LAYER, Context, Row, lm_autocast, log, median, time_call
+from bench.common import (
+    ATTR_BATCH,
+    LAYER,
+    Context,
+    Row,
+    bf16_measured,
+    bf16_not_measured,
+    lm_autocast,
+    log,
+    median,
+    time_call,
+)
 from bench.train import CORE, SEED, D, build_sae, sae_params
 from dmsae import lm, precision, readers
 from stages.attribute import attribution_batch
@@ -36,7 +47,8 @@ def run(ctx: Context) -> list[Row]:
     batches = [windows[i:i + ATTR_BATCH].long().to(device) for i in range(0, min(n, windows.shape[0]), ATTR_BATCH)]
     planned = lm_autocast(device)  # None on the CPU; bfloat16 on CUDA, as the pipeline plans it
     model = lm.load_model(model_art.path, device, "float32", planned)
-    model16 = lm.load_model(model_art.path, device, "float32", "bfloat16")
+    with16 = bf16_measured(device)[0]
+    model16 = lm.load_model(model_art.path, device, "float32", "bfloat16") if with16 else None
     model32 = model if planned is None else lm.load_model(model_art.path, device, "float32", None)
     sae = ctx.shared.get("sae")
     scale = ctx.shared.get("sae_scale")
@@ -65,9 +77,11 @@ def run(ctx: Context) -> list[Row]:
             score_sums[key] = score_sums.get(key, 0) + r["abs_attr"].double().sum(0).cpu()
 
     log(f"attribution: {len(batches) - 1} batches of {ATTR_BATCH}x{windows.shape[1]} tokens (+1 warm-up), "
-        "fp32 and bf16")
-    fns = {"attr": lambda ids: attr(model, sae, ids, "planned"), "ref": lambda ids: reference(model, ids, bos),
-           "attr16": lambda ids: attr(model16, sae, ids, "bf16"), "ref16": lambda ids: reference(model16, ids, bos)}
+        f"fp32{' and bf16' if with16 else ''}")
+    fns = {"attr": lambda ids: attr(model, sae, ids, "planned"), "ref": lambda ids: reference(model, ids, bos)}
+    if model16 is not None:
+        fns |= {"attr16": lambda ids: attr(model16, sae, ids, "bf16"),
+                "ref16": lambda ids: reference(model16, ids, bos)}
     if model32 is not model:
         fns |= {"attr32": lambda ids: attr(model32, sae, ids, "fp32"),
                 "ref32": lambda ids: reference(model32, ids, bos)}
@@ -91,6 +105,8 @@ def run(ctx: Context) -> list[Row]:
         rows.append(Row(f"attribution_batch with a {CORE}-latent core", tps["core"], "tokens/s",
                         "forward + backward from layer 15", tps["ref"], core_cost, "<= 1.3x the cost",
                         core_cost <= 1.3, note="ratio = time / reference time"))
+    if not with16:
+        return [*rows, bf16_not_measured("attribution_batch, LM in bf16", device)]
     k32 = "attr32" if "attr32" in tps else "attr"
     r32 = "ref32" if "ref32" in tps else "ref"
     cost16 = tps["ref16"] / tps["attr16"]

@@ -88,6 +88,20 @@ def lm_autocast(device: str) -> str | None:
     return planned(device, "float32")
 
 
+def bf16_measured(device: str) -> tuple[bool, str]:
+    """Whether the bench measures bf16 on `device`, and why: only where the device runs it natively, by
+    dmsae.precision's rule (which refuses bf16 elsewhere). Emulated bfloat16 runs many times slower than float32:
+    its rows would time the emulation, and on a 2-core CPU take minutes."""
+    from dmsae.precision import native_bf16
+
+    return native_bf16(device)
+
+
+def bf16_not_measured(what: str, device: str) -> Row:
+    return Row(f"{what}: not measured", None, "",
+               note=f"{bf16_measured(device)[1]}: bf16 would run emulated, and time the emulation (dmsae refuses it)")
+
+
 def set_threads(n: int) -> None:
     """Torch threads for this process and its children; also silences transformers' loading bars."""
     torch.set_num_threads(n)

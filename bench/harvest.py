@@ -18,6 +18,8 @@ from bench.common import (
     Context,
     FakeArtifact,
     Row,
+    bf16_measured,
+    bf16_not_measured,
     lm_autocast,
     log,
     median,
@@ -95,7 +97,8 @@ def run(ctx: Context) -> list[Row]:
     planned = lm_autocast(device)  # None on the CPU (float32); bfloat16 on CUDA, as the pipeline plans it
     load_s = time_call(lambda: lm.load_model(model_art.path, device, "float32", planned), device)
     model = lm.load_model(model_art.path, device, "float32", planned)
-    model16 = lm.load_model(model_art.path, device, "float32", BF16["autocast"])
+    with16 = bf16_measured(device)[0]
+    model16 = lm.load_model(model_art.path, device, "float32", BF16["autocast"]) if with16 else None
     # the float32 harvest: the planned one on the CPU; on CUDA, where the plan runs bf16, a model of its own
     model32 = model if planned is None else lm.load_model(model_art.path, device, "float32", None)
     n_layers = lm.num_layers(model)
@@ -124,15 +127,16 @@ def run(ctx: Context) -> list[Row]:
                 metrics.update(got)
         return stage
 
-    fns = {"bare": bare_of(model), "stage": stage_of(model, "stage", None), "full": full,
-           "bare16": bare_of(model16), "stage16": stage_of(model16, "stage16", BF16)}
+    fns = {"bare": bare_of(model), "stage": stage_of(model, "stage", None), "full": full}
+    if model16 is not None:
+        fns |= {"bare16": bare_of(model16), "stage16": stage_of(model16, "stage16", BF16)}
     if model32 is not model:
         fns |= {"bare32": bare_of(model32), "stage32": stage_of(model32, "stage32", FP32)}
     key32 = {"bare": "bare32" if "bare32" in fns else "bare", "stage": "stage32" if "stage32" in fns else "stage"}
 
     log(f"harvest: {len(batches)} batches of {LM_BATCH}x{windows.shape[1]} tokens, {mode.harvest_repeats} repeats, "
-        f"fp32 and bf16")
-    for m in {id(x): x for x in (model, model16, model32)}.values():
+        f"fp32{' and bf16' if with16 else ''}")
+    for m in {id(x): x for x in (model, model16, model32) if x is not None}.values():
         lm.residual_upto(m, batches[0], LAYER)  # warm-up (allocator, kernels; bf16's oneDNN primitives)
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -160,6 +164,8 @@ def run(ctx: Context) -> list[Row]:
             stage_with_load / tps["bare"],
             note=f"model load {load_s:.2f} s, once per stage, amortised over a real harvest"),
     ]
+    if not with16:
+        return [*rows, bf16_not_measured("harvest stage, LM in bf16", device)]
     return rows + bf16_rows(tps, spread, key32, outs, device)
 
 

@@ -22,6 +22,8 @@ from bench.common import (
     REPO,
     Context,
     Row,
+    bf16_measured,
+    bf16_not_measured,
     lm_autocast,
     log,
     materialize_inputs,
@@ -262,9 +264,8 @@ def precision_runs(ctx: Context, data: Path, pool: torch.Tensor, idx: torch.Tens
 
 
 def measured_precisions(device: str) -> tuple[str, ...]:
-    """PRECISIONS less bf16 where the device only emulates it (by dmsae.precision's rule, which refuses bf16 there):
-    an emulated bfloat16 step times the emulation, many times slower than float32, and the anchors with it."""
-    return PRECISIONS if precision.native_bf16(device)[0] else ("fp32",)
+    """PRECISIONS less bf16 where the device only emulates it (`bench.common.bf16_measured`)."""
+    return PRECISIONS if bf16_measured(device)[0] else ("fp32",)
 
 
 def run_anchors(ctx: Context) -> list[Row]:
@@ -417,8 +418,7 @@ def precision_rows(results: dict[str, dict[str, Any]], matmul: dict[str, float],
     for prec in PRECISIONS:
         ours = ours_of[prec]
         if ours is None:
-            out.append(Row(f"dmsae step, no core, {prec}: not measured", None, "", target="",
-                           note=f"{why}: bf16 would run emulated, and time the emulation (dmsae refuses it here)"))
+            out.append(bf16_not_measured(f"dmsae step, no core, {prec}", device))
             continue
         tps, fvu = _tps(ours), ours["fvu"]
         assert tps is not None
