@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dmsae import activations
+from dmsae import activations, harvesting
 
 CHUNK, D = 10, 3
 
@@ -76,3 +77,17 @@ def test_state_restores_the_same_batches(tmp_path: Path) -> None:
     resumed.restore(state, carry)
     for want in expected:
         np.testing.assert_array_equal(next(resumed).numpy(), want)
+
+
+def test_stored_rows_casts_to_float16_as_numpy_does():
+    """The harvest casts with torch; the bytes must be numpy's astype's, on normal values and on the edges of
+    float16: its subnormals, values halfway between two float16s (ties to even), overflow to infinity, signed zero."""
+    gen = np.random.default_rng(0)
+    ulp_half = np.float32(2.0**-11)  # half a float16 ulp at 1.0: exact ties
+    edges = np.array([0.0, -0.0, 1.0 + ulp_half, 1.0 + 3 * ulp_half, 6.0e-8, -3.0e-5, 2.0**-24 * 1.5, 65504.0,
+                      65519.0, 65520.0, -70000.0, 1e-9], dtype=np.float32)
+    rows = np.concatenate([gen.standard_normal(4096 * 8).astype(np.float32) * 40, edges]).reshape(-1, 4)
+    got = harvesting.stored_rows(torch.from_numpy(rows), "float16")
+    want = rows.astype("float16")
+    assert got.dtype == want.dtype and np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(harvesting.stored_rows(torch.from_numpy(rows), "float32"), rows)
