@@ -1,11 +1,13 @@
 """bench/train.py's rows for issue 25's anchor targets: each precision against the anchors in the same precision,
 PASS/MISS from the measured ratios and FVUs, and the bf16-vs-fp32 target judged only where bf16 is native;
-bench/precision_quality.py's speed line."""
+bench/precision_quality.py's arms, speed and activation lines."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench import train
@@ -83,3 +85,34 @@ def test_precision_speed_counts_only_the_stages_whose_keys_differ() -> None:
     assert "the 2 stages" in line
     assert "all: fp32 40 s, bf16 30 s (1.33x)" in line
     assert "(train, reuse): fp32 30 s, bf16 20 s (1.50x)" in line
+
+
+def test_precision_arms_share_the_fp32_run_and_set_only_their_field() -> None:
+    from bench.precision_quality import arms
+
+    sae, lm = arms("sae", "/s", []), arms("lm", "/s", [])
+    def config(sets: list[str]) -> set[str]:
+        return {s for s in sets if not s.startswith("name=")}
+    assert config(sae["fp32"]) == config(lm["fp32"])  # one fp32 run serves both tables
+    assert config(sae["bf16"]) - config(sae["fp32"]) == {"precision.sae=bf16"}
+    assert config(lm["bf16"]) - config(lm["fp32"]) == {"precision.lm=bf16"}
+    assert "precision.sae=fp32" in lm["bf16"] and "precision.lm=fp32" in sae["bf16"]
+
+
+def test_precision_activation_errors_read_real_harvests(tmp_path: Path) -> None:
+    from bench.precision_quality import activation_errors
+    from dmsae import activations
+
+    def harvest(name: str, rows: np.ndarray) -> Path:
+        (tmp_path / name).mkdir()
+        array = activations.create(tmp_path / name / activations.ARRAY, rows.shape[0], rows.shape[1], 8)
+        writer = activations.ChunkWriter(array)
+        writer.append(rows)
+        writer.close()
+        return tmp_path / name
+
+    rows = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    a, b, c = harvest("a", rows), harvest("b", rows * np.float32(1.01)), harvest("c", rows[:19])
+    line = activation_errors([a, a], [a, b])
+    assert "median 0.0000, 99th percentile 0.0000; median 0.0100, 99th percentile 0.0100" in line
+    assert "kept different rows" in activation_errors([a], [c])
