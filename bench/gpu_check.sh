@@ -24,7 +24,8 @@
 # .venv, no install): the CUDA tests are collected and skip ("no CUDA device"), the benchmarks run on the CPU.
 # --only PARTS: a comma-separated subset of unit,harvest,pipeline,train (default: all four).
 # --python PY: use this interpreter, with the project and its dependencies already importable, and install
-# nothing (a machine that reaches no package registry: carry the wheels and install them first).
+# nothing (a machine that reaches no package registry: carry the wheels and install them first; bench/gpu_wheels.sh
+# fetches the ones a GPU image with torch lacks, 51 MiB for Python 3.12, and says how to install them there).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
