@@ -116,3 +116,5 @@ def test_precision_activation_errors_read_real_harvests(tmp_path: Path) -> None:
     line = activation_errors([a, a], [a, b])
     assert "median 0.0000, 99th percentile 0.0000; median 0.0100, 99th percentile 0.0100" in line
     assert "kept different rows" in activation_errors([a], [c])
+    (tmp_path / "parted").mkdir()  # a harvest in parts holds a list of its parts, no array of its own
+    assert "rows not compared" in activation_errors([a], [tmp_path / "parted"])
