@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_wheels.sh [--dir DIR] [--have FILE] [--python-version X.Y] [--limit-mib N]
 #
-# DIR (default .whl, which .git/info/exclude should ignore) receives the wheels; it is emptied first. The run
+# DIR (default .whl, git-ignored) receives the wheels; the wheels already there are removed first. The run
 # fails when they exceed --limit-mib (default 60: what one call to such a machine carries is 64 MiB with the
 # working tree). There, before gpu_check.sh:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site DIR/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -29,6 +29,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -f "$HAVE" ] || { echo "gpu_wheels: no package list at $HAVE (--have FILE: one distribution name a line)" >&2; exit 2; }
+# DIR is emptied of its wheels only: a folder holding anything else is refused, never wiped
+if [ -d "$DIR" ] && [ -n "$(find "$DIR" -mindepth 1 ! -name '*.whl' -print -quit)" ]; then
+  echo "gpu_wheels: $DIR holds files other than wheels; give --dir an empty folder or one of wheels only" >&2
+  exit 2
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 PLATFORMS=()
@@ -60,7 +65,7 @@ for item in json.load(open(sys.argv[1]))["install"]:
     if name.lower().replace("_", "-").replace(".", "-") not in have:
         print(f"{name}=={version}")
 PY
-rm -rf "$DIR" && mkdir -p "$DIR"
+mkdir -p "$DIR" && find "$DIR" -maxdepth 1 -name '*.whl' -delete
 python3 -m pip download --quiet --no-deps "${TARGET[@]}" -d "$DIR" -r "$WORK/missing.txt"
 bytes=$(du -cb "$DIR"/*.whl | tail -1 | cut -f1)
 mib=$(( (bytes + 1048575) / 1048576 ))
