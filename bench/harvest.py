@@ -73,15 +73,57 @@ def stored_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in (out / activations.ARRAY).rglob("*") if f.is_file())
 
 
-def row_errors(a: Path, b: Path) -> tuple[float, float] | None:
-    """Median and 99th percentile over rows of ||b - a|| / ||a||, for two harvests of the same windows; None when
-    their outlier filters kept different rows (the threshold comes from each harvest's own first batch)."""
+MISMATCH = 0.5  # a relative row error this large is another token, not a rounding (bf16's is about 1 % here)
+MAX_SKIP = 8  # the most rows in a row that `common_rows` looks past, on both sides together
+
+
+def common_rows(x: np.ndarray, y: np.ndarray, max_dropped: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows two harvests of the same windows both kept, paired: each kept them in order, but its outlier filter
+    (the threshold comes from its own first batch) may have dropped a few rows the other kept. Walking both, the
+    first pair further apart than MISMATCH marks rows one or both dropped: the fewest skipped that make a pair
+    match again. None when no skip of up to MAX_SKIP rows does, or when more than `max_dropped` gaps are met."""
+    pairs_x, pairs_y = [], []
+    i = j = skipped = 0
+
+    def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(b - a, axis=-1) / np.maximum(np.linalg.norm(a, axis=-1), 1e-30)
+
+    while i < len(x) and j < len(y):
+        n = min(len(x) - i, len(y) - j)
+        bad = np.flatnonzero(rel(x[i:i + n], y[j:j + n]) > MISMATCH)
+        run = n if bad.size == 0 else int(bad[0])
+        pairs_x.append(np.arange(i, i + run))
+        pairs_y.append(np.arange(j, j + run))
+        i, j = i + run, j + run
+        if run == n:
+            break
+        skipped += 1
+        if skipped > max_dropped:
+            return None
+        # the fewest rows skipped on the two sides together (a + b) that make the next pair match
+        skip = next(((a, total - a) for total in range(1, MAX_SKIP + 1) for a in range(total + 1)
+                     if i + a < len(x) and j + total - a < len(y) and rel(x[i + a], y[j + total - a]) <= MISMATCH),
+                    None)
+        if skip is None:
+            return None
+        i, j = i + skip[0], j + skip[1]
+    if len(x) + len(y) - 2 * sum(map(len, pairs_x)) > 2 * max_dropped:
+        return None
+    return np.concatenate(pairs_x), np.concatenate(pairs_y)
+
+
+def row_errors(a: Path, b: Path) -> tuple[float, float, int, int] | None:
+    """Median and 99th percentile over rows of ||b - a|| / ||a|| for two harvests of the same windows, over the rows
+    both kept (`common_rows`), with how many those are and how many only one of them kept; None when they cannot
+    be paired."""
     x = activations.open_array(a / activations.ARRAY)[:].astype(np.float64)
     y = activations.open_array(b / activations.ARRAY)[:].astype(np.float64)
-    if x.shape != y.shape:
+    pairs = common_rows(x, y)
+    if pairs is None:
         return None
-    rel = np.linalg.norm(y - x, axis=1) / np.maximum(np.linalg.norm(x, axis=1), 1e-30)
-    return float(np.median(rel)), float(np.quantile(rel, 0.99))
+    xi, yi = pairs
+    rel = np.linalg.norm(y[yi] - x[xi], axis=1) / np.maximum(np.linalg.norm(x[xi], axis=1), 1e-30)
+    return float(np.median(rel)), float(np.quantile(rel, 0.99)), len(xi), len(x) + len(y) - 2 * len(xi)
 
 
 def run(ctx: Context) -> list[Row]:
@@ -178,8 +220,9 @@ def bf16_rows(tps: dict[str, float], spread: dict[str, str], key32: dict[str, st
     bare_speed = tps["bare16"] / tps[key32["bare"]]
     b32, b16 = stored_bytes(outs[key32["stage"]]), stored_bytes(outs["stage16"])
     err = row_errors(outs[key32["stage"]], outs["stage16"])
-    err_note = ("the two harvests kept different rows (outlier threshold)" if err is None else
-                f"per row ||bf16 - fp32|| / ||fp32||: median {err[0]:.4f}, 99th percentile {err[1]:.4f}")
+    err_note = ("the two harvests' rows could not be paired" if err is None else
+                f"per row ||bf16 - fp32|| / ||fp32||: median {err[0]:.4f}, 99th percentile {err[1]:.4f} over the "
+                f"{err[2]} rows both kept ({err[3]} kept by one only: the outlier filter)")
     return [
         Row("harvest stage, LM in bf16 (autocast bfloat16, float16 stored)", tps["stage16"], "tokens/s",
             "bare bf16 truncated forward, layers 0..15", tps["bare16"], r16, ">= 0.9x", r16 >= 0.9,

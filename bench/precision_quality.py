@@ -174,8 +174,9 @@ def activation_errors(fp32: list[Path], bf16: list[Path]) -> str:
             parts.append("a harvest in parts (`harvest.parts`): rows not compared")
             continue
         err = row_errors(a, b)
-        parts.append("the outlier filters kept different rows" if err is None else
-                     f"median {err[0]:.4f}, 99th percentile {err[1]:.4f}")
+        parts.append("rows that could not be paired" if err is None else
+                     f"median {err[0]:.4f}, 99th percentile {err[1]:.4f} over the {err[2]} rows both kept ({err[3]} "
+                     "kept by one only: the outlier filter)")
     return "- harvested activations, per row ||bf16 - fp32|| / ||fp32||: " + "; ".join(parts)
 
 

@@ -114,7 +114,29 @@ def test_precision_activation_errors_read_real_harvests(tmp_path: Path) -> None:
     rows = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
     a, b, c = harvest("a", rows), harvest("b", rows * np.float32(1.01)), harvest("c", rows[:19])
     line = activation_errors([a, a], [a, b])
-    assert "median 0.0000, 99th percentile 0.0000; median 0.0100, 99th percentile 0.0100" in line
-    assert "kept different rows" in activation_errors([a], [c])
+    assert ("median 0.0000, 99th percentile 0.0000 over the 20 rows both kept (0 kept by one only: the outlier "
+            "filter); median 0.0100, 99th percentile 0.0100 over the 20") in line
+    # one of them dropped the last row: the 19 others are compared
+    assert "median 0.0000, 99th percentile 0.0000 over the 19 rows both kept (1 kept by one only" in \
+        activation_errors([a], [c])
+    other = harvest("other", np.random.default_rng(1).standard_normal((20, 4)).astype(np.float32))
+    assert "could not be paired" in activation_errors([a], [other])
     (tmp_path / "parted").mkdir()  # a harvest in parts holds a list of its parts, no array of its own
     assert "rows not compared" in activation_errors([a], [tmp_path / "parted"])
+
+
+def test_common_rows_pairs_harvests_that_dropped_different_rows() -> None:
+    """Each harvest's outlier filter may drop rows the other kept: the rows both kept are paired in order, through
+    drops on either side, one after the other or at the ends; unrelated rows are not paired."""
+    from bench.harvest import common_rows
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((40, 16))
+    noisy = rows * (1 + 0.01 * rng.standard_normal((40, 1)))  # bf16-sized differences
+    x_kept = [i for i in range(40) if i not in (10, 11, 39)]  # x dropped two in a row and the last
+    y_kept = [i for i in range(40) if i not in (0, 3, 12, 25)]  # y dropped the first, and 12 where x dropped 11
+    xi, yi = common_rows(rows[x_kept], noisy[y_kept])
+    both = [i for i in range(40) if i in x_kept and i in y_kept]
+    assert [x_kept[i] for i in xi] == both and [y_kept[i] for i in yi] == both
+    assert common_rows(rows, rng.standard_normal((40, 16))) is None
+    assert common_rows(rows[x_kept], noisy[y_kept], max_dropped=2) is None
