@@ -17,13 +17,11 @@ measures bf16's quality cost (not its speed) on any CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -166,38 +164,31 @@ def compare(arms: dict[str, list[str]], activations_too: bool = False, emulated:
     return md_table(rows, floatfmt="{:.4f}"), "\n".join(verdict)
 
 
-def with_lm_of(node: Any, other: Any) -> Any:
-    """`node` of the fp32 arm with the params of `other`, the bf16 arm's node of the same label: its language model
-    runs as in the bf16 arm, on the fp32 arm's inputs, and so does the baseline it reads. A node of its own key."""
-    inputs = {name: with_lm_of(n, other.inputs[name]) if n.stage == "baseline" else n
-              for name, n in node.inputs.items()}
-    return dataclasses.replace(node, params=other.params, inputs=inputs)
-
-
 def evaluation_only(arms: dict[str, list[str]]) -> str:
-    """The fp32 arm's SAEs evaluated again with the language model in bf16 (computed here into the store, once):
-    how far bf16 moves the metrics themselves, apart from the other SAEs that its harvest trains."""
+    """The fp32 arm's SAEs evaluated again with the language model in bf16 (the fp32 arm with precision.eval=bf16:
+    new baseline and evaluate nodes, computed here into the store, once): how far bf16 moves the metrics themselves,
+    apart from the other SAEs that its harvest trains."""
     from dmsae.config import load_config
     from dmsae.runtime import Runtime
     from dmsae.stores import store_for
     from flows.pipeline import materialize, plan
 
-    cfg32, cfg16 = (load_config(CONFIG, arms[p]) for p in ("fp32", "bf16"))
+    cfg32, cfg_eval = (load_config(CONFIG, arms["fp32"] + extra) for extra in ([], ["precision.eval=bf16"]))
     store, rt = store_for(cfg32), Runtime(device=cfg32.device, show_progress=False)
-    bf16_evals = {n.label: n for n in plan(cfg16).of_stage("evaluate")}
+    again = {n.label: n for n in plan(cfg_eval).nodes if n.stage in ("baseline", "evaluate")}
+    materialize(store, again["baseline"], rt)
     moves = []
     for node in plan(cfg32).of_stage("evaluate"):
-        again = with_lm_of(node, bf16_evals[node.label])
-        materialize(store, again.inputs["baseline"], rt)  # the same node for every SAE: computed once
-        again, _ = materialize(store, again, rt)
+        after = materialize(store, again[node.label], rt)[0].metrics
         before = store.load(node.stage, node.key).metrics
-        moves.append((node.label, before["explained_variance"] - again.metrics["explained_variance"],
-                      again.metrics["ce_loss_score"] - before["ce_loss_score"]))
+        moves.append((node.label, before["explained_variance"] - after["explained_variance"],
+                      after["ce_loss_score"] - before["ce_loss_score"]))
     fvu = max(moves, key=lambda m: abs(m[1]))
     ce = max(moves, key=lambda m: abs(m[2]))
-    return (f"- the fp32 arm's {len(moves)} SAEs evaluated again with the language model in bf16 (the baseline "
-            f"too): largest |dFVU| {abs(fvu[1]):.4f} (`{fvu[0]}`), largest |dCE-loss score| {abs(ce[2]):.4f} "
-            f"(`{ce[0]}`): what bf16 moves the metrics by, apart from the other SAEs trained on its harvest")
+    return (f"- the fp32 arm's {len(moves)} SAEs evaluated again with the language model in bf16 "
+            f"(`precision.eval=bf16`, the baseline too): largest |dFVU| {abs(fvu[1]):.4f} (`{fvu[0]}`), "
+            f"largest |dCE-loss score| {abs(ce[2]):.4f} (`{ce[0]}`): what bf16 moves the metrics by, apart from "
+            "the other SAEs trained on its harvest")
 
 
 def activation_errors(fp32: list[Path], bf16: list[Path]) -> str:

@@ -132,6 +132,10 @@ class PrecisionConfig(Strict):
     sae: Precision = Field("fp32", description="the SAE training step (train and reuse stages)")
     lm: Precision = Field("fp32", description="the language model's forward passes (harvest, attribution, "
                           "evaluation, probes, cards) for a float32 model: bf16 runs them under autocast")
+    eval: Literal["lm", "auto", "fp32", "bf16"] = Field(
+        "lm", description="the language model's forwards of the evaluation (baseline and evaluate stages) apart "
+        "from the rest: lm, the default, as precision.lm says; bf16 moved the quickstart's CE-loss scores by at most "
+        "0.0005 (BENCHMARKS.md)")
 
 
 class AttributionConfig(Strict):

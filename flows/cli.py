@@ -56,8 +56,12 @@ def _checked(args: argparse.Namespace) -> tuple[Config, AnyStore, Plan]:
 
     sae_precision = resolve(cfg.precision.sae, cfg.device, "precision.sae")
     lm_precision = resolve(cfg.precision.lm, cfg.device, "precision.lm")
+    eval_note = ""
+    if cfg.precision.eval != "lm":
+        eval_precision = resolve(cfg.precision.eval, cfg.device, "precision.eval")
+        eval_note = f"; evaluation {eval_precision.precision} ({eval_precision.reason})"
     print(f"precision: SAE step {sae_precision.precision} ({sae_precision.reason}); language model "
-          f"{lm_precision.precision} ({lm_precision.reason})", flush=True)
+          f"{lm_precision.precision} ({lm_precision.reason}){eval_note}", flush=True)
     _check_runner(cfg)
     return cfg, store, p
 

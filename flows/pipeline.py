@@ -62,10 +62,13 @@ def lm_autocast(device: str, dtype: str, lm_precision: str = "fp32") -> str | No
     return "bfloat16" if lm_precision == "bf16" or device.startswith("cuda") else None
 
 
-def lm_params(cfg: Config) -> dict[str, Any]:
-    """How a stage runs the language model. Autocast changes the numbers, so it is in the key
-    (`autocast`); a float32 forward on the CPU has no such entry (the keys it always had)."""
-    resolved = precision.resolve(cfg.precision.lm, cfg.device, "precision.lm")
+def lm_params(cfg: Config, evaluation: bool = False) -> dict[str, Any]:
+    """How a stage runs the language model (`evaluation`: the baseline and evaluate stages, whose precision
+    precision.eval sets apart unless it says `lm`). Autocast changes the numbers, so it is in the key (`autocast`);
+    a float32 forward on the CPU has no such entry (the keys it always had)."""
+    apart = evaluation and cfg.precision.eval != "lm"
+    field, setting = ("precision.eval", cfg.precision.eval) if apart else ("precision.lm", cfg.precision.lm)
+    resolved = precision.resolve(setting, cfg.device, field)
     autocast = lm_autocast(cfg.device, cfg.model.dtype, resolved.precision)
     return {"dtype": cfg.model.dtype} | ({"autocast": autocast} if autocast else {})
 
@@ -190,11 +193,11 @@ def _reuse_nodes(cfg: Config, model_node: Node, tokens_node: Node, harvest_node:
     consistency_k = cfg.reuse.reference_k(cfg.sae.k)
     # once each: consistency seeds [0, 0] at seed 1 would otherwise plan the seed-0 arms twice
     runs += [(consistency_k, s) for s in dict.fromkeys(cfg.reuse.consistency_seeds[:2]) if s != cfg.seed]
-    baseline_node = stage_node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg)},
+    baseline_node = stage_node("baseline", {"layer": cfg.harvest.layer, **lm_params(cfg, evaluation=True)},
                          {"model": model_node, "tokens": tokens_node, "harvest": harvest_node},
                          args={"batch_size": cfg.evaluation.batch_size})
     nodes = [rand, baseline_node] if "random" in arms else [baseline_node]
-    eval_params = {"layer": cfg.harvest.layer, **lm_params(cfg),
+    eval_params = {"layer": cfg.harvest.layer, **lm_params(cfg, evaluation=True),
                    "dense_threshold": cfg.evaluation.dense_threshold}
     eval_inputs = {"model": model_node, "tokens": tokens_node, "harvest": harvest_node, "baseline": baseline_node}
     eval_args = {"batch_size": cfg.evaluation.batch_size}

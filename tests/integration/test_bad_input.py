@@ -112,6 +112,10 @@ CASES: dict[str, Case] = {
     "bf16 on a CPU without bfloat16 units": Case(
         run_args("precision.sae=bf16"), "precision.sae=bf16: the CPU has no native bfloat16",
         setup=lambda c, w: pytest.skip("this CPU runs bfloat16 natively") if native_bf16("cpu")[0] else None),
+    "evaluation in bf16 on a CPU without bfloat16 units": Case(
+        run_args("precision.eval=bf16"), "precision.eval=bf16: the CPU has no native bfloat16",
+        setup=lambda c, w: pytest.skip("this CPU runs bfloat16 natively") if native_bf16("cpu")[0] else None),
+    "evaluation precision that is not one": Case(run_args("precision.eval=fp16"), "precision.eval"),
     "cuda index past the devices": Case(run_args("device=cuda:7"), "device=cuda:7",
                                         setup=lambda c, w: None if torch.cuda.device_count() < 8 else pytest.skip()),
     "report folder under /proc": Case(run_args("report_dir=/proc/nope"), "report_dir=/proc/nope is not writable"),

@@ -141,29 +141,3 @@ def test_common_rows_pairs_harvests_that_dropped_different_rows() -> None:
     assert common_rows(rows, rng.standard_normal((40, 16))) is None
     assert common_rows(rows[x_kept], noisy[y_kept], max_dropped=2) is None
 
-
-def test_evaluation_only_node_takes_the_bf16_arms_lm_on_the_fp32_arms_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """precision_quality's evaluation-only line re-evaluates the fp32 arm's SAEs with the bf16 arm's language model:
-    the node has the bf16 params, the fp32 SAE, harvest and tokens, a baseline rebuilt the same way, and a key of
-    its own (neither arm's evaluation is overwritten)."""
-    from bench import precision_quality as pq
-    from dmsae import precision
-    from dmsae.config import load_config
-    from flows.pipeline import plan
-
-    monkeypatch.setattr(precision, "native_bf16", lambda device, flags=None: (True, "AMX"))
-    arms = pq.arms("lm", "/nonexistent-store", [])
-    p32, p16 = (plan(load_config(pq.CONFIG, arms[p])) for p in ("fp32", "bf16"))
-    bf16_evals = {n.label: n for n in p16.of_stage("evaluate")}
-    for n32 in p32.of_stage("evaluate"):
-        n16 = bf16_evals[n32.label]
-        again = pq.with_lm_of(n32, n16)
-        assert again.params == n16.params != n32.params
-        assert again.params["autocast"] == "bfloat16"
-        for name in ("sae", "harvest", "tokens", "model"):
-            assert again.inputs[name] is n32.inputs[name]
-        base = again.inputs["baseline"]
-        assert base.params == n16.inputs["baseline"].params
-        assert base.inputs["harvest"] is n32.inputs["harvest"] and base.key not in (n32.inputs["baseline"].key,
-                                                                                  n16.inputs["baseline"].key)
-        assert again.key not in (n32.key, n16.key)

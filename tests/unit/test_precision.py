@@ -4,6 +4,7 @@ that resolves `precision: auto`."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,35 @@ def test_bf16_without_native_support_is_refused_in_one_line():
         precision.resolve("bf16", "cpu", "precision.sae", PLAIN)
     assert "\n" not in str(e.value) and "precision.sae" in str(e.value) and "fp32" in str(e.value)
     assert precision.resolve("bf16", "cpu", "precision.sae", AMX).precision == "bf16"
+
+
+def test_precision_eval_sets_the_evaluations_language_model_apart(monkeypatch):
+    """precision.eval: `lm` (the default) plans what precision.lm alone plans, key for key; bf16 changes the baseline
+    and evaluate stages' keys (autocast in their params) and no other; lm=bf16 with eval=fp32 keeps the evaluation
+    in float32; bf16 on a CPU without bf16 units is refused in one line that names precision.eval."""
+    from dmsae.config import load_config
+    from flows.pipeline import plan
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+    def nodes(*sets: str) -> dict:
+        return {n.label: n for n in plan(load_config(config, ["store=/nonexistent", *sets])).nodes}
+
+    def keys(*sets: str) -> dict:
+        return {label: n.key for label, n in nodes(*sets).items()}
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device, flags=None: (False, "no bf16 units"))
+    with pytest.raises(UserError) as e:
+        nodes("precision.eval=bf16")
+    assert "\n" not in str(e.value) and str(e.value).startswith("precision.eval=bf16:")
+    monkeypatch.setattr(precision, "native_bf16", lambda device, flags=None: (True, "AMX"))
+    base = nodes()
+    assert keys("precision.eval=lm") == keys()
+    evaluation = nodes("precision.eval=bf16")
+    changed = {n.stage for label, n in evaluation.items() if n.key != base[label].key}
+    assert changed == {"baseline", "evaluate"}
+    assert all(n.params["autocast"] == "bfloat16" for n in evaluation.values() if n.stage in changed)
+    lm_only = nodes("precision.lm=bf16", "precision.eval=fp32")
+    assert all("autocast" not in n.params for n in lm_only.values() if n.stage in ("baseline", "evaluate"))
+    assert lm_only["harvest"].params["autocast"] == "bfloat16"
+    assert keys("precision.lm=bf16", "precision.eval=bf16") == keys("precision.lm=bf16")
