@@ -140,4 +140,3 @@ def test_common_rows_pairs_harvests_that_dropped_different_rows() -> None:
     assert [x_kept[i] for i in xi] == both and [y_kept[i] for i in yi] == both
     assert common_rows(rows, rng.standard_normal((40, 16))) is None
     assert common_rows(rows[x_kept], noisy[y_kept], max_dropped=2) is None
-
