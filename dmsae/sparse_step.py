@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmsae import native
 from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
 
 # the signed integer type whose order matches a 16-bit float type's above zero (float32 compares as fast as int32)
@@ -22,6 +23,10 @@ def above(flat: Tensor, thr: Tensor) -> Tensor:
     """The indices of the entries of `flat` greater than `thr`, in order: the same as (flat > thr).nonzero()."""
     if flat.numel() <= SMALL or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
         return (flat > thr).nonzero().squeeze(1)
+    if flat.dtype == torch.float32:  # one read of the pre-activations in C where it builds (the same indices)
+        found = native.above_f32(flat, thr)
+        if found is not None:
+            return found
     as_int = SAME_ORDER_INT.get(flat.dtype)
     if as_int is None or not float(thr) > 0:
         return _above_by_words(flat, thr)

@@ -171,10 +171,13 @@ def test_select_topk_is_an_exact_batch_topk(kind, k, small, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tail", [0, 77])
-def test_above_by_words_equals_one_nonzero(dtype, tail, monkeypatch):
-    """The search by 8-flag words returns exactly (flat > thr).nonzero(), in order, NaN and infinities included,
-    with a length that is not a multiple of 8, for sparse, dense, full and empty masks."""
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_above_equals_one_nonzero(dtype, tail, compiled, monkeypatch):
+    """The search by 8-flag words (and, in float32, the compiled one where it builds) returns exactly
+    (flat > thr).nonzero(), in order, NaN and infinities included, with a length that is not a multiple of 8, for
+    sparse, dense, full and empty masks."""
     monkeypatch.setattr(sparse_step, "SMALL", 4096)
+    monkeypatch.setenv("DMSAE_NATIVE", compiled)
     flat = torch.randn(4096 * 5 + tail, generator=torch.Generator().manual_seed(0)).to(dtype)
     flat[[5, 4096, 9000, flat.numel() - 1]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0],
                                                            dtype=dtype)

@@ -1,0 +1,137 @@
+"""Small C kernels for the CPU training step, built with the machine's C compiler on first use and loaded with ctypes.
+
+Each stands behind a pure-torch function that stays the reference and the fallback: without a C compiler, on a
+platform where the build fails, or with `DMSAE_NATIVE=0`, that function runs and nothing else changes (the kernels
+move no bit). A build is cached per source, compiler flags and CPU (it targets the CPU it runs on) in
+`$XDG_CACHE_HOME/dmsae-native` (default ~/.cache/dmsae-native) and written there atomically, so concurrent first
+uses (two pytest workers, Dask workers) each end with a whole library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("above.c")
+MAX_PARTS = 64  # above.c's thread limit
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("DMSAE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmsae-native"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def cpu_id() -> str:
+    """What a -march=native build depends on: the CPU's model and instruction-set flags where Linux lists them (a
+    home folder shared between machines must not hand one CPU's build to another)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(next((ln for ln in lines if ln.startswith(key)), "") for key in ("model name", "flags"))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def flag_sets() -> list[list[str]]:
+    base = ["-O3", "-shared", "-fPIC", "-pthread"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return [base + ["-march=native"], base]  # AVX2 where the CPU has it; the plain loop where the flag fails
+    return [base]
+
+
+def build(source: Path) -> Path:
+    """The shared library of `source` for this CPU, compiled once and cached. Raises RuntimeError saying why not."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    text = source.read_bytes()
+    errors = []
+    for flags in flag_sets():
+        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), cc.encode(), cpu_id().encode()]))
+        target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(str(e))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError(f"{cc} failed: {errors[-1]}")
+
+
+def library(source: Path = SOURCE) -> ctypes.CDLL | None:
+    """The loaded library of `source`, or None (disabled, or it could not be built: said once in the log)."""
+    if not enabled():
+        return None
+    with _lock:
+        if str(source) not in _loaded:
+            try:
+                lib = ctypes.CDLL(str(build(source)))
+            except (OSError, RuntimeError) as e:
+                log.info("dmsae: the compiled %s is not available (%s); its pure-torch version runs", source.stem, e)
+                lib = None
+            _loaded[str(source)] = lib
+        return _loaded[str(source)]
+
+
+def _search(lib: ctypes.CDLL):  # the C signature, set once per library
+    fn = lib.dmsae_above_f32
+    if fn.argtypes is None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int, ctypes.c_void_p]
+    return fn
+
+
+def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction: float = 1 / 8) -> Tensor | None:
+    """(flat > thr).nonzero().squeeze(1) for a contiguous float32 CPU tensor in one read, threaded over `parts`
+    ranges (default torch's thread count); None where the kernel is not available or more than `cap_fraction` of a
+    range passes (the caller then runs its own path: this one is for sparse masks)."""
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous() or flat.dim() != 1:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    n = flat.numel()
+    parts = max(1, min(MAX_PARTS, parts or torch.get_num_threads(), n // 4096 or 1))
+    cap = int(n / parts * cap_fraction) + 64
+    out = torch.empty(parts * cap, dtype=torch.int64)  # uninitialised: only the pages written are ever touched
+    counts = torch.empty(parts, dtype=torch.int64)
+    rc = _search(lib)(flat.data_ptr(), n, float(thr), out.data_ptr(), cap, parts, counts.data_ptr())
+    found = counts.tolist()
+    if rc != 0 or min(found) < 0:
+        return None
+    if parts == 1:
+        return out[: found[0]]
+    return torch.cat([out[t * cap: t * cap + c] for t, c in enumerate(found)])

@@ -1,0 +1,79 @@
+/* The candidate search of BatchTopK in one read: the indices of the float32 entries above a threshold, in order,
+   the same as (x > thr).nonzero() in torch. torch's version writes a [B, width] mask and scans it again; this reads
+   the pre-activations once and writes only the few indices. It does no float arithmetic, so it moves no bit. */
+#include <stdint.h>
+#include <pthread.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* Writes the indices i in [lo, hi) with x[i] > thr to out (at most cap of them); returns how many, or -1 when
+   they do not fit. NaN compares false, as in torch. */
+static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, int64_t cap) {
+    int64_t n = 0, i = lo;
+#if defined(__AVX2__)
+    const __m256 t = _mm256_set1_ps(thr);
+    for (; i + 32 <= hi; i += 32) {
+        uint32_t mask = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_GT_OQ))
+            | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), t, _CMP_GT_OQ)) << 8
+            | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), t, _CMP_GT_OQ)) << 16
+            | (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), t, _CMP_GT_OQ)) << 24;
+        if (!mask) continue;
+        if (n + __builtin_popcount(mask) > cap) return -1;
+        while (mask) {
+            out[n++] = i + __builtin_ctz(mask);
+            mask &= mask - 1;
+        }
+    }
+#endif
+    for (; i < hi; ++i)
+        if (x[i] > thr) {
+            if (n >= cap) return -1;
+            out[n++] = i;
+        }
+    return n;
+}
+
+typedef struct {
+    const float *x;
+    int64_t lo, hi, cap, count;
+    float thr;
+    int64_t *out;
+} part_t;
+
+static void *run_part(void *arg) {
+    part_t *p = (part_t *)arg;
+    p->count = scan(p->x, p->lo, p->hi, p->thr, p->out, p->cap);
+    return 0;
+}
+
+/* Splits x[0, n) into `parts` ranges (at most 64), one thread each; range t writes its indices at out + t * cap
+   and its count to counts[t] (-1: more than cap). The caller joins the ranges in order. Returns 0, or -1 when a
+   thread could not start (then nothing is valid). */
+int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t cap, int parts, int64_t *counts) {
+    part_t p[64];
+    pthread_t tid[64];
+    if (parts < 1) parts = 1;
+    if (parts > 64) parts = 64;
+    for (int t = 0; t < parts; ++t) {
+        p[t].x = x;
+        p[t].lo = n * t / parts / 32 * 32; /* whole 32-entry blocks, so each range but the last runs the vector loop */
+        p[t].hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
+        p[t].thr = thr;
+        p[t].out = out + (int64_t)t * cap;
+        p[t].cap = cap;
+    }
+    int started = 0, failed = 0;
+    for (int t = 1; t < parts; ++t) {
+        if (pthread_create(&tid[t], 0, run_part, &p[t]) != 0) {
+            failed = 1;
+            break;
+        }
+        started = t;
+    }
+    if (!failed) run_part(&p[0]);
+    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
+    if (failed) return -1;
+    for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
+    return 0;
+}

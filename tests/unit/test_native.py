@@ -1,0 +1,82 @@
+"""The compiled candidate search (dmsae/native) against torch's own (flat > thr).nonzero(), built for real with the
+machine's C compiler into a fresh cache folder, and the fallback when no compiler works."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+import torch
+
+from dmsae import native, sparse_step
+
+needs_cc = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine (set CC)")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A build of its own in an empty cache folder, not the one an earlier test or run loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DMSAE_NATIVE", "1")
+    monkeypatch.setattr(native, "_loaded", {})
+    return tmp_path / "cache" / "dmsae-native"
+
+
+def values(n: int, seed: int) -> torch.Tensor:
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0, float("nan")])
+    flat[torch.tensor([0, 31, 32, n // 2, n - 1])] = special
+    return flat
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [33, 4096 * 3 + 77, 200_003])
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_above_f32_equals_nonzero(fresh_cache, n, parts):
+    """The same indices in the same order for ranges that are not whole 32-entry blocks, NaN (never above) and
+    infinities, every split into threads; thresholds that let none, a few or most entries through."""
+    flat = values(n, seed=n + parts)
+    hits = 0
+    for thr in (2.0, 1.0, 9.0, float("inf"), -float("inf"), 0.5):
+        t = torch.tensor(thr)
+        got = native.above_f32(flat, t, parts=parts, cap_fraction=1.0)
+        assert got is not None and got.dtype == torch.int64
+        want = (flat > t).nonzero().squeeze(1)
+        assert torch.equal(got, want), thr
+        hits += want.numel()
+    assert hits > 0
+    assert list(fresh_cache.glob("above-*.so")), "the build was not cached"
+
+
+@needs_cc
+def test_above_f32_declines_what_it_is_not_for(fresh_cache):
+    """More passing entries than the cap, another dtype, a strided view: None, so that the caller's path runs."""
+    flat = values(10_000, seed=1)
+    assert native.above_f32(flat, torch.tensor(-1.0), cap_fraction=1 / 8) is None  # 84 % pass
+    assert native.above_f32(flat.double(), torch.tensor(1.0)) is None
+    assert native.above_f32(flat[::2], torch.tensor(1.0)) is None
+    assert native.above_f32(flat.view(100, 100), torch.tensor(1.0)) is None
+
+
+def test_no_working_compiler_falls_back(fresh_cache, tmp_path, monkeypatch, caplog):
+    """A compiler that fails (or none): the library is None, said once in the log, and the search still exact."""
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(sparse_step, "SMALL", 4096)
+    flat = values(50_000, seed=2)
+    with caplog.at_level("INFO", logger="dmsae.native"):
+        assert native.library() is None
+        assert native.above_f32(flat, torch.tensor(2.0)) is None
+        got = sparse_step.above(flat, torch.tensor(2.0))
+    assert torch.equal(got, (flat > 2.0).nonzero().squeeze(1))
+    said = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
+    assert len(said) == 1 and "broken-cc: cannot compile" in said[0]
+    assert not list(fresh_cache.glob("*")), "a failed build left a file behind"
+
+
+def test_disabled_by_environment(fresh_cache, monkeypatch):
+    monkeypatch.setenv("DMSAE_NATIVE", "0")
+    assert native.library() is None
+    assert not fresh_cache.exists()
