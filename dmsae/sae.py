@@ -43,6 +43,30 @@ def ema_thresholds(threshold: Tensor, smallest: Tensor, ema: float) -> Tensor:
     return out
 
 
+class Workspace:
+    """Buffers a training step reuses from one step to the next: the [B, width] pre-activations (67 MB at
+    d 576, width 4096, batch 4096), the residuals, the encoder gradient, the decoder projection's product. A fresh
+    tensor that large pays its page faults on every step (the bias broadcast into a new addmm output alone took a
+    third of the matmul's time here); a reused one pays them once. Kept on the SAE it serves, so two trainings in
+    two threads never share one."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def workspace(sae: MatryoshkaSAE) -> Workspace:
+    ws = sae.__dict__.get("_step_workspace")  # a plain attribute: never in the state dict or a checkpoint
+    if ws is None:
+        ws = sae.__dict__["_step_workspace"] = Workspace()
+    return ws
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -246,9 +270,11 @@ class MatryoshkaSAE(nn.Module):
     @torch.no_grad()
     def project_decoder_grads(self) -> None:
         """Remove the gradient component parallel to each unit-norm decoder row."""
-        for w in self.decoder_params():
+        for i, w in enumerate(self.decoder_params()):
             if w.grad is not None and w.numel():
-                w.grad -= (w.grad * w).sum(dim=1, keepdim=True) * w
+                tmp = workspace(self).get(f"projection{i}", tuple(w.shape), w.dtype, w.device)
+                coef = torch.mul(w.grad, w, out=tmp).sum(dim=1, keepdim=True)
+                w.grad -= torch.mul(coef, w, out=tmp)  # the product (g . w) w, in a reused buffer: the same bits
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

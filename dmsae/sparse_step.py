@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmsae import native
-from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active
+from dmsae.sae import MatryoshkaSAE, StepStats, ema_thresholds, smallest_active, workspace
 
 # the signed integer type whose order matches a 16-bit float type's above zero (float32 compares as fast as int32)
 SAME_ORDER_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -118,29 +118,6 @@ def narrow_keys(keys: Tensor, bound: int) -> Tensor:
     if bound <= torch.iinfo(torch.int16).max:
         return keys.to(torch.int16)
     return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
-
-
-class Workspace:
-    """Buffers a training step reuses from one step to the next: the [B, width] pre-activations (67 MB at
-    d 576, width 4096, batch 4096) and the encoder gradient. A fresh tensor that large pays its page faults
-    on every step (the bias broadcast into a new addmm output alone took a third of the matmul's time here);
-    a reused one pays them once. Kept on the SAE it serves, so two trainings in two threads never share one."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-            buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
-        return buf
-
-
-def workspace(sae: MatryoshkaSAE) -> Workspace:
-    ws = sae.__dict__.get("_step_workspace")  # a plain attribute: never in the state dict or a checkpoint
-    if ws is None:
-        ws = sae.__dict__["_step_workspace"] = Workspace()
-    return ws
 
 
 def weighted_bags(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, low: torch.dtype | None) -> Tensor:
