@@ -79,6 +79,8 @@ def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor
     winners as (flat indices, values) and the core's code, dense [B, c]."""
     B, c = pre_core.shape
     nc_idx, nc_vals = select_topk(pre_nc, k)
+    if c == 0:  # no core: the non-core's top k*B win, the same entries in another order (the step sorts them)
+        return nc_idx, nc_vals.to(pre_core.dtype), pre_core
     n_keep = min(k * B, pre_core.numel() + pre_nc.numel())
     vals, pos = torch.cat([pre_core.flatten(), nc_vals.to(pre_core.dtype)]).topk(n_keep, sorted=False)
     in_core = pos < B * c
@@ -247,8 +249,11 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
     sae.dec.grad = weighted_bags(bag.index_select(0, by_col), table, col_offsets,
                                  (vals * entry_scale).index_select(0, by_col), low).float()
-    sae.enc.grad = enc_grad.copy_(weighted_bags(rows.index_select(0, by_col), xc_low, col_offsets,
-                                                g_vals.index_select(0, by_col), low).T)
+    by_latent = weighted_bags(rows.index_select(0, by_col), xc_low, col_offsets, g_vals.index_select(0, by_col), low)
+    if not native.transpose_f32(by_latent, enc_grad):  # in tiles, in C where it builds: a third of the time
+        enc_grad.copy_(by_latent.T)
+    sae.enc.grad = enc_grad
+    del by_latent
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
     # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen

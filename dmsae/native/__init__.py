@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("above.c")
-MAX_PARTS = 64  # above.c's thread limit
+SOURCE = Path(__file__).with_name("kernels.c")
+MAX_PARTS = 64  # kernels.c's thread limit
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -135,3 +135,20 @@ def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction:
     if parts == 1:
         return out[: found[0]]
     return torch.cat([out[t * cap: t * cap + c] for t, c in enumerate(found)])
+
+
+def transpose_f32(src: Tensor, out: Tensor) -> bool:
+    """out.copy_(src.T) for a contiguous float32 CPU matrix into a contiguous one, in tiles over torch's thread count;
+    False (nothing written) where the kernel is not available or the tensors are not such."""
+    ok = (src.dtype == out.dtype == torch.float32 and src.device.type == out.device.type == "cpu" and src.dim() == 2
+          and src.is_contiguous() and out.is_contiguous() and out.shape == src.shape[::-1])
+    lib = library() if ok else None
+    if lib is None:
+        return False
+    fn = lib.dmsae_transpose_f32
+    if fn.argtypes is None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    rows, cols = src.shape
+    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), cols // 32 or 1))
+    return fn(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0

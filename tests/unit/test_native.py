@@ -1,5 +1,5 @@
-"""The compiled candidate search (dmsae/native) against torch's own (flat > thr).nonzero(), built for real with the
-machine's C compiler into a fresh cache folder, and the fallback when no compiler works."""
+"""The C kernels (dmsae/native) against their torch references ((flat > thr).nonzero(), a transposed copy), built for
+real with the machine's C compiler into a fresh cache folder, and the fallback when no compiler works."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ from dmsae import native, sparse_step
 needs_cc = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine (set CC)")
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One build for this module's comparisons, in an empty cache folder: not the one an earlier test or run loaded."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        mp.setenv("DMSAE_NATIVE", "1")
+        mp.setattr(native, "_loaded", {})
+        yield cache / "dmsae-native"
+
+
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
-    """A build of its own in an empty cache folder, not the one an earlier test or run loaded."""
+    """An empty cache folder and nothing loaded, for a test that builds (or fails to) on its own."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("DMSAE_NATIVE", "1")
     monkeypatch.setattr(native, "_loaded", {})
@@ -32,7 +43,7 @@ def values(n: int, seed: int) -> torch.Tensor:
 @needs_cc
 @pytest.mark.parametrize("n", [33, 4096 * 3 + 77, 200_003])
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
-def test_above_f32_equals_nonzero(fresh_cache, n, parts):
+def test_above_f32_equals_nonzero(built, n, parts):
     """The same indices in the same order for ranges that are not whole 32-entry blocks, NaN (never above) and
     infinities, every split into threads; thresholds that let none, a few or most entries through."""
     flat = values(n, seed=n + parts)
@@ -45,11 +56,11 @@ def test_above_f32_equals_nonzero(fresh_cache, n, parts):
         assert torch.equal(got, want), thr
         hits += want.numel()
     assert hits > 0
-    assert list(fresh_cache.glob("above-*.so")), "the build was not cached"
+    assert list(built.glob("kernels-*.so")), "the build was not cached"
 
 
 @needs_cc
-def test_above_f32_declines_what_it_is_not_for(fresh_cache):
+def test_above_f32_declines_what_it_is_not_for(built):
     """More passing entries than the cap, another dtype, a strided view: None, so that the caller's path runs."""
     flat = values(10_000, seed=1)
     assert native.above_f32(flat, torch.tensor(-1.0), cap_fraction=1 / 8) is None  # 84 % pass
@@ -73,6 +84,7 @@ def test_no_working_compiler_falls_back(fresh_cache, tmp_path, monkeypatch, capl
     assert torch.equal(got, (flat > 2.0).nonzero().squeeze(1))
     said = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
     assert len(said) == 1 and "broken-cc: cannot compile" in said[0]
+    assert not native.transpose_f32(torch.ones(64, 64), torch.empty(64, 64))
     assert not list(fresh_cache.glob("*")), "a failed build left a file behind"
 
 
@@ -80,3 +92,24 @@ def test_disabled_by_environment(fresh_cache, monkeypatch):
     monkeypatch.setenv("DMSAE_NATIVE", "0")
     assert native.library() is None
     assert not fresh_cache.exists()
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (64, 64), (4096, 576), (300, 1001)])
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_transpose_f32_equals_torch(built, shape, parts, monkeypatch):
+    """Tiles that do not divide the matrix, fewer columns than threads, and every thread count: src.T exactly."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+    out = torch.full(shape[::-1], float("nan"))
+    assert native.transpose_f32(src, out)
+    assert torch.equal(out, src.T)
+
+
+@needs_cc
+def test_transpose_f32_declines_what_it_is_not_for(built):
+    src = torch.randn(8, 4)
+    assert not native.transpose_f32(src, torch.empty(8, 4))  # not the transposed shape
+    assert not native.transpose_f32(src.double(), torch.empty(4, 8, dtype=torch.float64))
+    assert not native.transpose_f32(src.T, torch.empty(8, 4))  # not contiguous
+    assert not native.transpose_f32(src, torch.empty(8, 4).T)

@@ -1,6 +1,11 @@
-/* The candidate search of BatchTopK in one read: the indices of the float32 entries above a threshold, in order,
-   the same as (x > thr).nonzero() in torch. torch's version writes a [B, width] mask and scans it again; this reads
-   the pre-activations once and writes only the few indices. It does no float arithmetic, so it moves no bit. */
+/* C kernels of the CPU training step (dmsae/native/__init__.py builds and loads them). None does float arithmetic,
+   so none moves a bit: each returns exactly what its pure-torch reference returns.
+
+   dmsae_above_f32: the candidate search of BatchTopK in one read: the indices of the float32 entries above a
+   threshold, in order, the same as (x > thr).nonzero() in torch. torch's version writes a [B, width] mask and scans
+   it again; this reads the pre-activations once and writes only the few indices.
+   dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
+   strided copy read one element per cache line of the source). */
 #include <stdint.h>
 #include <pthread.h>
 #if defined(__AVX2__)
@@ -76,4 +81,54 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t 
     if (failed) return -1;
     for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
     return 0;
+}
+
+typedef struct {
+    const float *src;
+    float *dst;
+    int64_t rows, cols, lo, hi;
+} tpart_t;
+
+enum { TILE = 64 };
+
+/* dst rows [lo, hi) (the source's columns) of dst = src.T, a TILE x TILE tile at a time */
+static void *transpose_part(void *arg) {
+    tpart_t *p = (tpart_t *)arg;
+    for (int64_t j0 = p->lo; j0 < p->hi; j0 += TILE) {
+        int64_t j1 = j0 + TILE < p->hi ? j0 + TILE : p->hi;
+        for (int64_t i0 = 0; i0 < p->rows; i0 += TILE) {
+            int64_t i1 = i0 + TILE < p->rows ? i0 + TILE : p->rows;
+            for (int64_t j = j0; j < j1; ++j)
+                for (int64_t i = i0; i < i1; ++i) p->dst[j * p->rows + i] = p->src[i * p->cols + j];
+        }
+    }
+    return 0;
+}
+
+/* dst [cols, rows] = src [rows, cols].T, split over `parts` threads (at most 64). Returns 0, or -1 when a thread
+   could not start (then dst is incomplete). */
+int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst, int parts) {
+    tpart_t p[64];
+    pthread_t tid[64];
+    if (parts < 1) parts = 1;
+    if (parts > 64) parts = 64;
+    for (int t = 0; t < parts; ++t) {
+        p[t].src = src;
+        p[t].dst = dst;
+        p[t].rows = rows;
+        p[t].cols = cols;
+        p[t].lo = cols * t / parts / TILE * TILE;
+        p[t].hi = t + 1 == parts ? cols : cols * (t + 1) / parts / TILE * TILE;
+    }
+    int started = 0, failed = 0;
+    for (int t = 1; t < parts; ++t) {
+        if (pthread_create(&tid[t], 0, transpose_part, &p[t]) != 0) {
+            failed = 1;
+            break;
+        }
+        started = t;
+    }
+    if (!failed) transpose_part(&p[0]);
+    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
+    return failed ? -1 : 0;
 }
