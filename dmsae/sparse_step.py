@@ -122,6 +122,17 @@ def narrow_keys(keys: Tensor, bound: int) -> Tensor:
     return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
 
 
+def entry_order(bag: Tensor, cols: Tensor, n_bags: int, m: int) -> Tensor:
+    """The permutation that sorts the entries by (bag, latent): torch.sort of the unique keys bag * m + col, or in C
+    two stable counting passes, by latent then by bag (the same permutation, in a fraction of the time)."""
+    by_col = native.counting_order(cols, m)
+    if by_col is not None:
+        by_bag = native.counting_order(bag.index_select(0, by_col[0]), n_bags)
+        if by_bag is not None:
+            return by_col[0].index_select(0, by_bag[0])
+    return torch.sort(narrow_keys(bag * m + cols, n_bags * m)).indices
+
+
 def weighted_bags(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, low: torch.dtype | None) -> Tensor:
     """Per bag, the sum of `table`'s rows at `indices` times `weights` (embedding_bag). With `low` (the step under
     autocast): on 16-bit copies of the table and the weights, the result in 16 bits: the gather reads half the
@@ -187,7 +198,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     rows, cols = flat_idx // m, flat_idx % m
     group = torch.bucketize(cols, torch.tensor(sae.ends[:-1], device=dev), right=True)
     bag = group * B + rows
-    order = torch.sort(narrow_keys(bag * m + cols, G * B * m)).indices  # bags contiguous, a fixed order inside each
+    order = entry_order(bag, cols, G * B, m)  # bags contiguous, a fixed order inside each
     rows, cols, bag = rows.index_select(0, order), cols.index_select(0, order), bag.index_select(0, order)
     vals = vals.index_select(0, order).clamp_min(0)
     n_main = vals.numel()
@@ -243,8 +254,9 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     g_vals *= entry_scale
     g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
 
-    by_col = torch.sort(narrow_keys(cols, m), stable=True).indices
-    col_counts = torch.bincount(cols, minlength=m)
+    counted = native.counting_order(cols, m)  # in C where it builds: the same permutation and counts
+    by_col, col_counts = counted if counted is not None else (
+        torch.sort(narrow_keys(cols, m), stable=True).indices, torch.bincount(cols, minlength=m))
     col_offsets = col_counts.cumsum(0) - col_counts
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
     sae.dec.grad = weighted_bags(bag.index_select(0, by_col), table, col_offsets,
@@ -282,7 +294,8 @@ def update_stats_sparse(sae: MatryoshkaSAE, cols: Tensor, vals: Tensor, core_cod
     and the core's code of the step (its thresholds are learned only under `core_gate: topk`)."""
     m = sae.width - sae.core_size
     active = vals > 0
-    cols, vals = cols[active], vals[active]
+    if not bool(active.all()):  # BatchTopK's entries are nearly always all positive: then nothing to gather
+        cols, vals = cols[active], vals[active]
     sae.tokens_since_fired += batch_tokens
     sae.tokens_since_fired[cols] = 0
     smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(

@@ -152,3 +152,22 @@ def transpose_f32(src: Tensor, out: Tensor) -> bool:
     rows, cols = src.shape
     parts = max(1, min(MAX_PARTS, torch.get_num_threads(), cols // 32 or 1))
     return fn(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0
+
+
+def counting_order(keys: Tensor, n_keys: int) -> tuple[Tensor, Tensor] | None:
+    """(torch.sort(keys, stable=True).indices, torch.bincount(keys, minlength=n_keys)) for int64 CPU keys in
+    [0, n_keys), by one counting pass; None where the kernel is not available or the keys are not such."""
+    if keys.dtype != torch.int64 or keys.device.type != "cpu" or keys.dim() != 1 or not keys.is_contiguous():
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    fn = lib.dmsae_counting_order
+    if fn.argtypes is None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    order = torch.empty(keys.numel(), dtype=torch.int64)
+    counts = torch.empty(max(n_keys, 0), dtype=torch.int64)
+    if fn(keys.data_ptr(), keys.numel(), n_keys, order.data_ptr(), counts.data_ptr()) != 0:
+        return None
+    return order, counts

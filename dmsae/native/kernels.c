@@ -5,9 +5,12 @@
    threshold, in order, the same as (x > thr).nonzero() in torch. torch's version writes a [B, width] mask and scans
    it again; this reads the pre-activations once and writes only the few indices.
    dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
-   strided copy read one element per cache line of the source). */
+   strided copy read one element per cache line of the source).
+   dmsae_counting_order: a stable argsort of small integer keys by counting, with their counts: the same
+   permutation as torch.sort(keys, stable=True), and bincount. */
 #include <stdint.h>
 #include <pthread.h>
+#include <stdlib.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -131,4 +134,25 @@ int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst
     if (!failed) transpose_part(&p[0]);
     for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
     return failed ? -1 : 0;
+}
+
+/* order = the stable argsort of keys[n] (each in [0, n_keys)), counts[n_keys] = how many of each (zeroed here).
+   Returns 0, or -1 when a key lies outside [0, n_keys) (then order is not valid). */
+int dmsae_counting_order(const int64_t *keys, int64_t n, int64_t n_keys, int64_t *order, int64_t *counts) {
+    for (int64_t k = 0; k < n_keys; ++k) counts[k] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t k = keys[i];
+        if (k < 0 || k >= n_keys) return -1;
+        ++counts[k];
+    }
+    int64_t *next = (int64_t *)malloc((size_t)(n_keys > 0 ? n_keys : 1) * sizeof(int64_t));
+    if (!next) return -1;
+    int64_t at = 0;
+    for (int64_t k = 0; k < n_keys; ++k) {
+        next[k] = at;
+        at += counts[k];
+    }
+    for (int64_t i = 0; i < n; ++i) order[next[keys[i]]++] = i;
+    free(next);
+    return 0;
 }

@@ -113,3 +113,33 @@ def test_transpose_f32_declines_what_it_is_not_for(built):
     assert not native.transpose_f32(src.double(), torch.empty(4, 8, dtype=torch.float64))
     assert not native.transpose_f32(src.T, torch.empty(8, 4))  # not contiguous
     assert not native.transpose_f32(src, torch.empty(8, 4).T)
+
+
+@needs_cc
+@pytest.mark.parametrize("n, n_keys", [(0, 5), (1, 1), (1000, 7), (131_072, 4096)])
+def test_counting_order_equals_stable_sort(built, n, n_keys):
+    """The stable argsort and the counts of torch (repeated keys keep their order), and no answer for a key out of
+    range, so that the caller sorts in torch."""
+    keys = torch.randint(0, n_keys, (n,), generator=torch.Generator().manual_seed(n))
+    found = native.counting_order(keys, n_keys)
+    assert found is not None
+    order, counts = found
+    assert torch.equal(order, torch.sort(keys, stable=True).indices)
+    assert torch.equal(counts, torch.bincount(keys, minlength=n_keys))
+    assert native.counting_order(torch.tensor([0, n_keys]), n_keys) is None
+    assert native.counting_order(torch.tensor([-1, 0]), n_keys) is None
+    assert native.counting_order(keys.int(), n_keys) is None
+
+
+@needs_cc
+def test_entry_order_equals_one_sort_of_the_unique_keys(built, monkeypatch):
+    """The step's (bag, latent) order by two counting passes is the permutation of one sort of bag * m + latent."""
+    g = torch.Generator().manual_seed(5)
+    B, m, k, n_bags = 256, 512, 8, 4 * 256
+    flat = torch.randperm(B * m, generator=g)[: B * k]
+    rows, cols = flat // m, flat % m
+    bag = torch.bucketize(cols, torch.tensor([32, 96, 256]), right=True) * B + rows
+    fast = sparse_step.entry_order(bag, cols, n_bags, m)
+    monkeypatch.setenv("DMSAE_NATIVE", "0")
+    assert torch.equal(fast, sparse_step.entry_order(bag, cols, n_bags, m))
+    assert torch.equal(fast, torch.sort(bag * m + cols).indices)
