@@ -105,12 +105,19 @@ def library(source: Path = SOURCE) -> ctypes.CDLL | None:
         return _loaded[str(source)]
 
 
-def _search(lib: ctypes.CDLL):  # the C signature, set once per library
-    fn = lib.dmsae_above_f32
+PTR, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
+    "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, I64, INT, PTR],
+    "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
+    "dmsae_counting_order": [PTR, I64, I64, PTR, PTR],
+}
+
+
+def kernel(lib: ctypes.CDLL, name: str):
+    """The C function `name` of `lib` with its signature set (once per library)."""
+    fn = getattr(lib, name)
     if fn.argtypes is None:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int, ctypes.c_void_p]
+        fn.restype, fn.argtypes = ctypes.c_int, SIGNATURES[name]
     return fn
 
 
@@ -128,7 +135,7 @@ def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction:
     cap = int(n / parts * cap_fraction) + 64
     out = torch.empty(parts * cap, dtype=torch.int64)  # uninitialised: only the pages written are ever touched
     counts = torch.empty(parts, dtype=torch.int64)
-    rc = _search(lib)(flat.data_ptr(), n, float(thr), out.data_ptr(), cap, parts, counts.data_ptr())
+    rc = kernel(lib, "dmsae_above_f32")(flat.data_ptr(), n, float(thr), out.data_ptr(), cap, parts, counts.data_ptr())
     found = counts.tolist()
     if rc != 0 or min(found) < 0:
         return None
@@ -145,13 +152,9 @@ def transpose_f32(src: Tensor, out: Tensor) -> bool:
     lib = library() if ok else None
     if lib is None:
         return False
-    fn = lib.dmsae_transpose_f32
-    if fn.argtypes is None:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     rows, cols = src.shape
     parts = max(1, min(MAX_PARTS, torch.get_num_threads(), cols // 32 or 1))
-    return fn(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0
+    return kernel(lib, "dmsae_transpose_f32")(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0
 
 
 def counting_order(keys: Tensor, n_keys: int) -> tuple[Tensor, Tensor] | None:
@@ -162,10 +165,7 @@ def counting_order(keys: Tensor, n_keys: int) -> tuple[Tensor, Tensor] | None:
     lib = library()
     if lib is None:
         return None
-    fn = lib.dmsae_counting_order
-    if fn.argtypes is None:
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn = kernel(lib, "dmsae_counting_order")
     order = torch.empty(keys.numel(), dtype=torch.int64)
     counts = torch.empty(max(n_keys, 0), dtype=torch.int64)
     if fn(keys.data_ptr(), keys.numel(), n_keys, order.data_ptr(), counts.data_ptr()) != 0:

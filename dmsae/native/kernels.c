@@ -15,6 +15,23 @@
 #include <immintrin.h>
 #endif
 
+/* Runs fn on each of n parts (elements of `size` bytes from `parts`): parts 1.. on threads of their own, part 0 on
+   the caller's. Returns 0, or -1 when a thread could not start (then the results are incomplete). */
+static int run_parallel(void *(*fn)(void *), void *parts, size_t size, int n) {
+    pthread_t tid[64];
+    int started = 0, failed = 0;
+    for (int t = 1; t < n; ++t) {
+        if (pthread_create(&tid[t], 0, fn, (char *)parts + (size_t)t * size) != 0) {
+            failed = 1;
+            break;
+        }
+        started = t;
+    }
+    if (!failed) fn(parts);
+    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
+    return failed ? -1 : 0;
+}
+
 /* Writes the indices i in [lo, hi) with x[i] > thr to out (at most cap of them); returns how many, or -1 when
    they do not fit. NaN compares false, as in torch. */
 static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, int64_t cap) {
@@ -60,7 +77,6 @@ static void *run_part(void *arg) {
    thread could not start (then nothing is valid). */
 int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t cap, int parts, int64_t *counts) {
     part_t p[64];
-    pthread_t tid[64];
     if (parts < 1) parts = 1;
     if (parts > 64) parts = 64;
     for (int t = 0; t < parts; ++t) {
@@ -71,17 +87,7 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t 
         p[t].out = out + (int64_t)t * cap;
         p[t].cap = cap;
     }
-    int started = 0, failed = 0;
-    for (int t = 1; t < parts; ++t) {
-        if (pthread_create(&tid[t], 0, run_part, &p[t]) != 0) {
-            failed = 1;
-            break;
-        }
-        started = t;
-    }
-    if (!failed) run_part(&p[0]);
-    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
-    if (failed) return -1;
+    if (run_parallel(run_part, p, sizeof p[0], parts) != 0) return -1;
     for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
     return 0;
 }
@@ -112,7 +118,6 @@ static void *transpose_part(void *arg) {
    could not start (then dst is incomplete). */
 int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst, int parts) {
     tpart_t p[64];
-    pthread_t tid[64];
     if (parts < 1) parts = 1;
     if (parts > 64) parts = 64;
     for (int t = 0; t < parts; ++t) {
@@ -123,17 +128,7 @@ int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst
         p[t].lo = cols * t / parts / TILE * TILE;
         p[t].hi = t + 1 == parts ? cols : cols * (t + 1) / parts / TILE * TILE;
     }
-    int started = 0, failed = 0;
-    for (int t = 1; t < parts; ++t) {
-        if (pthread_create(&tid[t], 0, transpose_part, &p[t]) != 0) {
-            failed = 1;
-            break;
-        }
-        started = t;
-    }
-    if (!failed) transpose_part(&p[0]);
-    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
-    return failed ? -1 : 0;
+    return run_parallel(transpose_part, p, sizeof p[0], parts);
 }
 
 /* order = the stable argsort of keys[n] (each in [0, n_keys)), counts[n_keys] = how many of each (zeroed here).
