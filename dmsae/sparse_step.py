@@ -178,7 +178,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     G, m = len(sae.ends), sae.width - sae.core_size
     dev = x.device
     ws = workspace(sae)
-    xc = torch.sub(x, sae.b_dec, out=ws.get("xc", (B, d), x.dtype, dev))  # fresh, it paid its page faults
+    xc = torch.sub(x, sae.b_dec, out=ws.get("xc", (B, d), x.dtype, dev))  # reused: a fresh one paid page faults
     xc_low = xc if low is None else xc.to(low)  # the encoder's input, and the encoder gradient's gathered rows
     pre_nc = ws.get("pre_nc", (B, m), low or x.dtype, dev)
     if low is None:
