@@ -52,24 +52,32 @@ def _above_by_words(flat: Tensor, thr: Tensor) -> Tensor:
     return idx
 
 
-def select_topk(pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def select_topk(pre_nc: Tensor, k: int, any_order: bool = False) -> tuple[Tensor, Tensor]:
     """BatchTopK as (flat indices, values): a threshold from a strided sample keeps about twice the
-    k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k."""
+    k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k.
+    With `any_order` (the caller sorts the entries itself) they may come in index order rather than topk's: then
+    the compiled selection runs where it builds (a quarter of topk's time, the same set)."""
     flat = pre_nc.flatten()
     n_keep = min(k * pre_nc.shape[0], flat.numel())
     stride = max(1, flat.numel() // 65536) | 1  # odd: a power-of-two stride would sample only a few latents
-    sample = flat[::stride]
+    n_sample = (flat.numel() + stride - 1) // stride
     q = 1.0 - min(1.0, 2.0 * n_keep / flat.numel())
     cand = None
     if q > 0:
-        thr = sample.kthvalue(max(1, int(q * sample.numel()))).values
+        rank = max(1, int(q * n_sample))
+        thr = native.kth_smallest_f32(flat, stride, rank)  # the same value without copying the sample
+        if thr is None:
+            thr = flat[::stride].kthvalue(rank).values
         cand = above(flat, thr)
         if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
             cand = None
     if cand is None:
         vals, idx = flat.topk(n_keep, sorted=False)
         return idx, vals
-    vals, pos = flat.index_select(0, cand).topk(n_keep, sorted=False)
+    cand_vals = flat.index_select(0, cand)
+    if any_order and (found := native.top_f32(cand_vals, cand, n_keep)) is not None:
+        return found
+    vals, pos = cand_vals.topk(n_keep, sorted=False)
     return cand.index_select(0, pos), vals
 
 
@@ -78,7 +86,7 @@ def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor
     batch: the winners lie among all core entries and the non-core's own top k*B. Returns the non-core
     winners as (flat indices, values) and the core's code, dense [B, c]."""
     B, c = pre_core.shape
-    nc_idx, nc_vals = select_topk(pre_nc, k)
+    nc_idx, nc_vals = select_topk(pre_nc, k, any_order=c == 0)  # with a core, the joint top-k's ties read the order
     if c == 0:  # no core: the non-core's top k*B win, the same entries in another order (the step sorts them)
         return nc_idx, nc_vals.to(pre_core.dtype), pre_core
     n_keep = min(k * B, pre_core.numel() + pre_nc.numel())
@@ -192,7 +200,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     else:
         f_core = sae.gate_core(pre_core)
         k_nc = sae.k_noncore(f_core)
-        flat_idx, vals = select_topk(pre_nc, k_nc)
+        flat_idx, vals = select_topk(pre_nc, k_nc, any_order=True)  # entry_order sorts them below
     vals = vals.float()
     del pre_core
     rows, cols = flat_idx // m, flat_idx % m

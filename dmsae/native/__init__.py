@@ -110,6 +110,8 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, I64, INT, PTR],
     "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
     "dmsae_counting_order": [PTR, I64, I64, PTR, PTR],
+    "dmsae_kth_smallest_f32": [PTR, I64, I64, I64, PTR],
+    "dmsae_top_f32": [PTR, PTR, I64, I64, PTR, PTR],
 }
 
 
@@ -171,3 +173,37 @@ def counting_order(keys: Tensor, n_keys: int) -> tuple[Tensor, Tensor] | None:
     if fn(keys.data_ptr(), keys.numel(), n_keys, order.data_ptr(), counts.data_ptr()) != 0:
         return None
     return order, counts
+
+
+def kth_smallest_f32(flat: Tensor, stride: int, k: int) -> Tensor | None:
+    """flat[::stride].kthvalue(k).values for a contiguous 1-d float32 CPU tensor, without copying the strided sample
+    (a zero comes back as +0, which compares as torch's does); None where the kernel is not available, the input is
+    not such, or the sample holds a NaN."""
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.dim() != 1 or not flat.is_contiguous():
+        return None
+    lib = library()
+    if lib is None or stride < 1:
+        return None
+    value = torch.empty((), dtype=torch.float32)
+    n = (flat.numel() + stride - 1) // stride
+    if kernel(lib, "dmsae_kth_smallest_f32")(flat.data_ptr(), n, stride, k, value.data_ptr()) != 0:
+        return None
+    return value
+
+
+def top_f32(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(index[pos], values[pos]) for pos the positions of values.topk(k), in the order of `values` rather than
+    topk's: for a contiguous 1-d float32 CPU tensor and an int64 index of its length. None where the kernel is not
+    available, the input is not such, there is a NaN, or entries tied with the k-th largest would have to be split
+    (which of them torch keeps is then its own choice: the caller runs torch.topk)."""
+    ok = (values.dtype == torch.float32 and index.dtype == torch.int64 and values.device.type == "cpu"
+          and index.device.type == "cpu" and values.dim() == index.dim() == 1 and values.is_contiguous()
+          and index.is_contiguous() and values.numel() == index.numel() and 0 < k <= values.numel())
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    out_idx, out_vals = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.float32)
+    fn = kernel(lib, "dmsae_top_f32")
+    if fn(values.data_ptr(), index.data_ptr(), values.numel(), k, out_idx.data_ptr(), out_vals.data_ptr()) != 0:
+        return None
+    return out_idx, out_vals

@@ -7,7 +7,11 @@
    dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
    strided copy read one element per cache line of the source).
    dmsae_counting_order: a stable argsort of small integer keys by counting, with their counts: the same
-   permutation as torch.sort(keys, stable=True), and bincount. */
+   permutation as torch.sort(keys, stable=True), and bincount.
+   dmsae_kth_smallest_f32, dmsae_top_f32: BatchTopK's sampled threshold and its exact top-k over the candidates by
+   a selection on the floats' bit patterns read as ordered integers (no float arithmetic). The value is the one
+   torch.kthvalue gives and the set the one torch.topk gives; the top-k declines (-3) when entries tied with the
+   k-th would have to be split, where which of them torch keeps depends on its algorithm. */
 #include <stdint.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -149,5 +153,108 @@ int dmsae_counting_order(const int64_t *keys, int64_t n, int64_t n_keys, int64_t
     }
     for (int64_t i = 0; i < n; ++i) order[next[keys[i]]++] = i;
     free(next);
+    return 0;
+}
+
+/* A float32's bit pattern as an unsigned key in the float order, -0 and +0 one key (NaN is the caller's concern). */
+static inline uint32_t order_key(uint32_t bits) {
+    if (bits == 0x80000000u) bits = 0;
+    return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+static inline uint32_t bits_of(const float *x) {
+    union { float f; uint32_t u; } v;
+    v.f = *x;
+    return v.u;
+}
+
+/* The k-th largest key (1 <= k <= n) of x[0], x[stride], ..., x[(n - 1) * stride], with how many keys are greater
+   and how many equal. The keys are copied once (with their range); each round counts them in at most 65536
+   buckets of equal width over that range and keeps only the bucket holding the k-th: a round narrows the range by
+   2^16, so three rounds at most. Returns 0, -1 on a NaN, -2 on a bad k or no memory. */
+static int kth_largest_key(const float *x, int64_t n, int64_t stride, int64_t k, uint32_t *key, int64_t *greater,
+                           int64_t *equal) {
+    enum { BUCKETS = 1 << 16 };
+    if (k < 1 || k > n) return -2;
+    uint32_t *keys = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *hist = (uint32_t *)malloc(BUCKETS * sizeof(uint32_t));
+    if (!keys || !hist) {
+        free(keys);
+        free(hist);
+        return -2;
+    }
+    uint32_t lo = UINT32_MAX, hi = 0;
+    int nan = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits = bits_of(x + i * stride), kk = order_key(bits);
+        nan |= (bits & 0x7fffffffu) > 0x7f800000u;
+        keys[i] = kk;
+        lo = kk < lo ? kk : lo;
+        hi = kk > hi ? kk : hi;
+    }
+    int64_t above = 0; /* keys greater than every key still in keys[0, n) */
+    int rc = nan ? -1 : 0;
+    while (rc == 0) {
+        int shift = 0;
+        while (((hi - lo) >> shift) >= BUCKETS) ++shift;
+        uint32_t top = (hi - lo) >> shift;
+        for (uint32_t b = 0; b <= top; ++b) hist[b] = 0;
+        for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] - lo) >> shift];
+        uint32_t b = top;
+        while (hist[b] < k) k -= hist[b], above += hist[b--]; /* stops: the buckets hold at least k keys */
+        if (shift == 0) {
+            *key = lo + b;
+            *greater = above;
+            *equal = hist[b];
+            break;
+        }
+        int64_t m = 0; /* keep bucket b's keys, and their range */
+        uint32_t nlo = UINT32_MAX, nhi = 0;
+        for (int64_t i = 0; i < n; ++i)
+            if ((keys[i] - lo) >> shift == b) {
+                uint32_t kk = keys[i];
+                keys[m++] = kk;
+                nlo = kk < nlo ? kk : nlo;
+                nhi = kk > nhi ? kk : nhi;
+            }
+        n = m;
+        lo = nlo;
+        hi = nhi;
+    }
+    free(keys);
+    free(hist);
+    return rc;
+}
+
+static float from_key(uint32_t key) {
+    union { float f; uint32_t u; } v;
+    v.u = (key & 0x80000000u) ? key & 0x7fffffffu : ~key;
+    return v.f;
+}
+
+/* *value = the k-th smallest (1 <= k <= n) of x[0], x[stride], ..., x[(n - 1) * stride], as torch.kthvalue (a zero
+   comes back as +0). Returns 0, -1 when there is a NaN (torch orders it above every number), -2 on a bad k. */
+int dmsae_kth_smallest_f32(const float *x, int64_t n, int64_t stride, int64_t k, float *value) {
+    uint32_t key;
+    int64_t greater, equal;
+    int rc = kth_largest_key(x, n, stride, n - k + 1, &key, &greater, &equal);
+    if (rc == 0) *value = from_key(key);
+    return rc;
+}
+
+/* The k largest of x[0, n), as torch.topk's set: their idx[i] to out_idx and values to out_vals, in the order of x.
+   Returns 0; -1 on a NaN, -2 on a bad k, -3 when keys equal to the k-th's are more than the places left for them
+   (then torch's pick among the ties is its own). */
+int dmsae_top_f32(const float *x, const int64_t *idx, int64_t n, int64_t k, int64_t *out_idx, float *out_vals) {
+    uint32_t key;
+    int64_t greater, equal, j = 0;
+    int rc = kth_largest_key(x, n, 1, k, &key, &greater, &equal);
+    if (rc != 0) return rc;
+    if (greater + equal != k) return -3;
+    for (int64_t i = 0; i < n; ++i)
+        if (order_key(bits_of(x + i)) >= key) {
+            out_idx[j] = idx[i];
+            out_vals[j++] = x[i];
+        }
     return 0;
 }

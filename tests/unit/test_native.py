@@ -143,3 +143,60 @@ def test_entry_order_equals_one_sort_of_the_unique_keys(built, monkeypatch):
     monkeypatch.setenv("DMSAE_NATIVE", "0")
     assert torch.equal(fast, sparse_step.entry_order(bag, cols, n_bags, m))
     assert torch.equal(fast, torch.sort(bag * m + cols).indices)
+
+
+def selection_inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Inputs a selection can get wrong: ties, signed zeros, infinities, keys spread over one exponent or all."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    zeros = torch.where(torch.rand(n, generator=g) < 0.3, torch.zeros(n), x)
+    zeros[::7] = -0.0
+    wide = x * torch.pow(10.0, torch.randint(-30, 30, (n,), generator=g).float())
+    wide[:: max(1, n // 5)] = float("inf")
+    return {"normal": x, "ties": torch.round(x * 8) / 8, "zeros": zeros, "wide": wide,
+            "narrow": 2.5 + torch.rand(n, generator=g) * 1e-4, "constant": torch.full((n,), 0.25)}
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 2, 1000, 70_001])
+@pytest.mark.parametrize("stride", [1, 2, 257])
+def test_kth_smallest_f32_equals_kthvalue(built, n, stride):
+    """The value of torch.kthvalue over the strided sample for every kind of input and rank, and no answer over a NaN
+    (torch orders it above every number) or for a rank out of range."""
+    for name, x in selection_inputs(n, seed=n + stride).items():
+        sample = x[::stride]
+        for k in sorted({1, 2, sample.numel() // 3 + 1, sample.numel()} - {0}):
+            if k > sample.numel():
+                continue
+            got = native.kth_smallest_f32(x, stride, k)
+            assert got is not None and got == sample.kthvalue(k).values, (name, k)
+    x = torch.randn(n + 10)
+    x[(n + 10) // 2] = float("nan")
+    assert native.kth_smallest_f32(x, 1, 1) is None
+    assert native.kth_smallest_f32(x.double(), 1, 1) is None
+    assert native.kth_smallest_f32(x[:5], 1, 6) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 1000, 263_001])
+def test_top_f32_is_topks_set(built, n):
+    """The set of torch.topk (its index entries and values, in index order) wherever the k largest are one set
+    whatever the tie-breaking; no answer only where ties with the k-th largest must be split, or over a NaN."""
+    index = torch.arange(n, dtype=torch.int64) * 3 + 1
+    answered = 0
+    for name, x in selection_inputs(n, seed=n).items():
+        for k in sorted({1, n // 2 + 1, n} - {0}):
+            found = native.top_f32(x, index, min(k, n))
+            ranked = x.sort(descending=True).values
+            split_tie = k < n and ranked[k - 1] == ranked[k]
+            if found is None:
+                assert split_tie, (name, k)
+                continue
+            answered += 1
+            pos = x.topk(k, sorted=False).indices.sort().values
+            assert torch.equal(found[0], index[pos]) and torch.equal(found[1], x[pos]), (name, k)
+    assert answered >= 6  # every kind answered at least once
+    x = torch.randn(100)
+    x[7] = float("nan")
+    assert native.top_f32(x, torch.arange(100), 5) is None
+    assert native.top_f32(x, torch.arange(99), 5) is None

@@ -146,9 +146,11 @@ def test_train_step_selects_the_same_batch_topk(c, core_bias, l0_mode):
 @pytest.mark.parametrize("kind", ["normal", "ties", "mostly_negative", "heavy_tail", "constant"])
 @pytest.mark.parametrize("k", [3, 40])
 @pytest.mark.parametrize("small", [None, 1000])
-def test_select_topk_is_an_exact_batch_topk(kind, k, small, monkeypatch):
+@pytest.mark.parametrize("any_order", [False, True])
+def test_select_topk_is_an_exact_batch_topk(kind, k, small, any_order, monkeypatch):
     """The sampled-threshold shortcut must pick the same values as a full top-k (large input: strided sample),
-    with the candidates found by one nonzero or by 8-flag words (`small` lowered so that this input takes them)."""
+    with the candidates found by one nonzero or by 8-flag words (`small` lowered so that this input takes them),
+    and the compiled selection where the order is free."""
     if small is not None:
         monkeypatch.setattr(sparse_step, "SMALL", small)
     g = torch.Generator().manual_seed(3)
@@ -160,7 +162,7 @@ def test_select_topk_is_an_exact_batch_topk(kind, k, small, monkeypatch):
         "heavy_tail": lambda: torch.empty(shape).exponential_(generator=g).pow(4),
         "constant": lambda: torch.full(shape, 0.25),
     }[kind]()
-    idx, vals = sparse_step.select_topk(pre, k)
+    idx, vals = sparse_step.select_topk(pre, k, any_order)
     n_keep = k * shape[0]
     assert idx.numel() == n_keep and vals.numel() == n_keep
     assert torch.unique(idx).numel() == n_keep
