@@ -19,22 +19,27 @@ SAME_ORDER_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 SMALL = 1 << 18  # up to this many entries `above` runs the plain nonzero (its cost is small beside the step's)
 
 
-def above(flat: Tensor, thr: Tensor) -> Tensor:
-    """The indices of the entries of `flat` greater than `thr`, in order: the same as (flat > thr).nonzero()."""
+def above(flat: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
+    """The indices of the entries of `flat` greater than `thr`, in order (the same as (flat > thr).nonzero()), and
+    those entries."""
     if flat.numel() <= SMALL or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
-        return (flat > thr).nonzero().squeeze(1)
-    if flat.dtype == torch.float32:  # one read of the pre-activations in C where it builds (the same indices)
+        idx = (flat > thr).nonzero().squeeze(1)
+        return idx, flat.index_select(0, idx)
+    if flat.dtype == torch.float32:  # one read of the pre-activations in C where it builds (the same entries)
         found = native.above_f32(flat, thr)
         if found is not None:
             return found
     as_int = SAME_ORDER_INT.get(flat.dtype)
     if as_int is None or not float(thr) > 0:
-        return _above_by_words(flat, thr)
+        idx = _above_by_words(flat, thr)
+        return idx, flat.index_select(0, idx)
     # Above a positive threshold, 16-bit floats order as their bit patterns read as signed integers (a negative
     # float reads negative), and the CPU compares integers faster than it converts bfloat16 to compare. Only a
     # positive NaN reads above every number: the float compare over the few survivors drops it.
     cand = _above_by_words(flat.view(as_int), thr.view(as_int))
-    return cand[flat[cand] > thr]
+    vals = flat.index_select(0, cand)
+    keep = vals > thr
+    return cand[keep], vals[keep]
 
 
 def _above_by_words(flat: Tensor, thr: Tensor) -> Tensor:
@@ -68,13 +73,12 @@ def select_topk(pre_nc: Tensor, k: int, any_order: bool = False) -> tuple[Tensor
         thr = native.kth_smallest_f32(flat, stride, rank)  # the same value without copying the sample
         if thr is None:
             thr = flat[::stride].kthvalue(rank).values
-        cand = above(flat, thr)
+        cand, cand_vals = above(flat, thr)
         if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
             cand = None
     if cand is None:
         vals, idx = flat.topk(n_keep, sorted=False)
         return idx, vals
-    cand_vals = flat.index_select(0, cand)
     if any_order and (found := native.top_f32(cand_vals, cand, n_keep)) is not None:
         return found
     vals, pos = cand_vals.topk(n_keep, sorted=False)
@@ -141,6 +145,20 @@ def entry_order(bag: Tensor, cols: Tensor, n_bags: int, m: int) -> Tensor:
     return torch.sort(narrow_keys(bag * m + cols, n_bags * m)).indices
 
 
+def sort_entries(flat_idx: Tensor, vals: Tensor, m: int, B: int, ends: list[int]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The selected entries of the [B, m] pre-activations, from their flat indices, as (rows, cols, bags, values)
+    sorted by (bag, latent), where bag = group * B + row and the group counts the `ends` <= latent (the Matryoshka
+    groups'). In C in one call where it builds (the same arrays: integer work only)."""
+    found = native.sorted_entries(flat_idx, vals, m, B, ends)
+    if found is not None:
+        return found
+    rows, cols = flat_idx // m, flat_idx % m
+    bag = torch.bucketize(cols, torch.tensor(ends, device=cols.device), right=True) * B + rows
+    order = entry_order(bag, cols, (len(ends) + 1) * B, m)
+    return rows[order], cols[order], bag[order], vals[order]
+
+
 def weighted_bags(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, low: torch.dtype | None) -> Tensor:
     """Per bag, the sum of `table`'s rows at `indices` times `weights` (embedding_bag). With `low` (the step under
     autocast): on 16-bit copies of the table and the weights, the result in 16 bits: the gather reads half the
@@ -203,12 +221,8 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         flat_idx, vals = select_topk(pre_nc, k_nc, any_order=True)  # entry_order sorts them below
     vals = vals.float()
     del pre_core
-    rows, cols = flat_idx // m, flat_idx % m
-    group = torch.bucketize(cols, torch.tensor(sae.ends[:-1], device=dev), right=True)
-    bag = group * B + rows
-    order = entry_order(bag, cols, G * B, m)  # bags contiguous, a fixed order inside each
-    rows, cols, bag = rows.index_select(0, order), cols.index_select(0, order), bag.index_select(0, order)
-    vals = vals.index_select(0, order).clamp_min(0)
+    rows, cols, bag, vals = sort_entries(flat_idx, vals, m, B, sae.ends[:-1])  # bags contiguous, a fixed order inside
+    vals = vals.clamp_min(0)
     n_main = vals.numel()
     aux = aux_entries(sae, pre_nc)
     del pre_nc
@@ -225,7 +239,10 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     out = ws.get("out", (G + 1, B, d), x.dtype, dev)[:n_groups]  # one size, with or without AuxK
     dec = sae.dec.detach()
     # resid[g] = x_hat_g - x, the nested reconstructions' residuals
-    torch.addmm(xc, f_core, sae.dec_core, beta=-1, out=out[0])  # b_dec + f_core W_core - x
+    if f_core.shape[1]:
+        torch.addmm(xc, f_core, sae.dec_core, beta=-1, out=out[0])  # b_dec + f_core W_core - x
+    else:  # no core: what addmm does then (copy xc, scale it by -1) in one pass
+        torch.mul(xc, -1, out=out[0])
     for g in range(n_groups):
         lo, hi = bounds[g], bounds[g + 1]
         part = weighted_bags(cols[lo:hi], dec, offsets[g * B:(g + 1) * B] - lo, vals[lo:hi], low)

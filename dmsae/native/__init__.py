@@ -107,11 +107,12 @@ def library(source: Path = SOURCE) -> ctypes.CDLL | None:
 
 PTR, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
-    "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, I64, INT, PTR],
+    "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, PTR, I64, INT, PTR],
     "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
     "dmsae_counting_order": [PTR, I64, I64, PTR, PTR],
     "dmsae_kth_smallest_f32": [PTR, I64, I64, I64, PTR],
     "dmsae_top_f32": [PTR, PTR, I64, I64, PTR, PTR],
+    "dmsae_sorted_entries": [PTR, PTR, I64, I64, I64, PTR, INT, PTR, PTR, PTR, PTR],
 }
 
 
@@ -123,10 +124,11 @@ def kernel(lib: ctypes.CDLL, name: str):
     return fn
 
 
-def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction: float = 1 / 8) -> Tensor | None:
-    """(flat > thr).nonzero().squeeze(1) for a contiguous float32 CPU tensor in one read, threaded over `parts`
-    ranges (default torch's thread count); None where the kernel is not available or more than `cap_fraction` of a
-    range passes (the caller then runs its own path: this one is for sparse masks)."""
+def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction: float = 1 / 8
+              ) -> tuple[Tensor, Tensor] | None:
+    """((flat > thr).nonzero().squeeze(1), and flat at those indices) for a contiguous float32 CPU tensor in one read,
+    threaded over `parts` ranges (default torch's thread count); None where the kernel is not available or more than
+    `cap_fraction` of a range passes (the caller then runs its own path: this one is for sparse masks)."""
     if flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous() or flat.dim() != 1:
         return None
     lib = library()
@@ -135,15 +137,18 @@ def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction:
     n = flat.numel()
     parts = max(1, min(MAX_PARTS, parts or torch.get_num_threads(), n // 4096 or 1))
     cap = int(n / parts * cap_fraction) + 64
-    out = torch.empty(parts * cap, dtype=torch.int64)  # uninitialised: only the pages written are ever touched
+    # uninitialised: only the pages written are ever touched
+    out, vals = torch.empty(parts * cap, dtype=torch.int64), torch.empty(parts * cap, dtype=torch.float32)
     counts = torch.empty(parts, dtype=torch.int64)
-    rc = kernel(lib, "dmsae_above_f32")(flat.data_ptr(), n, float(thr), out.data_ptr(), cap, parts, counts.data_ptr())
+    rc = kernel(lib, "dmsae_above_f32")(flat.data_ptr(), n, float(thr), out.data_ptr(), vals.data_ptr(), cap, parts,
+                                        counts.data_ptr())
     found = counts.tolist()
     if rc != 0 or min(found) < 0:
         return None
     if parts == 1:
-        return out[: found[0]]
-    return torch.cat([out[t * cap: t * cap + c] for t, c in enumerate(found)])
+        return out[: found[0]], vals[: found[0]]
+    return (torch.cat([out[t * cap: t * cap + c] for t, c in enumerate(found)]),
+            torch.cat([vals[t * cap: t * cap + c] for t, c in enumerate(found)]))
 
 
 def transpose_f32(src: Tensor, out: Tensor) -> bool:
@@ -207,3 +212,25 @@ def top_f32(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor] | No
     if fn(values.data_ptr(), index.data_ptr(), values.numel(), k, out_idx.data_ptr(), out_vals.data_ptr()) != 0:
         return None
     return out_idx, out_vals
+
+
+def sorted_entries(flat_idx: Tensor, vals: Tensor, m: int, batch: int, ends: list[int]
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The step's entries (rows, cols, bags, values) sorted by (bag, latent) in one call: see
+    sparse_step.sort_entries, whose torch version this equals. None where the kernel is not available or the inputs
+    are not int64 and float32 CPU vectors of one length with indices in [0, batch * m)."""
+    ok = (flat_idx.dtype == torch.int64 and vals.dtype == torch.float32 and flat_idx.device.type == "cpu"
+          and vals.device.type == "cpu" and flat_idx.dim() == vals.dim() == 1 and flat_idx.is_contiguous()
+          and vals.is_contiguous() and flat_idx.numel() == vals.numel() and m > 0 and batch > 0)
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    n = flat_idx.numel()
+    rows, cols, bags = (torch.empty(n, dtype=torch.int64) for _ in range(3))
+    out_vals = torch.empty(n, dtype=torch.float32)
+    group_ends = torch.tensor(ends, dtype=torch.int64)
+    fn = kernel(lib, "dmsae_sorted_entries")
+    if fn(flat_idx.data_ptr(), vals.data_ptr(), n, m, batch, group_ends.data_ptr(), len(ends), rows.data_ptr(),
+          cols.data_ptr(), bags.data_ptr(), out_vals.data_ptr()) != 0:
+        return None
+    return rows, cols, bags, out_vals

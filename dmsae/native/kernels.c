@@ -2,7 +2,8 @@
    so none moves a bit: each returns exactly what its pure-torch reference returns.
 
    dmsae_above_f32: the candidate search of BatchTopK in one read: the indices of the float32 entries above a
-   threshold, in order, the same as (x > thr).nonzero() in torch. torch's version writes a [B, width] mask and scans
+   threshold, in order, the same as (x > thr).nonzero() in torch, and their values (what x[idx] would gather again
+   from all over the pre-activations). torch's version writes a [B, width] mask and scans
    it again; this reads the pre-activations once and writes only the few indices.
    dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
    strided copy read one element per cache line of the source).
@@ -36,9 +37,9 @@ static int run_parallel(void *(*fn)(void *), void *parts, size_t size, int n) {
     return failed ? -1 : 0;
 }
 
-/* Writes the indices i in [lo, hi) with x[i] > thr to out (at most cap of them); returns how many, or -1 when
-   they do not fit. NaN compares false, as in torch. */
-static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, int64_t cap) {
+/* Writes the indices i in [lo, hi) with x[i] > thr to out and x[i] to vals (at most cap of them); returns how many,
+   or -1 when they do not fit. NaN compares false, as in torch. */
+static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, float *vals, int64_t cap) {
     int64_t n = 0, i = lo;
 #if defined(__AVX2__)
     const __m256 t = _mm256_set1_ps(thr);
@@ -50,7 +51,9 @@ static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *
         if (!mask) continue;
         if (n + __builtin_popcount(mask) > cap) return -1;
         while (mask) {
-            out[n++] = i + __builtin_ctz(mask);
+            int64_t at = i + __builtin_ctz(mask);
+            out[n] = at;
+            vals[n++] = x[at];
             mask &= mask - 1;
         }
     }
@@ -58,7 +61,8 @@ static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *
     for (; i < hi; ++i)
         if (x[i] > thr) {
             if (n >= cap) return -1;
-            out[n++] = i;
+            out[n] = i;
+            vals[n++] = x[i];
         }
     return n;
 }
@@ -68,18 +72,20 @@ typedef struct {
     int64_t lo, hi, cap, count;
     float thr;
     int64_t *out;
+    float *vals;
 } part_t;
 
 static void *run_part(void *arg) {
     part_t *p = (part_t *)arg;
-    p->count = scan(p->x, p->lo, p->hi, p->thr, p->out, p->cap);
+    p->count = scan(p->x, p->lo, p->hi, p->thr, p->out, p->vals, p->cap);
     return 0;
 }
 
-/* Splits x[0, n) into `parts` ranges (at most 64), one thread each; range t writes its indices at out + t * cap
-   and its count to counts[t] (-1: more than cap). The caller joins the ranges in order. Returns 0, or -1 when a
+/* Splits x[0, n) into `parts` ranges (at most 64), one thread each; range t writes its indices at out + t * cap,
+   their values at vals + t * cap and its count to counts[t] (-1: more than cap). The caller joins the ranges in order. Returns 0, or -1 when a
    thread could not start (then nothing is valid). */
-int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t cap, int parts, int64_t *counts) {
+int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *vals, int64_t cap, int parts,
+                    int64_t *counts) {
     part_t p[64];
     if (parts < 1) parts = 1;
     if (parts > 64) parts = 64;
@@ -89,6 +95,7 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, int64_t 
         p[t].hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
         p[t].thr = thr;
         p[t].out = out + (int64_t)t * cap;
+        p[t].vals = vals + (int64_t)t * cap;
         p[t].cap = cap;
     }
     if (run_parallel(run_part, p, sizeof p[0], parts) != 0) return -1;
@@ -257,4 +264,59 @@ int dmsae_top_f32(const float *x, const int64_t *idx, int64_t n, int64_t k, int6
             out_vals[j++] = x[i];
         }
     return 0;
+}
+
+/* The training step's entries sorted by (bag, latent), from their flat indices token * m + latent into the
+   [B, m] non-core pre-activations: rows (token), cols (latent), bag = group * B + token where the group counts the
+   n_ends Matryoshka group ends <= latent (torch.bucketize(..., right=True)), and their values, each gathered in that
+   order. Two stable counting passes, by latent then by bag: the permutation of one sort of the unique keys
+   bag * m + latent. Returns 0, -1 on an index outside [0, B * m), -2 on no memory. */
+int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int64_t m, int64_t B, const int64_t *ends,
+                         int n_ends, int64_t *rows, int64_t *cols, int64_t *bag, float *out_vals) {
+    int64_t n_bags = (int64_t)(n_ends + 1) * B;
+    int64_t *col = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    int64_t *bg = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    int64_t *by_col = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    int64_t *next = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t) + 8);
+    int rc = (col && bg && by_col && next) ? 0 : -2;
+    for (int64_t i = 0; rc == 0 && i < n; ++i) {
+        int64_t f = flat[i];
+        if (f < 0 || f >= B * m) {
+            rc = -1;
+            break;
+        }
+        int64_t c = f % m, g = 0;
+        while (g < n_ends && ends[g] <= c) ++g;
+        col[i] = c;
+        bg[i] = g * B + f / m;
+    }
+    if (rc == 0) {
+        for (int64_t k = 0; k < m; ++k) next[k] = 0;
+        for (int64_t i = 0; i < n; ++i) ++next[col[i]];
+        for (int64_t k = 0, at = 0; k < m; ++k) {
+            int64_t c = next[k];
+            next[k] = at;
+            at += c;
+        }
+        for (int64_t i = 0; i < n; ++i) by_col[next[col[i]]++] = i;
+        for (int64_t k = 0; k < n_bags; ++k) next[k] = 0;
+        for (int64_t i = 0; i < n; ++i) ++next[bg[i]];
+        for (int64_t k = 0, at = 0; k < n_bags; ++k) {
+            int64_t c = next[k];
+            next[k] = at;
+            at += c;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            int64_t i = by_col[j], at = next[bg[i]]++;
+            rows[at] = bg[i] % B;
+            cols[at] = col[i];
+            bag[at] = bg[i];
+            out_vals[at] = vals[i];
+        }
+    }
+    free(col);
+    free(bg);
+    free(by_col);
+    free(next);
+    return rc;
 }

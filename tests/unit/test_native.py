@@ -44,16 +44,16 @@ def values(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [33, 4096 * 3 + 77, 200_003])
 @pytest.mark.parametrize("parts", [1, 2, 3, 7])
 def test_above_f32_equals_nonzero(built, n, parts):
-    """The same indices in the same order for ranges that are not whole 32-entry blocks, NaN (never above) and
-    infinities, every split into threads; thresholds that let none, a few or most entries through."""
+    """The same indices in the same order, with their values, for ranges that are not whole 32-entry blocks, NaN
+    (never above) and infinities, every split into threads; thresholds that let none, a few or most entries through."""
     flat = values(n, seed=n + parts)
     hits = 0
     for thr in (2.0, 1.0, 9.0, float("inf"), -float("inf"), 0.5):
         t = torch.tensor(thr)
         got = native.above_f32(flat, t, parts=parts, cap_fraction=1.0)
-        assert got is not None and got.dtype == torch.int64
+        assert got is not None and got[0].dtype == torch.int64
         want = (flat > t).nonzero().squeeze(1)
-        assert torch.equal(got, want), thr
+        assert torch.equal(got[0], want) and torch.equal(got[1], flat[want]), thr
         hits += want.numel()
     assert hits > 0
     assert list(built.glob("kernels-*.so")), "the build was not cached"
@@ -80,8 +80,8 @@ def test_no_working_compiler_falls_back(fresh_cache, tmp_path, monkeypatch, capl
     with caplog.at_level("INFO", logger="dmsae.native"):
         assert native.library() is None
         assert native.above_f32(flat, torch.tensor(2.0)) is None
-        got = sparse_step.above(flat, torch.tensor(2.0))
-    assert torch.equal(got, (flat > 2.0).nonzero().squeeze(1))
+        got, got_vals = sparse_step.above(flat, torch.tensor(2.0))
+    assert torch.equal(got, (flat > 2.0).nonzero().squeeze(1)) and torch.equal(got_vals, flat[got])
     said = [r.getMessage() for r in caplog.records if "not available" in r.getMessage()]
     assert len(said) == 1 and "broken-cc: cannot compile" in said[0]
     assert not native.transpose_f32(torch.ones(64, 64), torch.empty(64, 64))
@@ -200,3 +200,24 @@ def test_top_f32_is_topks_set(built, n):
     x[7] = float("nan")
     assert native.top_f32(x, torch.arange(100), 5) is None
     assert native.top_f32(x, torch.arange(99), 5) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("ends", [[], [32, 96, 256], [0, 511]])
+def test_sorted_entries_equal_torch(built, ends, monkeypatch):
+    """The step's entries (rows, latents, bags, values) in (bag, latent) order, as the torch path sorts them, for no
+    group end, several and ends at the edges; no answer for an index outside the batch, so that torch's path runs."""
+    g = torch.Generator().manual_seed(len(ends))
+    B, m, k = 256, 512, 8
+    flat = torch.randperm(B * m, generator=g)[: B * k]
+    vals = torch.randn(flat.numel(), generator=g)
+    fast = native.sorted_entries(flat, vals, m, B, ends)
+    assert fast is not None
+    monkeypatch.setenv("DMSAE_NATIVE", "0")
+    reference = sparse_step.sort_entries(flat, vals, m, B, ends)
+    for got, want in zip(fast, reference, strict=True):
+        assert torch.equal(got, want)
+    assert bool((reference[2][1:] >= reference[2][:-1]).all())  # bags ascending, so the check is not vacuous
+    monkeypatch.setenv("DMSAE_NATIVE", "1")
+    assert native.sorted_entries(torch.tensor([0, B * m]), torch.zeros(2), m, B, ends) is None
+    assert native.sorted_entries(flat.int(), vals, m, B, ends) is None
