@@ -134,17 +134,6 @@ def narrow_keys(keys: Tensor, bound: int) -> Tensor:
     return keys.to(torch.int32) if bound <= torch.iinfo(torch.int32).max else keys
 
 
-def entry_order(bag: Tensor, cols: Tensor, n_bags: int, m: int) -> Tensor:
-    """The permutation that sorts the entries by (bag, latent): torch.sort of the unique keys bag * m + col, or in C
-    two stable counting passes, by latent then by bag (the same permutation, in a fraction of the time)."""
-    by_col = native.counting_order(cols, m)
-    if by_col is not None:
-        by_bag = native.counting_order(bag.index_select(0, by_col[0]), n_bags)
-        if by_bag is not None:
-            return by_col[0].index_select(0, by_bag[0])
-    return torch.sort(narrow_keys(bag * m + cols, n_bags * m)).indices
-
-
 def sort_entries(flat_idx: Tensor, vals: Tensor, m: int, B: int, ends: list[int]
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The selected entries of the [B, m] pre-activations, from their flat indices, as (rows, cols, bags, values)
@@ -155,8 +144,19 @@ def sort_entries(flat_idx: Tensor, vals: Tensor, m: int, B: int, ends: list[int]
         return found
     rows, cols = flat_idx // m, flat_idx % m
     bag = torch.bucketize(cols, torch.tensor(ends, device=cols.device), right=True) * B + rows
-    order = entry_order(bag, cols, (len(ends) + 1) * B, m)
+    order = torch.sort(narrow_keys(bag * m + cols, (len(ends) + 1) * B * m)).indices  # unique keys: one order
     return rows[order], cols[order], bag[order], vals[order]
+
+
+def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_enc: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The entries grouped by latent for the weight gradients: each latent's count in [0, m), and bag, rows, w_dec,
+    w_enc in the stable order of cols. In C in one call where it builds (the same arrays)."""
+    found = native.by_latent(cols, m, bag, rows, w_dec, w_enc)
+    if found is not None:
+        return found
+    order = torch.sort(narrow_keys(cols, m), stable=True).indices
+    return torch.bincount(cols, minlength=m), bag[order], rows[order], w_dec[order], w_enc[order]
 
 
 def weighted_bags(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, low: torch.dtype | None) -> Tensor:
@@ -218,7 +218,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     else:
         f_core = sae.gate_core(pre_core)
         k_nc = sae.k_noncore(f_core)
-        flat_idx, vals = select_topk(pre_nc, k_nc, any_order=True)  # entry_order sorts them below
+        flat_idx, vals = select_topk(pre_nc, k_nc, any_order=True)  # sort_entries sorts them below
     vals = vals.float()
     del pre_core
     rows, cols, bag, vals = sort_entries(flat_idx, vals, m, B, sae.ends[:-1])  # bags contiguous, a fixed order inside
@@ -279,18 +279,15 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     g_vals *= entry_scale
     g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
 
-    counted = native.counting_order(cols, m)  # in C where it builds: the same permutation and counts
-    by_col, col_counts = counted if counted is not None else (
-        torch.sort(narrow_keys(cols, m), stable=True).indices, torch.bincount(cols, minlength=m))
+    col_counts, bag_by, rows_by, w_dec_by, w_enc_by = by_latent(cols, m, bag, rows, vals * entry_scale, g_vals)
     col_offsets = col_counts.cumsum(0) - col_counts
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
-    sae.dec.grad = weighted_bags(bag.index_select(0, by_col), table, col_offsets,
-                                 (vals * entry_scale).index_select(0, by_col), low).float()
-    by_latent = weighted_bags(rows.index_select(0, by_col), xc_low, col_offsets, g_vals.index_select(0, by_col), low)
-    if not native.transpose_f32(by_latent, enc_grad):  # in tiles, in C where it builds: a third of the time
-        enc_grad.copy_(by_latent.T)
+    sae.dec.grad = weighted_bags(bag_by, table, col_offsets, w_dec_by, low).float()
+    by_latent_sums = weighted_bags(rows_by, xc_low, col_offsets, w_enc_by, low)
+    if not native.transpose_f32(by_latent_sums, enc_grad):  # in tiles, in C where it builds: a third of the time
+        enc_grad.copy_(by_latent_sums.T)
     sae.enc.grad = enc_grad
-    del by_latent
+    del by_latent_sums
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
     # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen

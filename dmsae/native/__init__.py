@@ -109,10 +109,10 @@ PTR, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, PTR, I64, INT, PTR],
     "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
-    "dmsae_counting_order": [PTR, I64, I64, PTR, PTR],
     "dmsae_kth_smallest_f32": [PTR, I64, I64, I64, PTR],
     "dmsae_top_f32": [PTR, PTR, I64, I64, PTR, PTR],
     "dmsae_sorted_entries": [PTR, PTR, I64, I64, I64, PTR, INT, PTR, PTR, PTR, PTR],
+    "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
 }
 
 
@@ -162,22 +162,6 @@ def transpose_f32(src: Tensor, out: Tensor) -> bool:
     rows, cols = src.shape
     parts = max(1, min(MAX_PARTS, torch.get_num_threads(), cols // 32 or 1))
     return kernel(lib, "dmsae_transpose_f32")(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0
-
-
-def counting_order(keys: Tensor, n_keys: int) -> tuple[Tensor, Tensor] | None:
-    """(torch.sort(keys, stable=True).indices, torch.bincount(keys, minlength=n_keys)) for int64 CPU keys in
-    [0, n_keys), by one counting pass; None where the kernel is not available or the keys are not such."""
-    if keys.dtype != torch.int64 or keys.device.type != "cpu" or keys.dim() != 1 or not keys.is_contiguous():
-        return None
-    lib = library()
-    if lib is None:
-        return None
-    fn = kernel(lib, "dmsae_counting_order")
-    order = torch.empty(keys.numel(), dtype=torch.int64)
-    counts = torch.empty(max(n_keys, 0), dtype=torch.int64)
-    if fn(keys.data_ptr(), keys.numel(), n_keys, order.data_ptr(), counts.data_ptr()) != 0:
-        return None
-    return order, counts
 
 
 def kth_smallest_f32(flat: Tensor, stride: int, k: int) -> Tensor | None:
@@ -234,3 +218,24 @@ def sorted_entries(flat_idx: Tensor, vals: Tensor, m: int, batch: int, ends: lis
           cols.data_ptr(), bags.data_ptr(), out_vals.data_ptr()) != 0:
         return None
     return rows, cols, bags, out_vals
+
+
+def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_enc: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """(counts of each latent in [0, m), then bag, rows, w_dec and w_enc gathered in the stable order of cols) in one
+    call: see sparse_step.by_latent, whose torch version this equals. None where the kernel is not available or the
+    inputs are not int64 / float32 CPU vectors of one length with latents in [0, m)."""
+    ints, floats = (cols, bag, rows), (w_dec, w_enc)
+    ok = (all(t.dtype == torch.int64 for t in ints) and all(t.dtype == torch.float32 for t in floats)
+          and all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.numel() == cols.numel()
+                  for t in ints + floats) and m > 0)
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    n = cols.numel()
+    counts = torch.empty(m, dtype=torch.int64)
+    out = [torch.empty(n, dtype=t.dtype) for t in (bag, rows, w_dec, w_enc)]
+    args = [t.data_ptr() for t in (bag, rows, w_dec, w_enc, counts, *out)]
+    if kernel(lib, "dmsae_by_latent")(cols.data_ptr(), n, m, *args) != 0:
+        return None
+    return counts, *out

@@ -7,8 +7,8 @@
    it again; this reads the pre-activations once and writes only the few indices.
    dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
    strided copy read one element per cache line of the source).
-   dmsae_counting_order: a stable argsort of small integer keys by counting, with their counts: the same
-   permutation as torch.sort(keys, stable=True), and bincount.
+   dmsae_sorted_entries, dmsae_by_latent: the step's entries sorted by (bag, latent), and grouped by latent for the
+   weight gradients, by stable counting sorts (a stable sort's permutation is unique: torch.sort's).
    dmsae_kth_smallest_f32, dmsae_top_f32: BatchTopK's sampled threshold and its exact top-k over the candidates by
    a selection on the floats' bit patterns read as ordered integers (no float arithmetic). The value is the one
    torch.kthvalue gives and the set the one torch.topk gives; the top-k declines (-3) when entries tied with the
@@ -142,23 +142,22 @@ int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst
     return run_parallel(transpose_part, p, sizeof p[0], parts);
 }
 
-/* order = the stable argsort of keys[n] (each in [0, n_keys)), counts[n_keys] = how many of each (zeroed here).
-   Returns 0, or -1 when a key lies outside [0, n_keys) (then order is not valid). */
-int dmsae_counting_order(const int64_t *keys, int64_t n, int64_t n_keys, int64_t *order, int64_t *counts) {
-    for (int64_t k = 0; k < n_keys; ++k) counts[k] = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        int64_t k = keys[i];
-        if (k < 0 || k >= n_keys) return -1;
-        ++counts[k];
-    }
+/* order_out = the items of order_in (0, 1, ..., n - 1 when it is NULL) stably sorted by keys[item], each key in
+   [0, n_keys) (checked by the caller); counts[n_keys] = how many of each key. Returns 0, -2 on no memory. */
+static int counting_sort(const int64_t *keys, const int64_t *order_in, int64_t n, int64_t n_keys, int64_t *counts,
+                         int64_t *order_out) {
     int64_t *next = (int64_t *)malloc((size_t)(n_keys > 0 ? n_keys : 1) * sizeof(int64_t));
-    if (!next) return -1;
-    int64_t at = 0;
-    for (int64_t k = 0; k < n_keys; ++k) {
+    if (!next) return -2;
+    for (int64_t k = 0; k < n_keys; ++k) counts[k] = 0;
+    for (int64_t i = 0; i < n; ++i) ++counts[keys[i]];
+    for (int64_t k = 0, at = 0; k < n_keys; ++k) {
         next[k] = at;
         at += counts[k];
     }
-    for (int64_t i = 0; i < n; ++i) order[next[keys[i]]++] = i;
+    for (int64_t j = 0; j < n; ++j) {
+        int64_t i = order_in ? order_in[j] : j;
+        order_out[next[keys[i]]++] = i;
+    }
     free(next);
     return 0;
 }
@@ -269,16 +268,17 @@ int dmsae_top_f32(const float *x, const int64_t *idx, int64_t n, int64_t k, int6
 /* The training step's entries sorted by (bag, latent), from their flat indices token * m + latent into the
    [B, m] non-core pre-activations: rows (token), cols (latent), bag = group * B + token where the group counts the
    n_ends Matryoshka group ends <= latent (torch.bucketize(..., right=True)), and their values, each gathered in that
-   order. Two stable counting passes, by latent then by bag: the permutation of one sort of the unique keys
+   order. Two stable counting sorts, by latent then by bag: the permutation of one sort of the unique keys
    bag * m + latent. Returns 0, -1 on an index outside [0, B * m), -2 on no memory. */
 int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int64_t m, int64_t B, const int64_t *ends,
                          int n_ends, int64_t *rows, int64_t *cols, int64_t *bag, float *out_vals) {
-    int64_t n_bags = (int64_t)(n_ends + 1) * B;
-    int64_t *col = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    int64_t *bg = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    int64_t *by_col = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    int64_t *next = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t) + 8);
-    int rc = (col && bg && by_col && next) ? 0 : -2;
+    int64_t n_bags = (int64_t)(n_ends + 1) * B, size = n > 0 ? n : 1;
+    int64_t *col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    int64_t *bg = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    int64_t *by_col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    int64_t *order = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    int64_t *counts = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t));
+    int rc = (col && bg && by_col && order && counts) ? 0 : -2;
     for (int64_t i = 0; rc == 0 && i < n; ++i) {
         int64_t f = flat[i];
         if (f < 0 || f >= B * m) {
@@ -290,33 +290,40 @@ int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int6
         col[i] = c;
         bg[i] = g * B + f / m;
     }
-    if (rc == 0) {
-        for (int64_t k = 0; k < m; ++k) next[k] = 0;
-        for (int64_t i = 0; i < n; ++i) ++next[col[i]];
-        for (int64_t k = 0, at = 0; k < m; ++k) {
-            int64_t c = next[k];
-            next[k] = at;
-            at += c;
-        }
-        for (int64_t i = 0; i < n; ++i) by_col[next[col[i]]++] = i;
-        for (int64_t k = 0; k < n_bags; ++k) next[k] = 0;
-        for (int64_t i = 0; i < n; ++i) ++next[bg[i]];
-        for (int64_t k = 0, at = 0; k < n_bags; ++k) {
-            int64_t c = next[k];
-            next[k] = at;
-            at += c;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-            int64_t i = by_col[j], at = next[bg[i]]++;
-            rows[at] = bg[i] % B;
-            cols[at] = col[i];
-            bag[at] = bg[i];
-            out_vals[at] = vals[i];
-        }
+    if (rc == 0) rc = counting_sort(col, 0, n, m, counts, by_col);
+    if (rc == 0) rc = counting_sort(bg, by_col, n, n_bags, counts, order);
+    for (int64_t j = 0; rc == 0 && j < n; ++j) {
+        int64_t i = order[j];
+        rows[j] = bg[i] % B;
+        cols[j] = col[i];
+        bag[j] = bg[i];
+        out_vals[j] = vals[i];
     }
     free(col);
     free(bg);
     free(by_col);
-    free(next);
+    free(order);
+    free(counts);
+    return rc;
+}
+
+/* The entries grouped by latent for the weight gradients: counts[m] = how many entries each latent has, and bag,
+   rows, w_dec and w_enc gathered in the stable order of cols (torch.sort(cols, stable=True)). Returns 0, -1 on a
+   latent outside [0, m), -2 on no memory. */
+int dmsae_by_latent(const int64_t *cols, int64_t n, int64_t m, const int64_t *bag, const int64_t *rows,
+                    const float *w_dec, const float *w_enc, int64_t *counts, int64_t *out_bag, int64_t *out_rows,
+                    float *out_w_dec, float *out_w_enc) {
+    for (int64_t i = 0; i < n; ++i)
+        if (cols[i] < 0 || cols[i] >= m) return -1;
+    int64_t *order = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    int rc = order ? counting_sort(cols, 0, n, m, counts, order) : -2;
+    for (int64_t j = 0; rc == 0 && j < n; ++j) {
+        int64_t i = order[j];
+        out_bag[j] = bag[i];
+        out_rows[j] = rows[i];
+        out_w_dec[j] = w_dec[i];
+        out_w_enc[j] = w_enc[i];
+    }
+    free(order);
     return rc;
 }

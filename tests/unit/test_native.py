@@ -1,5 +1,5 @@
-"""The C kernels (dmsae/native) against their torch references ((flat > thr).nonzero(), a transposed copy), built for
-real with the machine's C compiler into a fresh cache folder, and the fallback when no compiler works."""
+"""The C kernels (dmsae/native) against their torch references (nonzero, a transposed copy, kthvalue, topk, sorts),
+built for real with the machine's C compiler into a fresh cache folder, and the fallback when no compiler works."""
 
 from __future__ import annotations
 
@@ -116,33 +116,24 @@ def test_transpose_f32_declines_what_it_is_not_for(built):
 
 
 @needs_cc
-@pytest.mark.parametrize("n, n_keys", [(0, 5), (1, 1), (1000, 7), (131_072, 4096)])
-def test_counting_order_equals_stable_sort(built, n, n_keys):
-    """The stable argsort and the counts of torch (repeated keys keep their order), and no answer for a key out of
-    range, so that the caller sorts in torch."""
-    keys = torch.randint(0, n_keys, (n,), generator=torch.Generator().manual_seed(n))
-    found = native.counting_order(keys, n_keys)
-    assert found is not None
-    order, counts = found
-    assert torch.equal(order, torch.sort(keys, stable=True).indices)
-    assert torch.equal(counts, torch.bincount(keys, minlength=n_keys))
-    assert native.counting_order(torch.tensor([0, n_keys]), n_keys) is None
-    assert native.counting_order(torch.tensor([-1, 0]), n_keys) is None
-    assert native.counting_order(keys.int(), n_keys) is None
-
-
-@needs_cc
-def test_entry_order_equals_one_sort_of_the_unique_keys(built, monkeypatch):
-    """The step's (bag, latent) order by two counting passes is the permutation of one sort of bag * m + latent."""
-    g = torch.Generator().manual_seed(5)
-    B, m, k, n_bags = 256, 512, 8, 4 * 256
-    flat = torch.randperm(B * m, generator=g)[: B * k]
-    rows, cols = flat // m, flat % m
-    bag = torch.bucketize(cols, torch.tensor([32, 96, 256]), right=True) * B + rows
-    fast = sparse_step.entry_order(bag, cols, n_bags, m)
+@pytest.mark.parametrize("n, m", [(0, 5), (1, 1), (1000, 7), (131_072, 4096)])
+def test_by_latent_equals_torch(built, n, m, monkeypatch):
+    """The counts and the stable grouping by latent of torch (repeated latents keep their order), and no answer for
+    a latent out of range, so that the caller sorts in torch."""
+    g = torch.Generator().manual_seed(n)
+    cols = torch.randint(0, m, (n,), generator=g)
+    bag, rows = torch.randint(0, 99, (n,), generator=g), torch.randint(0, 99, (n,), generator=g)
+    w_dec, w_enc = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    fast = native.by_latent(cols, m, bag, rows, w_dec, w_enc)
+    assert fast is not None
     monkeypatch.setenv("DMSAE_NATIVE", "0")
-    assert torch.equal(fast, sparse_step.entry_order(bag, cols, n_bags, m))
-    assert torch.equal(fast, torch.sort(bag * m + cols).indices)
+    reference = sparse_step.by_latent(cols, m, bag, rows, w_dec, w_enc)
+    for got, want in zip(fast, reference, strict=True):
+        assert torch.equal(got, want)
+    monkeypatch.setenv("DMSAE_NATIVE", "1")
+    assert native.by_latent(torch.tensor([0, m]), m, *(torch.zeros(2, dtype=torch.int64),) * 2,
+                            *(torch.zeros(2),) * 2) is None
+    assert native.by_latent(cols.int(), m, bag, rows, w_dec, w_enc) is None
 
 
 def selection_inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -218,6 +209,7 @@ def test_sorted_entries_equal_torch(built, ends, monkeypatch):
     for got, want in zip(fast, reference, strict=True):
         assert torch.equal(got, want)
     assert bool((reference[2][1:] >= reference[2][:-1]).all())  # bags ascending, so the check is not vacuous
+    assert torch.equal(reference[2] * m + reference[1], torch.sort(reference[2] * m + reference[1]).values)
     monkeypatch.setenv("DMSAE_NATIVE", "1")
     assert native.sorted_entries(torch.tensor([0, B * m]), torch.zeros(2), m, B, ends) is None
     assert native.sorted_entries(flat.int(), vals, m, B, ends) is None
