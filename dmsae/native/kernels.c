@@ -21,20 +21,18 @@
 #endif
 
 /* Runs fn on each of n parts (elements of `size` bytes from `parts`): parts 1.. on threads of their own, part 0 on
-   the caller's. Returns 0, or -1 when a thread could not start (then the results are incomplete). */
-static int run_parallel(void *(*fn)(void *), void *parts, size_t size, int n) {
+   the caller's, and any part whose thread could not start on the caller's too: every part always runs once. */
+static void run_parallel(void *(*fn)(void *), void *parts, size_t size, int n) {
     pthread_t tid[64];
-    int started = 0, failed = 0;
+    int started[64] = {0};
+    for (int t = 1; t < n; ++t) started[t] = pthread_create(&tid[t], 0, fn, (char *)parts + (size_t)t * size) == 0;
+    fn(parts);
     for (int t = 1; t < n; ++t) {
-        if (pthread_create(&tid[t], 0, fn, (char *)parts + (size_t)t * size) != 0) {
-            failed = 1;
-            break;
-        }
-        started = t;
+        if (started[t])
+            pthread_join(tid[t], 0);
+        else
+            fn((char *)parts + (size_t)t * size);
     }
-    if (!failed) fn(parts);
-    for (int t = 1; t <= started; ++t) pthread_join(tid[t], 0);
-    return failed ? -1 : 0;
 }
 
 /* Writes the indices i in [lo, hi) with x[i] > thr to out and x[i] to vals (at most cap of them); returns how many,
@@ -82,8 +80,8 @@ static void *run_part(void *arg) {
 }
 
 /* Splits x[0, n) into `parts` ranges (at most 64), one thread each; range t writes its indices at out + t * cap,
-   their values at vals + t * cap and its count to counts[t] (-1: more than cap). The caller joins the ranges in order. Returns 0, or -1 when a
-   thread could not start (then nothing is valid). */
+   their values at vals + t * cap and its count to counts[t] (-1: more than cap). The caller joins the ranges in
+   order. Returns 0. */
 int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *vals, int64_t cap, int parts,
                     int64_t *counts) {
     part_t p[64];
@@ -98,7 +96,7 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *v
         p[t].vals = vals + (int64_t)t * cap;
         p[t].cap = cap;
     }
-    if (run_parallel(run_part, p, sizeof p[0], parts) != 0) return -1;
+    run_parallel(run_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
     return 0;
 }
@@ -125,8 +123,7 @@ static void *transpose_part(void *arg) {
     return 0;
 }
 
-/* dst [cols, rows] = src [rows, cols].T, split over `parts` threads (at most 64). Returns 0, or -1 when a thread
-   could not start (then dst is incomplete). */
+/* dst [cols, rows] = src [rows, cols].T, split over `parts` threads (at most 64). Returns 0. */
 int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst, int parts) {
     tpart_t p[64];
     if (parts < 1) parts = 1;
@@ -139,7 +136,8 @@ int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst
         p[t].lo = cols * t / parts / TILE * TILE;
         p[t].hi = t + 1 == parts ? cols : cols * (t + 1) / parts / TILE * TILE;
     }
-    return run_parallel(transpose_part, p, sizeof p[0], parts);
+    run_parallel(transpose_part, p, sizeof p[0], parts);
+    return 0;
 }
 
 /* order_out = the items of order_in (0, 1, ..., n - 1 when it is NULL) stably sorted by keys[item], each key in
