@@ -175,7 +175,7 @@ static inline uint32_t bits_of(const float *x) {
 /* The k-th largest key (1 <= k <= n) of x[0], x[stride], ..., x[(n - 1) * stride], with how many keys are greater
    and how many equal. The keys are copied once (with their range); each round counts them in at most 65536
    buckets of equal width over that range and keeps only the bucket holding the k-th: a round narrows the range by
-   2^16, so three rounds at most. Returns 0, -1 on a NaN, -2 on a bad k or no memory. */
+   2^16, so two rounds at most. Returns 0, -1 on a NaN, -2 on a bad k or no memory. */
 static int kth_largest_key(const float *x, int64_t n, int64_t stride, int64_t k, uint32_t *key, int64_t *greater,
                            int64_t *equal) {
     enum { BUCKETS = 1 << 16 };
