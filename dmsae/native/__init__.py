@@ -124,14 +124,17 @@ def kernel(lib: ctypes.CDLL, name: str):
     return fn
 
 
+def _plain(t: Tensor, dtype: torch.dtype, dim: int = 1) -> bool:
+    """Whether `t` is what a kernel reads through a raw pointer: a contiguous CPU tensor of `dtype` and `dim`."""
+    return t.dtype == dtype and t.device.type == "cpu" and t.dim() == dim and t.is_contiguous()
+
+
 def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction: float = 1 / 8
               ) -> tuple[Tensor, Tensor] | None:
     """((flat > thr).nonzero().squeeze(1), and flat at those indices) for a contiguous float32 CPU tensor in one read,
     threaded over `parts` ranges (default torch's thread count); None where the kernel is not available or more than
     `cap_fraction` of a range passes (the caller then runs its own path: this one is for sparse masks)."""
-    if flat.dtype != torch.float32 or flat.device.type != "cpu" or not flat.is_contiguous() or flat.dim() != 1:
-        return None
-    lib = library()
+    lib = library() if _plain(flat, torch.float32) else None
     if lib is None:
         return None
     n = flat.numel()
@@ -147,15 +150,14 @@ def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction:
         return None
     if parts == 1:
         return out[: found[0]], vals[: found[0]]
-    return (torch.cat([out[t * cap: t * cap + c] for t, c in enumerate(found)]),
-            torch.cat([vals[t * cap: t * cap + c] for t, c in enumerate(found)]))
+    idx, values = (torch.cat([a[t * cap: t * cap + c] for t, c in enumerate(found)]) for a in (out, vals))
+    return idx, values
 
 
 def transpose_f32(src: Tensor, out: Tensor) -> bool:
     """out.copy_(src.T) for a contiguous float32 CPU matrix into a contiguous one, in tiles over torch's thread count;
     False (nothing written) where the kernel is not available or the tensors are not such."""
-    ok = (src.dtype == out.dtype == torch.float32 and src.device.type == out.device.type == "cpu" and src.dim() == 2
-          and src.is_contiguous() and out.is_contiguous() and out.shape == src.shape[::-1])
+    ok = _plain(src, torch.float32, 2) and _plain(out, torch.float32, 2) and out.shape == src.shape[::-1]
     lib = library() if ok else None
     if lib is None:
         return False
@@ -168,10 +170,8 @@ def kth_smallest_f32(flat: Tensor, stride: int, k: int) -> Tensor | None:
     """flat[::stride].kthvalue(k).values for a contiguous 1-d float32 CPU tensor, without copying the strided sample
     (a zero comes back as +0, which compares as torch's does); None where the kernel is not available, the input is
     not such, or the sample holds a NaN."""
-    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.dim() != 1 or not flat.is_contiguous():
-        return None
-    lib = library()
-    if lib is None or stride < 1:
+    lib = library() if _plain(flat, torch.float32) and stride >= 1 else None
+    if lib is None:
         return None
     value = torch.empty((), dtype=torch.float32)
     n = (flat.numel() + stride - 1) // stride
@@ -185,9 +185,8 @@ def top_f32(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor] | No
     topk's: for a contiguous 1-d float32 CPU tensor and an int64 index of its length. None where the kernel is not
     available, the input is not such, there is a NaN, or entries tied with the k-th largest would have to be split
     (which of them torch keeps is then its own choice: the caller runs torch.topk)."""
-    ok = (values.dtype == torch.float32 and index.dtype == torch.int64 and values.device.type == "cpu"
-          and index.device.type == "cpu" and values.dim() == index.dim() == 1 and values.is_contiguous()
-          and index.is_contiguous() and values.numel() == index.numel() and 0 < k <= values.numel())
+    ok = (_plain(values, torch.float32) and _plain(index, torch.int64) and values.numel() == index.numel()
+          and 0 < k <= values.numel())
     lib = library() if ok else None
     if lib is None:
         return None
@@ -203,9 +202,8 @@ def sorted_entries(flat_idx: Tensor, vals: Tensor, m: int, batch: int, ends: lis
     """The step's entries (rows, cols, bags, values) sorted by (bag, latent) in one call: see
     sparse_step.sort_entries, whose torch version this equals. None where the kernel is not available or the inputs
     are not int64 and float32 CPU vectors of one length with indices in [0, batch * m)."""
-    ok = (flat_idx.dtype == torch.int64 and vals.dtype == torch.float32 and flat_idx.device.type == "cpu"
-          and vals.device.type == "cpu" and flat_idx.dim() == vals.dim() == 1 and flat_idx.is_contiguous()
-          and vals.is_contiguous() and flat_idx.numel() == vals.numel() and m > 0 and batch > 0)
+    ok = (_plain(flat_idx, torch.int64) and _plain(vals, torch.float32) and flat_idx.numel() == vals.numel()
+          and m > 0 and batch > 0)
     lib = library() if ok else None
     if lib is None:
         return None
@@ -225,10 +223,9 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     """(counts of each latent in [0, m), then bag, rows, w_dec and w_enc gathered in the stable order of cols) in one
     call: see sparse_step.by_latent, whose torch version this equals. None where the kernel is not available or the
     inputs are not int64 / float32 CPU vectors of one length with latents in [0, m)."""
-    ints, floats = (cols, bag, rows), (w_dec, w_enc)
-    ok = (all(t.dtype == torch.int64 for t in ints) and all(t.dtype == torch.float32 for t in floats)
-          and all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.numel() == cols.numel()
-                  for t in ints + floats) and m > 0)
+    ok = (all(_plain(t, torch.int64) for t in (cols, bag, rows))
+          and all(_plain(t, torch.float32) for t in (w_dec, w_enc))
+          and all(t.numel() == cols.numel() for t in (bag, rows, w_dec, w_enc)) and m > 0)
     lib = library() if ok else None
     if lib is None:
         return None
