@@ -96,8 +96,11 @@ def train_sae(
     # decoder projection and the statistics stay float32
     low_precision = train_params.get("precision") == "bf16"
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
+    # each batch goes where the SAE lives, not to rt.device: a caller that moved the SAE to the GPU and passed
+    # no Runtime (the benchmarks) would otherwise feed a CUDA SAE CPU batches
+    device = sae.b_dec.device
     for step in range(first, n_steps):
-        x = next(batches).to(rt.device)
+        x = next(batches).to(device)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low_precision):
             stats, active_cols, active_vals = step_fn(sae, x)

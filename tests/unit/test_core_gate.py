@@ -161,6 +161,16 @@ def test_training_keeps_frozen_parts_bit_identical(gate, freeze_bias, device):
         assert torch.equal(sae.core_threshold, thr)
 
 
+def test_training_runs_where_the_sae_lives_without_a_runtime(device):
+    """`train_sae` with no Runtime (as the benchmarks call it) on an SAE already on `device`: the CPU batches go
+    to the SAE's device (on CUDA this stopped at the first step, "found at least two devices")."""
+    sae = make_gated("relu", False, dead_after=640).to(device)
+    before = sae.dec.detach().clone()
+    curve = train_sae(sae, _batches(), 5, TRAIN_PARAMS)
+    assert sae.dec.device.type == device and len(curve) > 0
+    assert not torch.equal(sae.dec.detach(), before)
+
+
 @pytest.mark.parametrize("gate", ["relu_bias", "topk"])
 def test_gated_core_round_trips_through_the_flat_tensors(gate):
     sae = make_gated(gate, gate == "relu_bias")
