@@ -33,12 +33,15 @@ def open_array(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array:
 
 
 class ChunkWriter:
-    """Buffers rows and writes them to the array in whole chunks (whole shards of a sharded array), in order."""
+    """Buffers rows and writes them to the array in whole chunks (whole shards of a sharded array), in order.
+    `flush_chunks`: how many whole chunks to gather before a write; zarr compresses the chunks of one write
+    concurrently (one thread each), and each chunk's bytes are the same whichever write it is part of."""
 
-    def __init__(self, array: zarr.Array, offset: int = 0, pending: np.ndarray | None = None):
+    def __init__(self, array: zarr.Array, offset: int = 0, pending: np.ndarray | None = None, flush_chunks: int = 1):
         """`offset` and `pending` continue an interrupted write: rows before `offset` are on disk."""
         self.array = array
         self.chunk_rows = array.shards[0] if array.shards else array.chunks[0]
+        self.flush_rows = self.chunk_rows * max(1, flush_chunks)
         if offset % self.chunk_rows:
             raise ValueError(f"offset {offset} is not chunk-aligned ({self.chunk_rows} rows per chunk)")
         self.offset = offset
@@ -48,7 +51,7 @@ class ChunkWriter:
     def append(self, rows: np.ndarray) -> None:
         self.pending.append(rows)
         self.pending_rows += rows.shape[0]
-        if self.pending_rows >= self.chunk_rows:
+        if self.pending_rows >= self.flush_rows:
             block = np.concatenate(self.pending)
             n_full = (block.shape[0] // self.chunk_rows) * self.chunk_rows
             self._write(block[:n_full])

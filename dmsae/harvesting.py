@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from dmsae.memory import release_free_heap
 from dmsae.runtime import Runtime
 
 STATE_FILE = "harvest-state.safetensors"
+PENDING_PREFIX = "harvest-pending-"
+FLUSH_BYTES = 256 << 20  # at most this much of whole chunks gathered before one Zarr write
 
 
 def norm_threshold(first_norms: torch.Tensor, factor: float | None) -> float:
@@ -67,19 +72,53 @@ def stored_rows(rows: torch.Tensor, store_dtype: str) -> np.ndarray:
     return rows.to(getattr(torch, store_dtype)).numpy()
 
 
-def _save_state(path: Path, next_batch: int, writer: activations.ChunkWriter, threshold: float,
-                batch_sums: list[float]) -> None:
-    """The position after a batch: rows up to `writer.offset` are in the Zarr array, the rest pending.
-    One file, written whole and renamed, so it always matches chunks that are already on disk."""
-    pending = np.concatenate(writer.pending) if writer.pending else np.empty((0, writer.array.shape[1]), np.float32)
-    state = {"next_batch": next_batch, "offset": writer.offset, "threshold": threshold, "batch_sums": batch_sums}
-    tmp = path.with_suffix(".tmp")
-    save_file({"pending": torch.from_numpy(np.ascontiguousarray(pending))}, str(tmp),
-              metadata={"state": json.dumps(state)})
-    os.replace(tmp, path)
+def _pending_path(work: Path, offset: int) -> Path:
+    """The rows after `offset` that no chunk holds yet, raw in the array's dtype: appended to after every batch
+    and replaced by a new file when chunks are written, so a batch's rows are written to it once, not the
+    whole pending block again after every batch."""
+    return work / f"{PENDING_PREFIX}{offset}.bin"
 
 
-def _load_state(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
+class _StateLog:
+    """The resumable state of a harvest: the pending rows' file and the state file after every batch."""
+
+    def __init__(self, work: Path, writer: activations.ChunkWriter):
+        self.work, self.writer = work, writer
+        self.path = work / STATE_FILE
+        self.written_offset = writer.offset
+        self._rewrite()  # the resumed pending rows (or none) in the current offset's file
+
+    def _rewrite(self) -> None:
+        pending = np.concatenate(self.writer.pending) if self.writer.pending else np.empty((0,))
+        path = _pending_path(self.work, self.writer.offset)
+        tmp = path.with_suffix(".tmp")
+        np.ascontiguousarray(pending, dtype=self.writer.array.dtype).tofile(tmp)
+        os.replace(tmp, path)
+
+    def after_batch(self, rows: np.ndarray, next_batch: int, threshold: float, batch_sums: list[float]) -> None:
+        """`rows`: what the batch appended. The pending file first, then the state that counts its rows: a
+        kill between the two leaves rows past the state's count, which a resume cuts off."""
+        if self.writer.offset == self.written_offset:
+            with open(_pending_path(self.work, self.writer.offset), "ab") as f:
+                f.write(np.ascontiguousarray(rows).tobytes())
+        else:  # chunks were written: the rest starts a new file; the old one goes once the state no longer names it
+            self._rewrite()
+        state = {"next_batch": next_batch, "offset": self.writer.offset, "pending_rows": self.writer.pending_rows,
+                 "threshold": threshold, "batch_sums": batch_sums}
+        tmp = self.path.with_suffix(".tmp")
+        save_file({}, str(tmp), metadata={"state": json.dumps(state)})
+        os.replace(tmp, self.path)
+        if self.writer.offset != self.written_offset:
+            _pending_path(self.work, self.written_offset).unlink(missing_ok=True)
+            self.written_offset = self.writer.offset
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        for f in self.work.glob(f"{PENDING_PREFIX}*"):
+            f.unlink()
+
+
+def _load_state(path: Path, d: int, dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray] | None:
     if not path.is_file():
         return None
     try:
@@ -87,9 +126,84 @@ def _load_state(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
             state = json.loads(f.metadata()["state"])
             if "batch_sums" not in state:  # written by an older dmsae: start over rather than guess
                 return None
-            return state, f.get_tensor("pending").numpy()
+            if "pending_rows" not in state:  # the pending rows inside the state file (dmsae before 2026-12-04)
+                return state, f.get_tensor("pending").numpy()
+        n = state["pending_rows"] * d
+        pending = np.fromfile(_pending_path(path.parent, state["offset"]), dtype=dtype, count=n)
+        if pending.size != n:
+            return None
+        return state, pending.reshape(-1, d)
     except Exception:  # noqa: BLE001 - an unreadable state only costs the batches it held
         return None
+
+
+def flush_chunks(array: Any) -> int:
+    """Chunks per Zarr write: one per CPU the process may use (zarr compresses a write's chunks concurrently),
+    at most FLUSH_BYTES of them."""
+    rows = array.shards[0] if array.shards else array.chunks[0]
+    unit = rows * array.shape[1] * array.dtype.itemsize
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, FLUSH_BYTES // max(unit, 1)))
+
+
+class BatchStore:
+    """What a harvest does with a batch's kept rows after the forward: their float64 sum of squares, the cast to
+    the stored dtype, the chunk writes, and (with a checkpoint folder) the resumable state."""
+
+    def __init__(self, writer: activations.ChunkWriter, work: Path, rt: Runtime, store_dtype: str,
+                 batch_sums: list[float]):
+        self.writer, self.rt, self.store_dtype, self.batch_sums = writer, rt, store_dtype, batch_sums
+        self.log = _StateLog(work, writer) if rt.checkpoint_dir is not None else None
+
+    def __call__(self, i: int, kept: torch.Tensor, threshold: float) -> None:
+        self.batch_sums.append(float(np.square(kept.numpy(), dtype=np.float64).sum()))
+        rows = stored_rows(kept, self.store_dtype)
+        self.writer.append(rows)
+        if self.log is not None:
+            self.log.after_batch(rows, i + 1, threshold, self.batch_sums)
+            self.rt.checkpoint_saved()
+        release_free_heap()
+        faults.point(f"{self.rt.label}:batch:{i + 1}")
+
+    def remove_state(self) -> None:
+        if self.log is not None:
+            self.log.remove()
+
+
+class HostSide:
+    """A batch's work after the forward, on one thread of its own, batches in order (the same bytes as inline):
+    on a GPU the forward of the next batch runs meanwhile. The caller's thread keeps the forward and the
+    progress reports; an error here is raised there at its next hand-over or at the end."""
+
+    def __init__(self, work: Callable[[int, torch.Tensor, float], None], depth: int = 2):
+        self.work = work
+        self.queue: queue.Queue[tuple[int, torch.Tensor, float] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="harvest-host-side", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after an error: drain, so that the caller's put never blocks
+                try:
+                    self.work(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                    self.error = e
+
+    def put(self, i: int, kept: torch.Tensor, threshold: float) -> None:
+        self._raise()
+        self.queue.put((i, kept, threshold))
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for every batch handed over; re-raise the first error (not while another is propagating)."""
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any], rt: Runtime, out_dir: Path,
@@ -103,54 +217,58 @@ def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any],
     # artifact when complete. The array is sized for every non-BOS position and shrunk at the end.
     work = rt.checkpoint_dir if rt.checkpoint_dir is not None else out_dir
     work.mkdir(parents=True, exist_ok=True)
-    state_path = work / STATE_FILE
-    resumed = _load_state(state_path) if (work / activations.ARRAY).exists() else None
+    dtype = np.dtype(params["store_dtype"])
+    resumed = _load_state(work / STATE_FILE, d, dtype) if (work / activations.ARRAY).exists() else None
     measure_threshold = threshold is None
     if resumed is None:
         array = activations.create(work / activations.ARRAY, max_rows, d, params["chunk_rows"], params["store_dtype"],
                                    shard_chunks=shard_chunks)
-        writer = activations.ChunkWriter(array)
+        writer = activations.ChunkWriter(array, flush_chunks=flush_chunks(array))
         first_batch, batch_sums, threshold = 0, [], math.inf if threshold is None else threshold
     else:
         state, pending = resumed
         array = activations.open_array(work / activations.ARRAY, mode="r+")
-        writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending)
+        writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending,
+                                         flush_chunks=flush_chunks(array))
         first_batch, batch_sums, threshold = state["next_batch"], list(state["batch_sums"]), state["threshold"]
         rt.resumed = {"batch": first_batch}
         print(f"dmsae: resuming {rt.label or 'harvest'} at batch {first_batch} (offset {writer.offset} rows)",
               file=sys.stderr, flush=True)
+    store_batch = BatchStore(writer, work, rt, params["store_dtype"], batch_sums)
     batch = rt.args.get("batch_size", 32)
     n_batches = math.ceil(windows.shape[0] / batch)
     real = windows != bos
     bar = tqdm(total=max_rows, initial=int(real[:first_batch * batch].sum()), desc=desc or f"harvest layer {layer}",
                unit="tok", disable=not rt.show_progress)
-    for i in range(first_batch, n_batches):
-        ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
-        h = lm.residual_upto(model, ids, layer)
-        # the row norms the outlier filter needs, computed once: a NaN or inf anywhere in a row makes its norm
-        # NaN or inf, so they are also the finite check (one pass fewer over the batch than checking every entry)
-        real = ids != bos
-        norms = h.float().norm(dim=-1)
-        if not torch.isfinite(norms[real]).all():
-            raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; "
-                            "check model.dtype (float32 is safest) and the model weights")
-        if i == 0 and measure_threshold:  # the median of the first batch fixes the threshold for the whole harvest
-            threshold = norm_threshold(h[real].norm(dim=-1), params["outlier_factor"])
-        kept = h[lm.kept_positions(h, ids, bos, threshold, norms)].float().cpu()
-        batch_sums.append(float(np.square(kept.numpy(), dtype=np.float64).sum()))
-        writer.append(stored_rows(kept, params["store_dtype"]))
-        if rt.checkpoint_dir is not None:
-            _save_state(state_path, i + 1, writer, threshold, batch_sums)
-            rt.checkpoint_saved()
-        release_free_heap()
-        faults.point(f"{rt.label}:batch:{i + 1}")
-        bar.update(int(real[i * batch:(i + 1) * batch].sum()))
-        rt.report((i + 1) / n_batches, f"harvested {writer.offset + writer.pending_rows} tokens")
+    host = HostSide(store_batch)
+    handed = writer.offset + writer.pending_rows
+    try:
+        for i in range(first_batch, n_batches):
+            ids = windows[i * batch:(i + 1) * batch].long().to(rt.device)
+            h = lm.residual_upto(model, ids, layer)
+            # the row norms the outlier filter needs, computed once: a NaN or inf anywhere in a row makes its norm
+            # NaN or inf, so they are also the finite check (one pass fewer over the batch than checking every entry)
+            real_ids = ids != bos
+            norms = h.float().norm(dim=-1)
+            if not torch.isfinite(norms[real_ids]).all():
+                raise UserError(f"harvest: the model produced NaN or inf activations at layer {layer}; "
+                                "check model.dtype (float32 is safest) and the model weights")
+            if i == 0 and measure_threshold:  # the median of the first batch fixes the threshold for the whole harvest
+                threshold = norm_threshold(h[real_ids].norm(dim=-1), params["outlier_factor"])
+            kept = h[lm.kept_positions(h, ids, bos, threshold, norms)].float().cpu()
+            host.put(i, kept, threshold)
+            handed += kept.shape[0]
+            bar.update(int(real[i * batch:(i + 1) * batch].sum()))
+            rt.report((i + 1) / n_batches, f"harvested {handed} tokens")
+    except BaseException:
+        host.close(raise_error=False)  # the batches handed over are stored: a resume starts after them
+        raise
+    host.close()
     bar.close()
     n_rows = writer.close()
     if work != out_dir:
         os.replace(work / activations.ARRAY, out_dir / activations.ARRAY)
-        state_path.unlink(missing_ok=True)
+    store_batch.remove_state()
     return Harvested(n_rows, threshold, batch_sums)
 
 
