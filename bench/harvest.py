@@ -5,7 +5,9 @@ in float16) against a bare bf16 truncated forward and against the fp32 harvest, 
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from bench.common import (
     time_call,
     write_windows,
 )
-from dmsae import activations, lm, precision, readers
+from dmsae import activations, harvesting, lm, precision, readers
 from dmsae.runtime import Runtime
 from stages import harvest as harvest_stage
 
@@ -59,6 +61,43 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
     finally:
         harvest_stage.lm.load_model = original  # type: ignore[assignment]
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: Path) -> float:
+    """The harvest's host side alone: `rows` (a harvest's float32 output) handed over in `n_batches` batches to
+    the stage's own BatchStore on its own thread (sums, cast, chunk writes, resumable state), with no forward:
+    the rate a harvest could reach on a device whose forward cost nothing."""
+    shutil.rmtree(work, ignore_errors=True)
+    partial = work / "partial"
+    partial.mkdir(parents=True)
+    array = activations.create(work / activations.ARRAY, rows.shape[0], rows.shape[1], STAGE_PARAMS["chunk_rows"],
+                               store_dtype)
+    writer = activations.ChunkWriter(array, flush_chunks=harvesting.flush_chunks(array))
+    rt = Runtime(show_progress=False, checkpoint_dir=partial)
+    store = harvesting.BatchStore(writer, partial, rt, store_dtype, [])
+    pieces = [torch.from_numpy(p) for p in np.array_split(rows, n_batches)]
+    t0 = time.perf_counter()
+    host = harvesting.HostSide(store)
+    for i, kept in enumerate(pieces):
+        host.put(i, kept, math.inf)
+    host.close()
+    writer.close()
+    store.remove_state()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    return seconds
+
+
+def host_side_row(out: Path, n_batches: int, store_dtype: str, bare_tps: float, repeats: int, work: Path,
+                  label: str) -> Row:
+    rows = np.asarray(activations.open_array(out / activations.ARRAY)[:], dtype=np.float32)
+    seconds = median([host_side_seconds(rows, n_batches, store_dtype, work) for _ in range(repeats)])
+    tps = rows.shape[0] / seconds
+    return Row(f"host side alone ({label}): sums, cast, chunk writes, state, no forward", tps, "tokens/s",
+               "bare forward", bare_tps, tps / bare_tps,
+               note=f"{n_batches} batches on the stage's writer thread, {1000 * seconds / n_batches:.1f} ms a batch, "
+                    f"{harvesting.flush_chunks(activations.open_array(out / activations.ARRAY))} chunks a write "
+                    "here; below 1x, a harvest on this device waits for its host side")
 
 
 # precision.lm=bf16 as the plan passes it to the stage (`autocast`), with the activations stored in 16 bits:
@@ -206,9 +245,14 @@ def run(ctx: Context) -> list[Row]:
             stage_with_load / tps["bare"],
             note=f"model load {load_s:.2f} s, once per stage, amortised over a real harvest"),
     ]
+    rows.append(host_side_row(outs["stage"], len(batches), "float32", tps["bare"], mode.harvest_repeats,
+                              ctx.work / "host-side", "float32 stored"))
     if not with16:
         return [*rows, bf16_not_measured("harvest stage, LM in bf16", device)]
-    return rows + bf16_rows(tps, spread, key32, outs, device)
+    rows16 = bf16_rows(tps, spread, key32, outs, device)
+    rows16.append(host_side_row(outs["stage16"], len(batches), "float16", tps["bare16"], mode.harvest_repeats,
+                                ctx.work / "host-side", "float16 stored"))
+    return rows + rows16
 
 
 def bf16_rows(tps: dict[str, float], spread: dict[str, str], key32: dict[str, str], outs: dict[str, Path],
