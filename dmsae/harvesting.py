@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from dmsae.memory import release_free_heap
 from dmsae.runtime import Runtime
 
 STATE_FILE = "harvest-state.safetensors"
-PENDING_PREFIX = "harvest-pending-"
+PENDING_DIR = "harvest-pending"  # the resumable state's pending rows (_StateLog)
 FLUSH_BYTES = 256 << 20  # at most this much of whole chunks gathered before one Zarr write
 
 
@@ -72,50 +73,65 @@ def stored_rows(rows: torch.Tensor, store_dtype: str) -> np.ndarray:
     return rows.to(getattr(torch, store_dtype)).numpy()
 
 
-def _pending_path(work: Path, offset: int) -> Path:
-    """The rows after `offset` that no chunk holds yet, raw in the array's dtype: appended to after every batch
-    and replaced by a new file when chunks are written, so a batch's rows are written to it once, not the
-    whole pending block again after every batch."""
-    return work / f"{PENDING_PREFIX}{offset}.bin"
+def _write_rows(path: Path, rows: np.ndarray, dtype: np.dtype) -> None:
+    tmp = path.with_suffix(".tmp")
+    np.ascontiguousarray(rows, dtype=dtype).tofile(tmp)
+    os.replace(tmp, path)
 
 
 class _StateLog:
-    """The resumable state of a harvest: the pending rows' file and the state file after every batch."""
+    """The resumable state of a harvest, after every batch: the rows no chunk holds yet, in files of their own
+    under PENDING_DIR (the rows carried over from the last chunk write, then one file per batch since), then the
+    small state file that lists them. A batch's rows are written once, and a remote store uploads only the new
+    file (nested files go up before the top-level state that names them); a file the state does not list (a
+    kill between the two) is ignored by a resume and removed."""
 
-    def __init__(self, work: Path, writer: activations.ChunkWriter):
-        self.work, self.writer = work, writer
-        self.path = work / STATE_FILE
-        self.written_offset = writer.offset
-        self._rewrite()  # the resumed pending rows (or none) in the current offset's file
+    def __init__(self, work: Path, writer: activations.ChunkWriter, files: list[str] | None = None):
+        """`files`: the pending files of the state being resumed, which stay as they are (rewriting them would
+        leave that state naming files that changed under it)."""
+        self.writer, self.path, self.dir = writer, work / STATE_FILE, work / PENDING_DIR
+        self.dir.mkdir(exist_ok=True)
+        self.offset = writer.offset
+        if files is None:
+            self._carry()  # a fresh start, or a state from before PENDING_DIR: its rows in the first file
+        else:
+            self.files = list(files)
+        self._remove_unlisted()
 
-    def _rewrite(self) -> None:
-        pending = np.concatenate(self.writer.pending) if self.writer.pending else np.empty((0,))
-        path = _pending_path(self.work, self.writer.offset)
-        tmp = path.with_suffix(".tmp")
-        np.ascontiguousarray(pending, dtype=self.writer.array.dtype).tofile(tmp)
-        os.replace(tmp, path)
+    def _carry(self) -> None:
+        """The pending rows as of a chunk write (or a resume) in the current offset's first file."""
+        self.files = []
+        if self.writer.pending_rows:
+            name = f"{self.offset}-carry.bin"
+            _write_rows(self.dir / name, np.concatenate(self.writer.pending), self.writer.array.dtype)
+            self.files.append(name)
+
+    def _remove_unlisted(self) -> None:
+        for f in self.dir.iterdir():
+            if f.name not in self.files:
+                f.unlink()
 
     def after_batch(self, rows: np.ndarray, next_batch: int, threshold: float, batch_sums: list[float]) -> None:
-        """`rows`: what the batch appended. The pending file first, then the state that counts its rows: a
-        kill between the two leaves rows past the state's count, which a resume cuts off."""
-        if self.writer.offset == self.written_offset:
-            with open(_pending_path(self.work, self.writer.offset), "ab") as f:
-                f.write(np.ascontiguousarray(rows).tobytes())
-        else:  # chunks were written: the rest starts a new file; the old one goes once the state no longer names it
-            self._rewrite()
-        state = {"next_batch": next_batch, "offset": self.writer.offset, "pending_rows": self.writer.pending_rows,
-                 "threshold": threshold, "batch_sums": batch_sums}
+        """`rows`: what the batch appended to the writer."""
+        wrote_chunks = self.writer.offset != self.offset
+        if wrote_chunks:
+            self.offset = self.writer.offset
+            self._carry()
+        elif rows.shape[0]:
+            name = f"{self.offset}-{next_batch - 1}.bin"
+            _write_rows(self.dir / name, rows, self.writer.array.dtype)
+            self.files.append(name)
+        state = {"next_batch": next_batch, "offset": self.offset, "pending_rows": self.writer.pending_rows,
+                 "pending_files": self.files, "threshold": threshold, "batch_sums": batch_sums}
         tmp = self.path.with_suffix(".tmp")
         save_file({}, str(tmp), metadata={"state": json.dumps(state)})
         os.replace(tmp, self.path)
-        if self.writer.offset != self.written_offset:
-            _pending_path(self.work, self.written_offset).unlink(missing_ok=True)
-            self.written_offset = self.writer.offset
+        if wrote_chunks:  # the older offset's files, once the state no longer names them
+            self._remove_unlisted()
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-        for f in self.work.glob(f"{PENDING_PREFIX}*"):
-            f.unlink()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _load_state(path: Path, d: int, dtype: np.dtype) -> tuple[dict[str, Any], np.ndarray] | None:
@@ -126,11 +142,11 @@ def _load_state(path: Path, d: int, dtype: np.dtype) -> tuple[dict[str, Any], np
             state = json.loads(f.metadata()["state"])
             if "batch_sums" not in state:  # written by an older dmsae: start over rather than guess
                 return None
-            if "pending_rows" not in state:  # the pending rows inside the state file (dmsae before 2026-12-04)
+            if "pending_files" not in state:  # the pending rows inside the state file (dmsae before 2026-12-04)
                 return state, f.get_tensor("pending").numpy()
-        n = state["pending_rows"] * d
-        pending = np.fromfile(_pending_path(path.parent, state["offset"]), dtype=dtype, count=n)
-        if pending.size != n:
+        parts = [np.fromfile(path.parent / PENDING_DIR / name, dtype=dtype) for name in state["pending_files"]]
+        pending = np.concatenate(parts) if parts else np.empty((0,), dtype)
+        if pending.size != state["pending_rows"] * d:
             return None
         return state, pending.reshape(-1, d)
     except Exception:  # noqa: BLE001 - an unreadable state only costs the batches it held
@@ -151,9 +167,9 @@ class BatchStore:
     the stored dtype, the chunk writes, and (with a checkpoint folder) the resumable state."""
 
     def __init__(self, writer: activations.ChunkWriter, work: Path, rt: Runtime, store_dtype: str,
-                 batch_sums: list[float]):
+                 batch_sums: list[float], pending_files: list[str] | None = None):
         self.writer, self.rt, self.store_dtype, self.batch_sums = writer, rt, store_dtype, batch_sums
-        self.log = _StateLog(work, writer) if rt.checkpoint_dir is not None else None
+        self.log = _StateLog(work, writer, pending_files) if rt.checkpoint_dir is not None else None
 
     def __call__(self, i: int, kept: torch.Tensor, threshold: float) -> None:
         self.batch_sums.append(float(np.square(kept.numpy(), dtype=np.float64).sum()))
@@ -225,16 +241,18 @@ def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any],
                                    shard_chunks=shard_chunks)
         writer = activations.ChunkWriter(array, flush_chunks=flush_chunks(array))
         first_batch, batch_sums, threshold = 0, [], math.inf if threshold is None else threshold
+        pending_files = None
     else:
         state, pending = resumed
         array = activations.open_array(work / activations.ARRAY, mode="r+")
         writer = activations.ChunkWriter(array, offset=state["offset"], pending=pending,
                                          flush_chunks=flush_chunks(array))
         first_batch, batch_sums, threshold = state["next_batch"], list(state["batch_sums"]), state["threshold"]
+        pending_files = state.get("pending_files")
         rt.resumed = {"batch": first_batch}
         print(f"dmsae: resuming {rt.label or 'harvest'} at batch {first_batch} (offset {writer.offset} rows)",
               file=sys.stderr, flush=True)
-    store_batch = BatchStore(writer, work, rt, params["store_dtype"], batch_sums)
+    store_batch = BatchStore(writer, work, rt, params["store_dtype"], batch_sums, pending_files)
     batch = rt.args.get("batch_size", 32)
     n_batches = math.ceil(windows.shape[0] / batch)
     real = windows != bos

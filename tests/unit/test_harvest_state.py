@@ -1,7 +1,7 @@
 """The harvest's host side: the chunk writes gathered several chunks at a time, the batches stored on a thread
-of their own, and the resumable state (a pending-rows file appended to after every batch) on the tests' real
-tiny Llama and real Zarr: the same bytes however the writes are grouped, and a harvest stopped midway resumes to
-the bytes of one that never stopped, also when the pending file holds rows past the state's count."""
+of their own, and the resumable state (each batch's pending rows in a file of their own, listed by the state)
+on the tests' real tiny Llama and real Zarr: the same bytes however the writes are grouped, and a harvest
+stopped midway resumes to the bytes of one that never stopped, also past a pending file no state lists."""
 
 from __future__ import annotations
 
@@ -92,28 +92,27 @@ def stopped_run(model, out: Path, ck: Path, store_dtype: str, stop_at: int, monk
 def test_a_stopped_harvest_resumes_to_the_same_bytes(model, tmp_path: Path, monkeypatch, store_dtype: str) -> None:
     ref = run(model, tmp_path / "ref", None, store_dtype)
     d, itemsize, ck = model.config.hidden_size, np.dtype(store_dtype).itemsize, tmp_path / "ck"
+    pending_dir = ck / harvesting.PENDING_DIR
 
-    def pending_file(state: dict) -> Path:
-        return ck / f"{harvesting.PENDING_PREFIX}{state['offset']}.bin"
+    def on_disk() -> set[str]:
+        return {f.name for f in pending_dir.iterdir()}
 
     state = stopped_run(model, tmp_path / "out", ck, store_dtype, 5, monkeypatch)
     assert state["next_batch"] == 4 and state["pending_rows"] > 0
-    assert pending_file(state).stat().st_size == state["pending_rows"] * d * itemsize
-    with open(pending_file(state), "ab") as f:  # a kill between a batch's rows and its state: rows past the count
-        f.write(np.full((5, d), 7.0, store_dtype).tobytes())
-    # resumed and stopped before its first batch: the rows past the count are cut off already, so the next
-    # batch's rows would follow the counted ones
-    state = stopped_run(model, tmp_path / "out", ck, store_dtype, 1, monkeypatch)
-    assert state["next_batch"] == 4
-    assert pending_file(state).stat().st_size == state["pending_rows"] * d * itemsize
+    assert on_disk() == set(state["pending_files"])
+    assert sum((pending_dir / n).stat().st_size for n in on_disk()) == state["pending_rows"] * d * itemsize
+    # a kill between a batch's rows and the state that lists them: a file no state names
+    np.full((5, d), 7.0, store_dtype).tofile(pending_dir / f"{state['offset']}-{state['next_batch']}.bin")
+    # resumed and stopped before its first batch: the unnamed file is gone, the named ones are untouched
+    again = stopped_run(model, tmp_path / "out", ck, store_dtype, 1, monkeypatch)
+    assert again == state and on_disk() == set(state["pending_files"])
     state = stopped_run(model, tmp_path / "out", ck, store_dtype, 3, monkeypatch)
-    assert state["next_batch"] == 6
-    assert len(list(ck.glob(f"{harvesting.PENDING_PREFIX}*"))) == 1  # the file of an older offset is gone
+    assert state["next_batch"] == 6 and on_disk() == set(state["pending_files"])
 
     got = run(model, tmp_path / "out", ck, store_dtype)
     assert (got.n_rows, got.threshold, got.batch_sums) == (ref.n_rows, ref.threshold, ref.batch_sums)
     assert tree_hashes(tmp_path / "out") == tree_hashes(tmp_path / "ref")
-    assert not any(ck.iterdir())  # the state and the pending files are gone once the array is complete
+    assert not any(ck.iterdir())  # the state and the pending rows are gone once the array is complete
 
 
 def test_a_state_written_before_the_pending_file_still_resumes(tmp_path: Path) -> None:
@@ -129,10 +128,16 @@ def test_a_state_written_before_the_pending_file_still_resumes(tmp_path: Path) -
 
 
 def test_a_pending_file_shorter_than_its_state_starts_over(tmp_path: Path) -> None:
-    state = {"next_batch": 2, "offset": 0, "pending_rows": 4, "threshold": 1.5, "batch_sums": [1.0, 2.0]}
+    state = {"next_batch": 2, "offset": 0, "pending_rows": 4, "pending_files": ["0-carry.bin", "0-1.bin"],
+             "threshold": 1.5, "batch_sums": [1.0, 2.0]}
     save_file({}, str(tmp_path / harvesting.STATE_FILE), metadata={"state": json.dumps(state)})
-    np.zeros((3, D), np.float32).tofile(tmp_path / f"{harvesting.PENDING_PREFIX}0.bin")
+    (tmp_path / harvesting.PENDING_DIR).mkdir()
+    np.zeros((2, D), np.float32).tofile(tmp_path / harvesting.PENDING_DIR / "0-carry.bin")
+    np.zeros((1, D), np.float32).tofile(tmp_path / harvesting.PENDING_DIR / "0-1.bin")
     assert harvesting._load_state(tmp_path / harvesting.STATE_FILE, D, np.dtype("float32")) is None
+    np.zeros((2, D), np.float32).tofile(tmp_path / harvesting.PENDING_DIR / "0-1.bin")
+    loaded = harvesting._load_state(tmp_path / harvesting.STATE_FILE, D, np.dtype("float32"))
+    assert loaded is not None and loaded[1].shape == (4, D)
 
 
 def test_an_error_on_the_host_side_is_raised_in_the_caller() -> None:
