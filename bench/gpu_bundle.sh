@@ -13,7 +13,7 @@
 # There, from the repository root: each call but the last carries its folder DIR/k and copies it into one staging
 # folder (`mkdir -p /tmp/stage && cp DIR/k/part-* /tmp/stage/`); the last carries DIR/N and runs
 #
-#   bash DIR/N/install.sh && PYTHONPATH=/tmp/site:$PWD bash bench/gpu_check.sh --python python3
+#   bash bench/gpu_check.sh --bundle DIR/N       (which runs DIR/N/install.sh, then the checks with python3)
 #
 # install.sh joins and checks the parts, installs the project's wheels and the two packages into /tmp/site, the
 # anchors' into /tmp/anchsite, and makes bench/.venv/bin/python the image's python3 with those two folders on
@@ -105,12 +105,21 @@ tar xzf "$STAGE/bundle.tgz" -C "$STAGE/b"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STAGE"/b/whl/*.whl
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/anchsite "$STAGE"/b/anch/*.whl
 cp -r "$STAGE"/b/site/* /tmp/site/
-mkdir -p bench/.venv/bin
-printf '#!/bin/sh\nPYTHONPATH=/tmp/anchsite:/tmp/site exec %s "$@"\n' "$(command -v python3)" >bench/.venv/bin/python
-chmod +x bench/.venv/bin/python
+if [ -e bench/.venv/bin/python ] && ! grep -qs anchsite bench/.venv/bin/python; then
+  # a real environment (its python often a link to the system's, which a write here would overwrite)
+  echo "install.sh: bench/.venv has an interpreter already; the anchors' wheels in /tmp/anchsite stay unused" >&2
+else
+  mkdir -p bench/.venv/bin && rm -f bench/.venv/bin/python
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/anchsite:/tmp/site exec %s "$@"\n' "$(command -v python3)" >bench/.venv/bin/python
+  chmod +x bench/.venv/bin/python
+fi
 PYTHONPATH=/tmp/site:$PWD python3 -c 'import dmsae.config, flows.cli, prefect, zarr, gguf; print("project: imports ok")'
 bench/.venv/bin/python -c 'import sparsify, dictionary_learning, sae_lens; print("anchors: imports ok")'
 SH
 chmod +x "$DIR/$n/install.sh"
-echo "gpu_bundle: $(du -cb "$DIR"/*/part-* | tail -1 | cut -f1) bytes in $n parts of at most $PART_MIB MiB:" \
-     "$(printf '%s ' "$DIR"/*/); the last holds install.sh" >&2
+echo "gpu_bundle: $(du -cb "$DIR"/*/part-* | tail -1 | cut -f1) bytes in $n parts of at most $PART_MIB MiB." \
+     "One call each, the machine kept warm between them:" >&2
+for k in $(seq 1 $((n - 1))); do
+  echo "  carry $DIR/$k: mkdir -p /tmp/stage && cp $DIR/$k/part-* /tmp/stage/" >&2
+done
+echo "  carry $DIR/$n: bash bench/gpu_check.sh --bundle $DIR/$n" >&2

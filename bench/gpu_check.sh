@@ -26,6 +26,8 @@
 # --python PY: use this interpreter, with the project and its dependencies already importable, and install
 # nothing (a machine that reaches no package registry: carry the wheels and install them first; bench/gpu_wheels.sh
 # fetches the ones a GPU image with torch lacks, 51 MiB for Python 3.12, and says how to install them there).
+# --bundle DIR: the last folder bench/gpu_bundle.sh made (its other parts already copied to /tmp/stage): runs its
+# install.sh, then uses the image's python3 with the installed packages on PYTHONPATH (no registry needed).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -34,6 +36,7 @@ DEVICE=${DEVICE:-cuda}
 BUDGET=480
 INSTALL=1
 PY=""
+BUNDLE=""
 ONLY=unit,harvest,pipeline,train
 OUT_DIR=${OUT:-}
 MODE_TRAIN=--full
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift 2 ;;
     --python) PY=$2; INSTALL=0; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
+    --bundle) BUNDLE=$2; INSTALL=0; shift 2 ;;
     --budget) BUDGET=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     --dry-run) DEVICE=cpu; INSTALL=0; MODE_TRAIN=--quick; MODE_HARVEST=--quick; shift ;;
@@ -100,6 +104,12 @@ setup() {
           $ANCHORS && bench/.venv/bin/pip uninstall -y --quiet torchvision
       fi || echo "the anchors' environment failed to install: the train table will have the dmsae rows only"
     fi
+  fi
+  if [ -n "$BUNDLE" ]; then
+    say "installing the bundle: bash $BUNDLE/install.sh"
+    bash "$BUNDLE/install.sh" || { echo "the bundle's install.sh failed"; return 1; }
+    PY=${PY:-python3}
+    export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
   fi
   PY=${PY:-$REPO/.venv/bin/python}
   [ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "no interpreter at $PY (run make install)"; return 1; }
