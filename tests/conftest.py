@@ -180,8 +180,13 @@ class PipelineRun:
     computed: dict[str, bool]
 
     def artifact(self, stage: str, cycle: int | None = None):
+        """The node's artifact; a harvest in parts comes with its parts attached, readable as one array."""
+        from dataclasses import replace
+
         node = self.plan.find(stage, cycle)
-        return self.store.load(node.stage, node.key)
+        art = self.store.load(node.stage, node.key)
+        parts = [p for p in node.inputs.values() if p.stage == "harvest_part"]
+        return replace(art, parts=tuple(self.store.load(p.stage, p.key) for p in parts)) if parts else art
 
     def node(self, label: str):
         """The plan node with this label, e.g. 'reuse[distilled,k=8,seed=0]' or 'evaluate[cycle=0]'."""

@@ -59,6 +59,8 @@ def test_joined_rows_and_metrics_equal_a_one_part_harvest(parted_run, pipeline_r
     assert np.array_equal(joined[0:joined.shape[0]], single[:])
     assert np.array_equal(joined[100:700], single[100:700])  # a slice across part boundaries
     assert parted_run.store.manifest("harvest", node.key).metrics == pipeline_run.artifact("harvest").metrics
+    # the tests' own reader attaches the parts too (tests/integration/test_cuda.py reads a parted harvest with it)
+    assert np.array_equal(readers.harvest_array(parted_run.artifact("harvest"))[:], single[:])
 
 
 def test_everything_trained_on_it_is_byte_identical(parted_run, pipeline_run):
