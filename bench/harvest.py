@@ -63,10 +63,12 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: Path) -> float:
+def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: Path,
+                      parts: dict[str, float] | None = None) -> float:
     """The harvest's host side alone: `rows` (a harvest's float32 output) handed over in `n_batches` batches to
     the stage's own BatchStore on its own thread (sums, cast, chunk writes, resumable state), with no forward:
-    the rate a harvest could reach on a device whose forward cost nothing."""
+    the rate a harvest could reach on a device whose forward cost nothing. `parts`, if given, receives the
+    seconds of each part of that work (BatchStore.seconds, plus the last write that `close` makes)."""
     shutil.rmtree(work, ignore_errors=True)
     partial = work / "partial"
     partial.mkdir(parents=True)
@@ -81,9 +83,12 @@ def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: 
     for i, kept in enumerate(pieces):
         host.put(i, kept, math.inf)
     host.close()
+    t1 = time.perf_counter()
     writer.close()
     store.remove_state()
     seconds = time.perf_counter() - t0
+    if parts is not None:
+        parts.update(store.seconds, **{"last write": time.perf_counter() - t1})
     shutil.rmtree(work, ignore_errors=True)
     return seconds
 
@@ -91,11 +96,17 @@ def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: 
 def host_side_row(out: Path, n_batches: int, store_dtype: str, bare_tps: float, repeats: int, work: Path,
                   label: str) -> Row:
     rows = np.asarray(activations.open_array(out / activations.ARRAY)[:], dtype=np.float32)
-    seconds = median([host_side_seconds(rows, n_batches, store_dtype, work) for _ in range(repeats)])
+    runs = []
+    for _ in range(repeats):
+        parts: dict[str, float] = {}
+        runs.append((host_side_seconds(rows, n_batches, store_dtype, work, parts), parts))
+    seconds, parts = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run, with its own split
+    split = ", ".join(f"{name} {1000 * s / n_batches:.1f}" for name, s in parts.items())
     tps = rows.shape[0] / seconds
     return Row(f"host side alone ({label}): sums, cast, chunk writes, state, no forward", tps, "tokens/s",
                "bare forward", bare_tps, tps / bare_tps,
-               note=f"{n_batches} batches on the stage's writer thread, {1000 * seconds / n_batches:.1f} ms a batch, "
+               note=f"{n_batches} batches on the stage's writer thread, {1000 * seconds / n_batches:.1f} ms a batch "
+                    f"(ms a batch: {split}), "
                     f"{harvesting.flush_chunks(activations.open_array(out / activations.ARRAY))} chunks a write "
                     "here; below 1x, a harvest on this device waits for its host side")
 

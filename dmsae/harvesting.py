@@ -16,6 +16,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,15 +171,26 @@ class BatchStore:
                  batch_sums: list[float], pending_files: list[str] | None = None):
         self.writer, self.rt, self.store_dtype, self.batch_sums = writer, rt, store_dtype, batch_sums
         self.log = _StateLog(work, writer, pending_files) if rt.checkpoint_dir is not None else None
+        # seconds spent in each part, summed over the batches: where a host-bound harvest's time goes (the bench)
+        self.seconds = dict.fromkeys(("sums", "cast", "chunk writes", "state", "heap trim"), 0.0)
 
     def __call__(self, i: int, kept: torch.Tensor, threshold: float) -> None:
+        t0 = time.perf_counter()
         self.batch_sums.append(float(np.square(kept.numpy(), dtype=np.float64).sum()))
+        t1 = time.perf_counter()
         rows = stored_rows(kept, self.store_dtype)
+        t2 = time.perf_counter()
         self.writer.append(rows)
+        t3 = time.perf_counter()
         if self.log is not None:
             self.log.after_batch(rows, i + 1, threshold, self.batch_sums)
             self.rt.checkpoint_saved()
+        t4 = time.perf_counter()
         release_free_heap()
+        t5 = time.perf_counter()
+        for name, a, b in (("sums", t0, t1), ("cast", t1, t2), ("chunk writes", t2, t3), ("state", t3, t4),
+                           ("heap trim", t4, t5)):
+            self.seconds[name] += b - a
         faults.point(f"{self.rt.label}:batch:{i + 1}")
 
     def remove_state(self) -> None:
