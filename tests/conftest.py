@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -181,8 +181,6 @@ class PipelineRun:
 
     def artifact(self, stage: str, cycle: int | None = None):
         """The node's artifact; a harvest in parts comes with its parts attached, readable as one array."""
-        from dataclasses import replace
-
         node = self.plan.find(stage, cycle)
         art = self.store.load(node.stage, node.key)
         parts = [p for p in node.inputs.values() if p.stage == "harvest_part"]
