@@ -95,7 +95,8 @@ def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: 
 
 def host_side_row(out: Path, n_batches: int, store_dtype: str, bare_tps: float, repeats: int, work: Path,
                   label: str) -> Row:
-    rows = np.asarray(activations.open_array(out / activations.ARRAY)[:], dtype=np.float32)
+    array = activations.open_array(out / activations.ARRAY)
+    rows = np.asarray(array[:], dtype=np.float32)
     runs = []
     for _ in range(repeats):
         parts: dict[str, float] = {}
@@ -107,7 +108,7 @@ def host_side_row(out: Path, n_batches: int, store_dtype: str, bare_tps: float, 
                "bare forward", bare_tps, tps / bare_tps,
                note=f"{n_batches} batches on the stage's writer thread, {1000 * seconds / n_batches:.1f} ms a batch "
                     f"(ms a batch: {split}), "
-                    f"{harvesting.flush_chunks(activations.open_array(out / activations.ARRAY))} chunks a write "
+                    f"{harvesting.flush_chunks(array)} chunks a write "
                     "here; below 1x, a harvest on this device waits for its host side")
 
 
