@@ -140,3 +140,13 @@ def test_common_rows_pairs_harvests_that_dropped_different_rows() -> None:
     assert [x_kept[i] for i in xi] == both and [y_kept[i] for i in yi] == both
     assert common_rows(rows, rng.standard_normal((40, 16))) is None
     assert common_rows(rows[x_kept], noisy[y_kept], max_dropped=2) is None
+
+
+def test_generated_tables_link_the_notes_only_from_inside_the_repository(tmp_path: Path) -> None:
+    from bench import run
+
+    inside = run.notes_link(run.REPO / "docs" / "x.md")
+    assert inside == "[BENCHMARKS.md](../BENCHMARKS.md)"
+    # a GPU machine's $OUT: the page is copied into docs/ later, where a relative link would leave the repository
+    outside = run.notes_link(tmp_path / "c" / "bench-train.md")
+    assert "](" not in outside and "BENCHMARKS.md" in outside
