@@ -36,11 +36,10 @@ def ema_thresholds(threshold: Tensor, smallest: Tensor, ema: float) -> Tensor:
     """A latent's first selection sets its threshold; later ones move it by an EMA; unseen ones keep it."""
     seen = torch.isfinite(smallest)
     first = seen & torch.isinf(threshold)
-    out = threshold.clone()
-    out[first] = smallest[first]
     again = seen & ~first
-    out[again] = ema * threshold[again] + (1 - ema) * smallest[again]
-    return out
+    # by masks, not boolean indexing: nothing is read back to the host (the GPU's graphed step), the same bits
+    blended = ema * threshold + (1 - ema) * smallest
+    return torch.where(first, smallest, torch.where(again, blended, threshold))
 
 
 class Workspace:

@@ -315,13 +315,13 @@ def update_stats_sparse(sae: MatryoshkaSAE, cols: Tensor, vals: Tensor, core_cod
     """`MatryoshkaSAE.update_stats` from the active non-core (latent, value) pairs instead of a dense code,
     and the core's code of the step (its thresholds are learned only under `core_gate: topk`)."""
     m = sae.width - sae.core_size
+    # Masks rather than gathers of the active entries: no read back to the host (the graphed step's entries hold
+    # zeros where it selected nothing), the same results.
     active = vals > 0
-    if not bool(active.all()):  # BatchTopK's entries are nearly always all positive: then nothing to gather
-        cols, vals = cols[active], vals[active]
-    sae.tokens_since_fired += batch_tokens
-    sae.tokens_since_fired[cols] = 0
+    fired = torch.zeros(m, dtype=torch.int32, device=cols.device).index_add_(0, cols, active.int()) > 0
+    sae.tokens_since_fired.add_(batch_tokens).masked_fill_(fired, 0)
     smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
-        0, cols, vals, "amin")
+        0, cols, torch.where(active, vals, float("inf")), "amin")
     sae.threshold.copy_(ema_thresholds(sae.threshold, smallest, ema))
     if sae.core_gate == "topk" and sae.core_size and core_code is not None:
         sae.core_threshold.copy_(ema_thresholds(sae.core_threshold, smallest_active(core_code), ema))

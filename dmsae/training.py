@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from dmsae import activations, faults, readers
 from dmsae.errors import UserError
+from dmsae.graph_step import default_step
 from dmsae.runtime import Runtime
 from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
-from dmsae.sparse_step import train_step, update_stats_sparse
+from dmsae.sparse_step import update_stats_sparse
 from dmsae.store import Artifact
 
 CHECKPOINT_FILE = "train.ckpt"  # in the stage's checkpoint folder, never in the artifact
@@ -73,11 +74,16 @@ def train_sae(
     n_steps: int,
     train_params: dict[str, Any],
     rt: Runtime | None = None,
-    step_fn: Step = train_step,
+    step_fn: Step | None = None,
 ) -> list[dict[str, float]]:
     """The training loop; returns the logged curve. `batches` yields scaled [B, d] tensors; `step_fn` computes
-    each step's gradients (the autograd-free `dmsae.sparse_step.train_step`; a benchmark swaps in a reference)."""
+    each step's gradients (by default the autograd-free `dmsae.sparse_step.train_step`, on a GPU its graphed form
+    `dmsae.graph_step.GraphedStep`; a benchmark swaps in a reference)."""
     rt = rt or Runtime(show_progress=False)
+    # each batch goes where the SAE lives, not to rt.device: a caller that moved the SAE to the GPU and passed
+    # no Runtime (the benchmarks) would otherwise feed a CUDA SAE CPU batches
+    device = sae.b_dec.device
+    step_fn = step_fn or default_step(device)
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=train_params["lr"], fused=True)
     curve: list[dict[str, float]] = []
@@ -96,9 +102,6 @@ def train_sae(
     # decoder projection and the statistics stay float32
     low_precision = train_params.get("precision") == "bf16"
     bar = tqdm(total=n_steps, initial=first, desc="train SAE", unit="step", disable=not rt.show_progress)
-    # each batch goes where the SAE lives, not to rt.device: a caller that moved the SAE to the GPU and passed
-    # no Runtime (the benchmarks) would otherwise feed a CUDA SAE CPU batches
-    device = sae.b_dec.device
     for step in range(first, n_steps):
         x = next(batches).to(device)
         opt.zero_grad(set_to_none=True)
@@ -114,12 +117,13 @@ def train_sae(
         update_stats_sparse(sae, active_cols, active_vals, stats.core_code, x.shape[0], train_params["threshold_ema"])
         if step % log_every == 0 or step == n_steps - 1:
             var = float((x - x.mean(0)).pow(2).sum(-1).mean())
+            # float() and int(): the graphed step hands back tensors, read only here
             row = {
                 "step": step, "tokens": (step + 1) * x.shape[0], "lr": lr,
-                "loss": stats.loss, "aux_loss": stats.aux_loss,
+                "loss": float(stats.loss), "aux_loss": float(stats.aux_loss),
                 "fvu": float(stats.prefix_losses[-1]) / var, "fvu_inner": float(stats.prefix_losses[0]) / var,
-                "l0": stats.l0_core + stats.l0_noncore, "l0_noncore": stats.l0_noncore,
-                "k_noncore": stats.k_noncore,
+                "l0": float(stats.l0_core) + float(stats.l0_noncore), "l0_noncore": float(stats.l0_noncore),
+                "k_noncore": int(stats.k_noncore),
                 "dead_fraction": float(sae.dead_mask().float().mean()),
             }
             curve.append(row)

@@ -1,0 +1,241 @@
+"""The training step for the GPU: `sparse_step.train_step`'s maths with fixed shapes and no read back to the host,
+so that one CUDA graph holds the whole step and each training step replays it with one launch.
+
+On an H200 the eager step took 12x its encoder matmul: a hundred small kernels, each launched from Python, and
+host reads (a threshold's count, the groups' bounds, the loss) that stall the queue between them. Here every size
+is known before the step runs: BatchTopK keeps the k*B largest entries with one top-k (under a dynamic L0 the ones
+past the step's k_noncore*B are zeroed, not dropped), the entries are sorted by (group, token, latent) and cut into
+bags by a search instead of a count read back, and the statistics stay tensors until the loop logs them.
+
+AuxK's entries vary in number with the dead latents, so a step with AuxK active runs `sparse_step.train_step`;
+so does a step on the CPU, where the sparse step's C kernels are faster and give the artifacts their bits.
+`static_step` runs anywhere (the tests check it on the CPU against the float64 autograd reference);
+`GraphedStep` captures it on a CUDA device and falls back to running it eagerly, with a one-line warning, if
+the capture fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmsae.sae import MatryoshkaSAE, StepStats, workspace
+from dmsae.sparse_step import encoder_dtype, train_step, weighted_bags
+
+WARMUP_STEPS = 3  # eager runs on a side stream before the capture: cuBLAS and the allocator settle
+
+
+@dataclass
+class StaticOut:
+    """One step's results as device tensors (a captured graph rewrites them in place on every replay)."""
+
+    grads: dict[str, Tensor]  # parameter name -> its gradient
+    loss: Tensor
+    prefix_losses: Tensor  # [G]
+    l0_core: Tensor
+    l0_noncore: Tensor
+    k_noncore: Tensor
+    core_code: Tensor  # [B, c]
+    cols: Tensor  # [N] the BatchTopK candidates' latents
+    vals: Tensor  # [N] their values, zero where not selected
+
+
+def _device_ends(sae: MatryoshkaSAE, device: torch.device) -> Tensor:
+    """The inner group ends as a device tensor, made once per device (before a capture: a copy from the host is
+    not allowed inside one). An SAE's groups never change."""
+    buffers = workspace(sae).buffers
+    name = f"group_ends@{device}"
+    if name not in buffers:
+        buffers[name] = torch.tensor(sae.ends[:-1], dtype=torch.int64, device=device)
+    return buffers[name]
+
+
+def select(sae: MatryoshkaSAE, pre_core: Tensor, pre_nc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchTopK with fixed sizes: (flat indices into pre_nc, float32 values zero where not selected, the core's
+    code [B, c], k_noncore as a tensor). The selected set is `sparse_step`'s (ties aside)."""
+    B, c = pre_core.shape
+    n_cand = min(sae.k * B, pre_nc.numel())
+    if sae.core_gate == "topk":
+        nc_vals, idx = pre_nc.flatten().topk(n_cand, sorted=False)
+        vals = nc_vals.float()
+        f_core = pre_core
+        if c:  # one BatchTopK of k*B over [core | non-core]: the winners lie among the core and these candidates
+            n_keep = min(sae.k * B, B * c + n_cand)
+            won_vals, pos = torch.cat([pre_core.flatten(), vals]).topk(n_keep, sorted=False)
+            in_core = pos < B * c
+            # scatters of fixed size: the losers write to one spare slot past the end
+            f_core = (torch.zeros(B * c + 1, dtype=pre_core.dtype, device=pre_core.device)
+                      .index_put_((torch.where(in_core, pos, B * c),), torch.where(in_core, won_vals, 0))[:-1]
+                      .view(B, c))
+            won = (torch.zeros(n_cand + 1, dtype=torch.bool, device=pos.device)
+                   .index_put_((torch.where(in_core, n_cand, pos - B * c),), torch.ones((), dtype=torch.bool,
+                                                                                         device=pos.device))[:-1])
+            vals = torch.where(won, vals, 0)
+        k_nc = torch.round((vals > 0).sum().double() / B).long()
+        return idx, vals, f_core, k_nc
+    f_core = sae.gate_core(pre_core)
+    dynamic = sae.l0_mode != "fixed" and c > 0
+    nc_vals, idx = pre_nc.flatten().topk(n_cand, sorted=dynamic)
+    vals = nc_vals.float()
+    if not dynamic:
+        return idx, vals, f_core, torch.full((), sae.k, dtype=torch.int64, device=pre_nc.device)
+    core_l0 = (f_core > 0).sum(dim=1).float().mean()  # as MatryoshkaSAE.k_noncore reads it
+    k_nc = (sae.k - torch.round(core_l0).long()).clamp_min(1)
+    # the candidates come sorted: the first k_nc*B are this step's BatchTopK, the rest are zeroed
+    keep = torch.arange(n_cand, device=idx.device) < k_nc * B
+    return idx, torch.where(keep, vals, 0), f_core, k_nc
+
+
+@torch.no_grad()
+def static_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None = None) -> StaticOut:
+    """The loss and gradients of `forward_train` without AuxK, with fixed shapes and no host read: the maths of
+    `sparse_step._train_step` (see there), the gradients returned rather than written. `low`: the encoder matmul's
+    and the gathers' 16-bit type under autocast (None: float32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _static_step(sae, x, low)
+
+
+def _static_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> StaticOut:
+    B, d = x.shape
+    G, m = len(sae.ends), sae.width - sae.core_size
+    xc = x - sae.b_dec
+    xc_low = xc if low is None else xc.to(low)
+    if low is None:
+        pre_nc = torch.addmm(sae.b_enc, xc, sae.enc)
+    else:  # the product accumulates in float32, its output in 16 bits as autocast gives it
+        pre_nc = torch.addmm(sae.b_enc.to(low), xc_low, sae.enc.to(low))
+    pre_core = F.relu(torch.addmm(sae.b_enc_core, xc, sae.enc_core))
+    flat_idx, vals, f_core, k_nc = select(sae, pre_core, pre_nc)
+    del pre_nc
+    vals = vals.clamp_min(0)
+    rows, cols = flat_idx // m, flat_idx % m
+    bag = torch.bucketize(cols, _device_ends(sae, x.device), right=True) * B + rows
+    order = torch.argsort(bag * m + cols)  # unique keys: one order
+    rows, cols, bag, vals = rows[order], cols[order], bag[order], vals[order]
+    # each bag's first entry by a search over the sorted bags (a count would be read back to size the cut)
+    offsets = torch.searchsorted(bag, torch.arange(G * B, device=x.device))
+    dec = sae.dec.detach()
+    parts = weighted_bags(cols, dec, offsets, vals, low).float().view(G, B, d)
+    base = f_core @ sae.dec_core - xc  # b_dec + f_core W_core - x
+    resid = parts.cumsum(0) + base  # x_hat_g - x, the nested reconstructions' residuals
+    prefix_losses = resid.pow(2).sum(dim=(1, 2)) / B
+    loss = prefix_losses.mean()
+    # the loss gradient at group g's output, unscaled: the sum of resid[j] for j >= g
+    table = resid.flip(0).cumsum(0).flip(0).reshape(G * B, d)
+    scale = 2.0 / (B * G)
+    g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
+    g_vals = g_vals * scale * (vals > 0)  # BatchTopK's values are clamped at zero
+    by_col = torch.argsort(cols, stable=True)
+    col_offsets = torch.searchsorted(cols[by_col], torch.arange(m, device=x.device))
+    grads = {
+        "dec": weighted_bags(bag[by_col], table, col_offsets, (vals * scale)[by_col], low).float(),
+        "enc": weighted_bags(rows[by_col], xc_low, col_offsets, g_vals[by_col], low).float().T.contiguous(),
+    }
+    grad_b_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, cols, g_vals)
+    grads["b_enc"] = grad_b_enc
+    g_base = table[:B]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
+    g_core = (g_base @ sae.dec_core.T).mul_(scale) * (f_core > 0)
+    grads["dec_core"] = (f_core.T @ g_base).mul_(scale)
+    if isinstance(sae.b_enc_core, nn.Parameter):
+        grads["b_enc_core"] = g_core.sum(0)
+    if isinstance(sae.enc_core, nn.Parameter):
+        grads["enc_core"] = xc.T @ g_core
+    grads["b_dec"] = g_base.sum(0).mul_(scale) - sae.enc @ grad_b_enc - sae.enc_core @ g_core.sum(0)
+    return StaticOut(grads=grads, loss=loss, prefix_losses=prefix_losses, l0_core=(f_core > 0).sum() / B,
+                     l0_noncore=(vals > 0).sum() / B, k_noncore=k_nc, core_code=f_core, cols=cols, vals=vals)
+
+
+def aux_active(sae: MatryoshkaSAE) -> bool:
+    """Whether this step runs AuxK (a latent is dead): one read from the device per step."""
+    return sae.aux_alpha != 0 and bool(sae.dead_mask().any())
+
+
+class GraphedStep:
+    """A `Step` for `train_sae` on a CUDA device: `static_step` captured as a CUDA graph at its first call (and
+    again whenever the batch's shape or type, the autocast type or a tensor of the SAE moves) and replayed on
+    every step without AuxK; steps with AuxK run `sparse_step.train_step`. Elsewhere, and after a failed capture,
+    `static_step` runs eagerly. The gradients it hands back are the graph's own tensors: valid until the next
+    step, as a step's gradients are."""
+
+    def __init__(self) -> None:
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.static_x: Tensor | None = None
+        self.out: StaticOut | None = None
+        self.fallback: str | None = None  # why the graph is not used, once a capture failed
+        self.counts = {"replayed": 0, "eager": 0, "auxk": 0}
+
+    def __call__(self, sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
+        if aux_active(sae):
+            self.counts["auxk"] += 1
+            return train_step(sae, x)
+        low = encoder_dtype(x.device.type)
+        out = self.run(sae, x, low)
+        for name, grad in out.grads.items():
+            getattr(sae, name).grad = grad
+        # tensors, not floats: the loop reads them when it logs, so a step costs no host read
+        stats = StepStats(loss=out.loss, prefix_losses=out.prefix_losses, aux_loss=0.0,  # type: ignore[arg-type]
+                          l0_core=out.l0_core, l0_noncore=out.l0_noncore,  # type: ignore[arg-type]
+                          k_noncore=out.k_noncore, core_code=out.core_code)  # type: ignore[arg-type]
+        return stats, out.cols, out.vals
+
+    def run(self, sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> StaticOut:
+        if x.device.type != "cuda" or self.fallback is not None:
+            self.counts["eager"] += 1
+            return static_step(sae, x, low)
+        key = (tuple(x.shape), x.dtype, x.device, low,
+               tuple(t.data_ptr() for t in (*sae.parameters(), *sae.buffers())))
+        if key != self.key and not self.capture(sae, x, low, key):
+            self.counts["eager"] += 1
+            return static_step(sae, x, low)
+        assert self.graph is not None and self.static_x is not None and self.out is not None
+        self.static_x.copy_(x)
+        self.graph.replay()
+        self.counts["replayed"] += 1
+        return self.out
+
+    def capture(self, sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None, key: tuple) -> bool:
+        self.graph = self.out = None
+        static_x = x.clone()
+        _device_ends(sae, x.device)
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                before = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")  # a host read would fail the capture: find it here first
+                try:
+                    for _ in range(WARMUP_STEPS):
+                        static_step(sae, static_x, low)
+                finally:
+                    torch.cuda.set_sync_debug_mode(before)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = static_step(sae, static_x, low)
+        except RuntimeError as e:
+            torch.cuda.synchronize(x.device)
+            first = (str(e).strip().splitlines() or [""])[0]
+            self.fallback = f"{type(e).__name__}: {first[:200]}"
+            print(f"dmsae: warning: the training step could not be captured as a CUDA graph ({self.fallback}); "
+                  "it runs without one", file=sys.stderr, flush=True)
+            return False
+        self.graph, self.out, self.static_x, self.key = graph, out, static_x, key
+        return True
+
+    def describe(self) -> str:
+        """How the steps ran, for a log or a benchmark's note."""
+        c = self.counts
+        text = f"CUDA graph replayed in {c['replayed']} steps, eager static step in {c['eager']}, AuxK's sparse " \
+               f"step in {c['auxk']}"
+        return text + (f"; no graph: {self.fallback}" if self.fallback else "")
+
+
+def default_step(device: torch.device | str) -> Callable[[MatryoshkaSAE, Tensor], tuple[StepStats, Tensor, Tensor]]:
+    """The step `train_sae` uses on `device`: the graphed step on a GPU, the sparse step elsewhere."""
+    return GraphedStep() if torch.device(device).type == "cuda" else train_step
