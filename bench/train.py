@@ -33,7 +33,9 @@ from bench.common import (
 )
 from dmsae import activations, precision, readers
 from dmsae.config import SAEConfig, TrainConfig
+from dmsae.graph_step import GraphedStep, default_step
 from dmsae.sae import MatryoshkaSAE, StepStats, geometric_median
+from dmsae.sparse_step import train_step
 from dmsae.training import B_DEC_SAMPLE, Step, build_sae, train_sae
 
 D, WIDTH, K, BATCH = 576, 4096, 32, 4096
@@ -163,12 +165,12 @@ def run_dmsae(sae: MatryoshkaSAE, pool: torch.Tensor, idx: torch.Tensor, x_eval:
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(pool[: min(B_DEC_SAMPLE, pool.shape[0])]))  # as dmsae.training.fit
     batches = TimedBatches(pool, idx, device, sae)
-    train_sae(sae, batches, steps, train_params(steps, precision),
-              **({} if step_fn is None else {"step_fn": step_fn}))
+    step = step_fn or default_step(device)  # the train stage's: on a GPU, the graphed step
+    train_sae(sae, batches, steps, train_params(steps, precision), step_fn=step)
     batches.finish()
     # FVU in float32 on the float32 master weights, whatever precision the steps ran in (as for the anchors)
     return {"step_seconds": batches.step_seconds, "n_dead": batches.n_dead, "fvu": eval_fvu(sae, x_eval.to(device)),
-            "precision": precision}
+            "precision": precision} | ({"graph": step.describe()} if isinstance(step, GraphedStep) else {})
 
 
 PROFILE_STEPS = 4
@@ -256,6 +258,10 @@ def precision_runs(ctx: Context, data: Path, pool: torch.Tensor, idx: torch.Tens
             log(f"train: dmsae train stage step (no core), {prec}")
             results[key] = run_dmsae(build_sae(sae_params(), D, None, SEED), pool, idx, x_eval, steps, device,
                                      precision=prec)
+        if device.startswith("cuda") and f"{key}-sparse" not in results:  # what the graph gains on this GPU
+            log(f"train: dmsae sparse step without a CUDA graph (no core), {prec}")
+            results[f"{key}-sparse"] = run_dmsae(build_sae(sae_params(), D, None, SEED), pool, idx, x_eval, steps,
+                                                 device, step_fn=train_step, precision=prec)
         for lib in ("dictionary_learning", "sparsify"):
             key = f"{lib}-None" if (lib, prec) == ("dictionary_learning", "fp32") else f"{lib}-{prec}"
             if key not in results:
@@ -336,10 +342,12 @@ def _spread(r: dict[str, Any]) -> str:
 
 
 def _aux(r: dict[str, Any]) -> str:
+    """Whether AuxK ran, and on a GPU how the graphed step ran."""
     dead = [n for n in r["n_dead"] if n > 0]
+    graph = f"; {r['graph']}" if "graph" in r else ""
     if not dead:
-        return "AuxK idle (no dead latent)"
-    return f"AuxK ran in {len(dead)}/{len(r['n_dead'])} steps (median {int(np.median(dead))} dead latents)"
+        return "AuxK idle (no dead latent)" + graph
+    return f"AuxK ran in {len(dead)}/{len(r['n_dead'])} steps (median {int(np.median(dead))} dead latents){graph}"
 
 
 def rows(results: dict[str, dict[str, Any]], matmul_s: float, steps: int, dead_after: int) -> list[Row]:
@@ -449,6 +457,13 @@ def precision_rows(results: dict[str, dict[str, Any]], matmul: dict[str, float],
                            ">= 4x, FVU <= its + 0.01", ok,
                            note=f"full-width held-out FVU {fvu:.3f} vs {dl['fvu']:.3f} after {steps} steps; "
                                 f"dictionary_learning {_spread(dl)}{bdec}"))
+        sparse = results.get(f"{'dmsae' if prec == 'fp32' else f'dmsae-{prec}'}-sparse")
+        if sparse is not None:
+            sparse_tps = _tps(sparse)
+            assert sparse_tps is not None
+            out.append(Row(f"{what}, CUDA graph (graph_step) vs the sparse step without one", tps, "tokens/s",
+                           f"sparse_step.train_step, {prec}", sparse_tps, tps / sparse_tps,
+                           note=f"FVU {fvu:.3f} vs {sparse['fvu']:.3f}; sparse step {_spread(sparse)}"))
         step_s = BATCH / tps
         limit = 2 if prec == "fp32" else 3
         out.append(Row(what, step_s * 1000, "ms/step", f"{MATMUL}, {prec}", matmul[prec] * 1000,
