@@ -9,20 +9,23 @@
 # default index without the local pip configuration's find-links), installs the anchors' environment
 # (bench/.venv) if missing, then runs, each part under its own timeout and all of them within --budget seconds
 # (480 by default: under 8 minutes; each part's cap can be changed with CAP_UNIT, CAP_HARVEST, CAP_PIPELINE,
-# CAP_TRAIN):
+# CAP_TRAIN, CAP_CPU), the last ones skipped, each with a row saying so, once the budget is spent:
 #   1. unit: the CUDA variants of the unit tests (`pytest -m cuda tests/unit`: the fast step against the float64
 #      autograd reference, every core gate, the training loop, the step under bf16 autocast)
 #   2. harvest: the harvest benchmark on the GPU, fp32 and bf16 (`bench.run --only harvest --device cuda`)
 #   3. pipeline: the tiny pipeline end to end with device=cuda, then once through `dmsae run`
 #      (`pytest -m cuda tests/integration/test_cuda.py`)
 #   4. train: the training-step table against the anchors on the GPU (`bench.run --full --only train`)
+#   5. cpu: the host's own CPU, 2 threads, the fp32 and bf16 step against sparsify and dictionary_learning
+#      (`bench.run --quick --only anchors --device cpu`): GPU machines' hosts may have AMX (the H200's had),
+#      which the CPU targets name
 # and writes one markdown file, DIR/gpu-check.md: a table of the parts (exit code, seconds, result) followed
 # by the benchmarks' generated tables; each part's log beside it. DIR defaults to $OUT where that is set,
 # else bench/results/gpu-check-<UTC time>.
 #
 # --dry-run: the same wiring on the CPU of a machine without a GPU (DEVICE=cpu, quick benchmarks, the existing
 # .venv, no install): the CUDA tests are collected and skip ("no CUDA device"), the benchmarks run on the CPU.
-# --only PARTS: a comma-separated subset of unit,harvest,pipeline,train (default: all four).
+# --only PARTS: a comma-separated subset of unit,harvest,pipeline,train,cpu (default: all five).
 # --python PY: use this interpreter, with the project and its dependencies already importable, and install
 # nothing (a machine that reaches no package registry: carry the wheels and install them first; bench/gpu_wheels.sh
 # fetches the ones a GPU image with torch lacks, 51 MiB for Python 3.12, and says how to install them there).
@@ -37,7 +40,7 @@ BUDGET=480
 INSTALL=1
 PY=""
 BUNDLE=""
-ONLY=unit,harvest,pipeline,train
+ONLY=unit,harvest,pipeline,train,cpu
 OUT_DIR=${OUT:-}
 MODE_TRAIN=--full
 MODE_HARVEST=--full
@@ -175,6 +178,8 @@ run harvest "${CAP_HARVEST:-120}" "$PY" -m bench.run "$MODE_HARVEST" --only harv
 run pipeline "${CAP_PIPELINE:-200}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/integration/test_cuda.py
 run train "${CAP_TRAIN:-300}" "$PY" -m bench.run "$MODE_TRAIN" --only train --device "$DEVICE" --threads "$THREADS" \
   --out "$OUT_DIR/bench-train.md" --note "bench/gpu_check.sh"
+run cpu "${CAP_CPU:-150}" "$PY" -m bench.run --quick --only anchors --device cpu --threads 2 \
+  --out "$OUT_DIR/bench-cpu.md" --note "bench/gpu_check.sh: the GPU machine's host CPU, 2 threads"
 
 {
   echo "# GPU check (bench/gpu_check.sh)"
@@ -191,7 +196,7 @@ run train "${CAP_TRAIN:-300}" "$PY" -m bench.run "$MODE_TRAIN" --only train --de
   echo "| part | command | exit | seconds | result |"
   echo "|---|---|---:|---:|---|"
   cat "$ROWS"
-  for name in harvest train; do
+  for name in harvest train cpu; do
     if [ -f "$OUT_DIR/bench-$name.md" ]; then
       echo
       echo "---"
