@@ -6,6 +6,8 @@ whole chunks, mix a few of them in memory and cut batches from that buffer.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,10 @@ import zarr
 from zarr.codecs import BloscCodec
 
 ARRAY = "activations.zarr"
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float32",
@@ -124,7 +130,8 @@ class ShuffledBatches:
         self.group_start = 0  # index into `order` of the group in the buffer
         self.carry = np.empty((0, array.shape[1]), dtype=np.float32)  # rows the buffer was built on top of
         self.group_rng_state: dict[str, Any] = {}
-        self.buf: np.ndarray | None = None
+        self.buf: np.ndarray | None = None  # the group's rows, unshuffled
+        self.perm: np.ndarray | None = None  # the group's order: its i-th row is buf[perm[i]]
         self.pos = self.n_full = 0
 
     def __iter__(self) -> ShuffledBatches:
@@ -133,16 +140,22 @@ class ShuffledBatches:
     def __next__(self) -> torch.Tensor:
         while self.buf is None or self.pos >= self.n_full:
             self._next_group()
-        batch = torch.from_numpy(self.buf[self.pos:self.pos + self.batch_size]) * self.scale
+        assert self.perm is not None
+        # the group's rows in permuted order, gathered a batch at a time: buf[perm[i]] is the i-th row of the
+        # shuffled group, and torch's gather runs on every thread (permuting the whole group in numpy up front,
+        # one scattered row at a time, cost more than reading the chunks)
+        rows = torch.from_numpy(self.perm[self.pos:self.pos + self.batch_size])
+        batch = torch.index_select(torch.from_numpy(self.buf), 0, rows).mul_(self.scale)
         self.pos += self.batch_size
         return batch
 
     def _next_group(self) -> None:
         if self.buf is not None:
+            assert self.perm is not None
             # a copy, and the old buffer dropped before the next is built: two live buffers would
             # raise the peak memory by a whole buffer
-            self.carry = self.buf[self.n_full:].copy()
-            self.buf = None
+            self.carry = self.buf[self.perm[self.n_full:]]
+            self.buf = self.perm = None
             self.group_start += self.shuffle_chunks
         if self.order is None or self.group_start >= self.n_chunks:
             self.order = self.rng.permutation(self.n_chunks)
@@ -152,24 +165,25 @@ class ShuffledBatches:
         self.pos = 0
 
     def _fill(self) -> None:
+        """The group's rows, the carry then its chunks, in `buf` (float32), and the group's permutation."""
         assert self.order is not None
         r = self.chunk_rows
         chunks = self.order[self.group_start:self.group_start + self.shuffle_chunks]
         sizes = [self.carry.shape[0], *(min((c + 1) * r, self.n_rows) - c * r for c in chunks)]
-        total = sum(sizes)
-        # the buffer is the carry and the chunks concatenated, then permuted: buf[i] = rows[perm[i]]. Each
-        # piece is scattered straight to its permuted places, so the peak is one buffer and one chunk, not
-        # the three buffers of concatenate-then-index
+        starts = np.cumsum([0, *sizes])
+        total = int(starts[-1])
         perm = self.rng.permutation(total)
-        where = np.empty_like(perm)
-        where[perm] = np.arange(total)
         buf = np.empty((total, self.array.shape[1]), dtype=np.float32)
-        buf[where[:sizes[0]]] = self.carry
-        start = sizes[0]
-        for c, size in zip(chunks, sizes[1:], strict=True):
-            buf[where[start:start + size]] = self.array[c * r:c * r + size]
-            start += size
-        self.buf = buf
+        buf[:sizes[0]] = self.carry
+
+        def read(i: int) -> None:  # each chunk straight into its place: the peak is one buffer and a chunk a thread
+            c = int(chunks[i])
+            buf[starts[i + 1]:starts[i + 2]] = self.array[c * r:c * r + sizes[i + 1]]
+
+        # decompression is most of a group's cost, and zarr decodes one chunk per call: a thread per CPU
+        with ThreadPoolExecutor(max(1, min(len(chunks), _cpus()))) as pool:
+            list(pool.map(read, range(len(chunks))))
+        self.buf, self.perm = buf, perm
         self.n_full = (total // self.batch_size) * self.batch_size
 
     def state(self) -> tuple[dict[str, Any], np.ndarray]:
