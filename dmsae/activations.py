@@ -7,7 +7,7 @@ whole chunks, mix a few of them in memory and cut batches from that buffer.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,8 +121,17 @@ class ShuffledBatches:
     """
 
     def __init__(self, array: zarr.Array | PartedArray, batch_size: int, shuffle_chunks: int, seed: int,
-                 scale: float):
+                 scale: float, device: str | torch.device = "cpu", prefetch: bool | None = None):
+        """`device`: where the batches are made. On a GPU a group's rows travel there once and each batch is
+        gathered there, and (`prefetch`, the default there) the next group's chunks are read on a thread while
+        the GPU trains on this group's: its step is shorter than a group's decoding. The same batches."""
         self.array, self.batch_size, self.shuffle_chunks, self.scale = array, batch_size, shuffle_chunks, scale
+        self.device = torch.device(device)
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.ahead: tuple[tuple[int, int], Future[np.ndarray]] | None = None  # (epoch, group_start), the rows
+        self.epoch = 0
+        self.groups_read_ahead = 0
+        self.on_device: tuple[torch.Tensor, torch.Tensor] | None = None  # the group's rows and order, off the CPU
         self.n_rows, self.chunk_rows = array.shape[0], array.chunks[0]
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
         self.rng = np.random.default_rng(seed)
@@ -144,8 +153,12 @@ class ShuffledBatches:
         # the group's rows in permuted order, gathered a batch at a time: buf[perm[i]] is the i-th row of the
         # shuffled group, and torch's gather runs on every thread (permuting the whole group in numpy up front,
         # one scattered row at a time, cost more than reading the chunks)
-        rows = torch.from_numpy(self.perm[self.pos:self.pos + self.batch_size])
-        batch = torch.index_select(torch.from_numpy(self.buf), 0, rows).mul_(self.scale)
+        if self.on_device is not None:
+            buf, perm = self.on_device
+            rows = perm[self.pos:self.pos + self.batch_size]
+        else:
+            buf, rows = torch.from_numpy(self.buf), torch.from_numpy(self.perm[self.pos:self.pos + self.batch_size])
+        batch = torch.index_select(buf, 0, rows).mul_(self.scale)
         self.pos += self.batch_size
         return batch
 
@@ -155,11 +168,12 @@ class ShuffledBatches:
             # a copy, and the old buffer dropped before the next is built: two live buffers would
             # raise the peak memory by a whole buffer
             self.carry = self.buf[self.perm[self.n_full:]]
-            self.buf = self.perm = None
+            self.buf = self.perm = self.on_device = None
             self.group_start += self.shuffle_chunks
         if self.order is None or self.group_start >= self.n_chunks:
             self.order = self.rng.permutation(self.n_chunks)
             self.group_start = 0
+            self.epoch += 1
         self.group_rng_state = self.rng.bit_generator.state
         self._fill()
         self.pos = 0
@@ -167,14 +181,35 @@ class ShuffledBatches:
     def _fill(self) -> None:
         """The group's rows, the carry then its chunks, in `buf` (float32), and the group's permutation."""
         assert self.order is not None
-        r = self.chunk_rows
-        chunks = self.order[self.group_start:self.group_start + self.shuffle_chunks]
-        sizes = [self.carry.shape[0], *(min((c + 1) * r, self.n_rows) - c * r for c in chunks)]
-        starts = np.cumsum([0, *sizes])
-        total = int(starts[-1])
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == (self.epoch, self.group_start):
+            buf = ahead[1].result()
+            self.groups_read_ahead += 1
+        else:
+            if ahead is not None:
+                ahead[1].result()  # a resume moved elsewhere: let the read end before reading again
+            buf = self._rows(self.order, self.group_start, self.carry)
+        total = buf.shape[0]
         perm = self.rng.permutation(total)
-        buf = np.empty((total, self.array.shape[1]), dtype=np.float32)
-        buf[:sizes[0]] = self.carry
+        self.buf, self.perm = buf, perm
+        self.n_full = (total // self.batch_size) * self.batch_size
+        if self.device.type != "cpu":
+            self.on_device = (torch.from_numpy(buf).to(self.device), torch.from_numpy(perm).to(self.device))
+        nxt = self.group_start + self.shuffle_chunks
+        if self.prefetch and nxt < self.n_chunks:  # the next group of this epoch: its chunks and carry are known
+            carry = buf[perm[self.n_full:]]
+            reader = ThreadPoolExecutor(1, thread_name_prefix="batches-ahead")
+            self.ahead = ((self.epoch, nxt), reader.submit(self._rows, self.order, nxt, carry))
+            reader.shutdown(wait=False)  # the thread ends with its one read
+
+    def _rows(self, order: np.ndarray, group_start: int, carry: np.ndarray) -> np.ndarray:
+        """A group's rows, unshuffled: `carry`, then the chunks order[group_start:+shuffle_chunks], as float32."""
+        r = self.chunk_rows
+        chunks = order[group_start:group_start + self.shuffle_chunks]
+        sizes = [carry.shape[0], *(min((c + 1) * r, self.n_rows) - c * r for c in chunks)]
+        starts = np.cumsum([0, *sizes])
+        buf = np.empty((int(starts[-1]), self.array.shape[1]), dtype=np.float32)
+        buf[:sizes[0]] = carry
 
         def read(i: int) -> None:  # each chunk straight into its place: the peak is one buffer and a chunk a thread
             c = int(chunks[i])
@@ -183,8 +218,7 @@ class ShuffledBatches:
         # decompression is most of a group's cost, and zarr decodes one chunk per call: a thread per CPU
         with ThreadPoolExecutor(max(1, min(len(chunks), _cpus()))) as pool:
             list(pool.map(read, range(len(chunks))))
-        self.buf, self.perm = buf, perm
-        self.n_full = (total // self.batch_size) * self.batch_size
+        return buf
 
     def state(self) -> tuple[dict[str, Any], np.ndarray]:
         """(JSON-able position, leftover rows under the current buffer)."""
@@ -206,6 +240,7 @@ class ShuffledBatches:
 
 
 def shuffled_batches(
-    array: zarr.Array | PartedArray, batch_size: int, shuffle_chunks: int, seed: int, scale: float
+    array: zarr.Array | PartedArray, batch_size: int, shuffle_chunks: int, seed: int, scale: float,
+    device: str | torch.device = "cpu",
 ) -> ShuffledBatches:
-    return ShuffledBatches(array, batch_size, shuffle_chunks, seed, scale)
+    return ShuffledBatches(array, batch_size, shuffle_chunks, seed, scale, device)

@@ -200,7 +200,7 @@ def fit(
                             f"(only {width - c} non-core latents left); raise the width (sae.width or reuse.width) "
                             "or lower selection.tau")
     sae = build_sae(sae_params, d, core_encoder, seed, core_birth).to(rt.device)
-    batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale)
+    batches = activations.shuffled_batches(array, tp["batch_size"], tp["shuffle_chunks"], seed, scale, rt.device)
     sample = torch.from_numpy(array[: min(B_DEC_SAMPLE, n_tokens)].astype(np.float32) * scale).to(rt.device)
     use_median = sae_params["b_dec_init"] == "geometric_median"
     with torch.no_grad():

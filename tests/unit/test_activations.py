@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dmsae import activations, harvesting
@@ -46,8 +47,8 @@ def test_every_row_once_per_epoch_even_with_a_partial_last_chunk(tmp_path: Path)
 
 
 def test_buffer_is_the_concatenation_permuted(tmp_path: Path) -> None:
-    """The scatter-fill gives the same buffer as concatenating carry and chunks and permuting them,
-    so the batches (and every train artifact) are those of the documented order."""
+    """The batches gathered from each group's rows by its permutation are those of concatenating carry and
+    chunks and permuting them, so the batches (and every train artifact) are those of the documented order."""
     n_rows, batch, group, seed = 95, 8, 3, 5
     rows = make_array(tmp_path, n_rows)
     stream = activations.shuffled_batches(activations.open_array(tmp_path / activations.ARRAY), batch, group, seed, 1.0)
@@ -92,3 +93,29 @@ def test_stored_rows_casts_to_float16_as_numpy_does():
         want = rows.astype("float16")
     assert got.dtype == want.dtype and np.array_equal(got.view(np.uint16), want.view(np.uint16))
     assert np.array_equal(harvesting.stored_rows(torch.from_numpy(rows), "float32"), rows)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_the_batches_are_the_same_on_any_device_and_read_ahead_or_not(tmp_path: Path, device: str,
+                                                                      prefetch: bool) -> None:
+    """A GPU gathers batches from the group's rows on the device and reads the next group while it trains; the
+    batches must be the CPU's, across epochs (7 groups of 3 chunks over 10 chunks) and after a resume."""
+    make_array(tmp_path, 95)
+    array = activations.open_array(tmp_path / activations.ARRAY)
+    plain = activations.ShuffledBatches(array, 8, 3, 4, 1.5)
+    other = activations.ShuffledBatches(array, 8, 3, 4, 1.5, device=device, prefetch=prefetch)
+    for i in range(40):
+        got = next(other)
+        assert got.device.type == device
+        np.testing.assert_array_equal(got.cpu().numpy(), next(plain).numpy(), err_msg=f"batch {i}")
+        if i == 17:
+            state, carry = other.state()
+            assert state == plain.state()[0]
+            np.testing.assert_array_equal(carry, plain.state()[1])
+    resumed = activations.ShuffledBatches(array, 8, 3, 4, 1.5, device=device, prefetch=prefetch)
+    resumed.restore(state, carry)
+    replay = activations.ShuffledBatches(array, 8, 3, 4, 1.5)
+    replay.restore(state, carry)
+    for i in range(20):
+        np.testing.assert_array_equal(next(resumed).cpu().numpy(), next(replay).numpy(), err_msg=f"resumed {i}")
+    assert (other.groups_read_ahead > 0) == prefetch  # the read ahead really served groups
