@@ -127,6 +127,7 @@ def pool_rows(ctx: Context) -> tuple[np.ndarray, float, str]:
         array = activations.open_array(ctx.shared["harvest_out"] / activations.ARRAY)
         scale = ctx.shared["harvest_metrics"]["scale"]
         source = f"harvest benchmark output ({array.shape[0]} tokens)"
+    ctx.shared["train_array"] = (array, float(scale))  # the stage's batch stream is timed on it (`stream_row`)
     return (np.asarray(array[:], dtype=np.float32) * scale), float(scale), source
 
 
@@ -325,7 +326,35 @@ def run(ctx: Context) -> list[Row]:
     precision_runs(ctx, data, pool, idx, x_eval, results)
     mm.time()  # before and after
     ctx.shared["train_raw"] = {k: dict(v) for k, v in results.items()} | {"matmul_seconds": mm.seconds}
-    return rows(results, mm.median()["fp32"], steps, dead_after) + precision_rows(results, mm.median(), steps, device)
+    step_s = BATCH / (_tps(results["dmsae"]) or 1.0)
+    return (rows(results, mm.median()["fp32"], steps, dead_after) + [stream_row(ctx, step_s)]
+            + precision_rows(results, mm.median(), steps, device))
+
+
+STREAM_BATCHES = 48  # three groups of 16 chunks at the bench's batch and the default shuffle_chunks
+
+
+def stream_row(ctx: Context, step_s: float) -> Row:
+    """The train stage's batch stream (`activations.ShuffledBatches` over the harvest's Zarr array: decoding each
+    group's chunks, gathering and scaling a batch, on a GPU onto the device with the next group read ahead) in ms
+    a batch, against the dmsae step: the benchmark hands every trainer ready batches, the stage does not."""
+    array, scale = ctx.shared["train_array"]
+    shuffle = TrainConfig().shuffle_chunks
+    stream = activations.ShuffledBatches(array, BATCH, shuffle, SEED, scale, device=ctx.device)
+    next(stream)  # the first group, read before any step
+    sync(ctx.device)
+    seconds = []
+    for _ in range(STREAM_BATCHES):
+        t = time.perf_counter()
+        next(stream)
+        sync(ctx.device)
+        seconds.append(time.perf_counter() - t)
+    per_batch = sum(seconds) / len(seconds)  # the mean: a group's decoding lands on one batch in 16
+    ahead = "; the next group read ahead on a thread (here nothing overlaps it)" if stream.prefetch else ""
+    return Row("train stage's batch stream (ShuffledBatches), per batch", per_batch * 1000, "ms/batch",
+               "the dmsae step, no core", step_s * 1000, per_batch / step_s,
+               note=f"mean over {len(seconds)} batches of {BATCH} (groups of {shuffle} chunks of "
+                    f"{array.chunks[0]} rows, {array.dtype}); median {median(seconds) * 1000:.1f} ms{ahead}")
 
 
 def _timed(r: dict[str, Any]) -> list[float]:

@@ -250,7 +250,8 @@ def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any],
     measure_threshold = threshold is None
     if resumed is None:
         array = activations.create(work / activations.ARRAY, max_rows, d, params["chunk_rows"], params["store_dtype"],
-                                   shard_chunks=shard_chunks)
+                                   shard_chunks=shard_chunks,
+                                   compression=rt.args.get("compression", activations.DEFAULT_COMPRESSION))
         writer = activations.ChunkWriter(array, flush_chunks=flush_chunks(array))
         first_batch, batch_sums, threshold = 0, [], math.inf if threshold is None else threshold
         pending_files = None

@@ -108,14 +108,15 @@ def plan(cfg: Config) -> Plan:
                       "store_dtype": cfg.harvest.store_dtype, **lm_params(cfg),
                       "outlier_factor": cfg.harvest.outlier_factor}
     harvest_inputs = {"model": model_node, "tokens": tokens_node}
+    harvest_args = {"batch_size": d.batch_size, "compression": cfg.harvest.compression}  # neither in the key
     parts: list[Node] = []
     if cfg.harvest.parts > 1:  # one task per part; one part keeps the key it always had
         layout = {"parts": cfg.harvest.parts, "shard_chunks": cfg.harvest.shard_chunks}
         parts = [stage_node("harvest_part", {**harvest_params, **layout, "part": i}, harvest_inputs,
-                            tag=f"part={i}", args={"batch_size": d.batch_size}) for i in range(cfg.harvest.parts)]
+                            tag=f"part={i}", args=harvest_args) for i in range(cfg.harvest.parts)]
         harvest_params |= layout
         harvest_inputs = {**harvest_inputs, **{f"part{i}": n for i, n in enumerate(parts)}}
-    harvest_node = stage_node("harvest", harvest_params, harvest_inputs, args={"batch_size": d.batch_size})
+    harvest_node = stage_node("harvest", harvest_params, harvest_inputs, args=harvest_args)
     train_params = cfg.train.model_dump(exclude={"checkpoint_every"}) | sae_precision(cfg)
     nodes = [model_node, tokens_node, *parts, harvest_node]
     core: Node | None = None

@@ -153,3 +153,29 @@ def test_an_error_on_the_host_side_is_raised_in_the_caller() -> None:
             host.put(i, torch.zeros(1), 1.0)
         host.close()
     host.close(raise_error=False)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_the_compression_changes_the_files_not_the_rows(model, tmp_path: Path, compression: str) -> None:
+    """`harvest.compression` reaches the array (its metadata names the codec), and the rows read back are the
+    default's, bit for bit: why the choice is not in the stage's key."""
+    ref = run(model, tmp_path / "ref", None)
+    out = tmp_path / "out"
+    out.mkdir()
+    rt = Runtime(show_progress=False, label="harvest", args={"batch_size": 3, "compression": compression})
+    got = harvesting.harvest(model, windows(), BOS_ID, PARAMS | {"store_dtype": "float32"}, rt, out)
+    assert (got.n_rows, got.batch_sums) == (ref.n_rows, ref.batch_sums)
+    a, b = (activations.open_array(p / activations.ARRAY) for p in (tmp_path / "ref", out))
+    assert np.array_equal(a[:], b[:])
+    names = [type(c).__name__ + getattr(getattr(c, "cname", None), "value", "") for c in b.compressors]
+    assert names == ([] if compression == "none" else ["BloscCodeczstd"])
+    assert [getattr(c.cname, "value", "") for c in a.compressors] == ["lz4"]  # the default
+
+
+def test_the_compression_is_not_in_any_key() -> None:
+    from dmsae.config import load_config
+    from flows.pipeline import plan
+
+    default, zstd = plan(load_config(None, [])), plan(load_config(None, ["harvest.compression=zstd"]))
+    assert [n.key for n in default.nodes] == [n.key for n in zstd.nodes]
+    assert zstd.find("harvest").args["compression"] == "zstd" != default.find("harvest").args["compression"]
