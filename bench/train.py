@@ -354,7 +354,15 @@ def stream_row(ctx: Context, step_s: float) -> Row:
     return Row("train stage's batch stream (ShuffledBatches), per batch", per_batch * 1000, "ms/batch",
                "the dmsae step, no core", step_s * 1000, per_batch / step_s,
                note=f"mean over {len(seconds)} batches of {BATCH} (groups of {shuffle} chunks of "
-                    f"{array.chunks[0]} rows, {array.dtype}); median {median(seconds) * 1000:.1f} ms{ahead}")
+                    f"{array.chunks[0]} rows, {array.dtype}, {codec_name(array)}); median "
+                    f"{median(seconds) * 1000:.1f} ms{ahead}")
+
+
+def codec_name(array: Any) -> str:
+    """The array's compressor as `harvest.compression` names it (a parted harvest: its first part's)."""
+    first = array.parts[0] if hasattr(array, "parts") else array
+    cnames = [getattr(getattr(c, "cname", None), "value", type(c).__name__) for c in first.compressors]
+    return "+".join(cnames) or "uncompressed"
 
 
 def _timed(r: dict[str, Any]) -> list[float]:
