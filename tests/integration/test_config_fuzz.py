@@ -147,6 +147,7 @@ CHEAP = {
     "harvest.chunk_rows": ["1", "7", "64", "5000"],
     "harvest.outlier_factor": ["null", "1.01", "1000"],
     "harvest.store_dtype": ["float16"],
+    "harvest.compression": ["none", "zstd"],
     "sae.width": ["16", "64", "130"],
     "sae.k": ["1", "2", "15"],
     "sae.group_fractions": ["[0.5]", "[0.125, 0.25]", "[0.25, 0.125]", "[0.01]", "[]"],
