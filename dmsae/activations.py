@@ -39,11 +39,10 @@ def create(path: Path, n_rows: int, d: int, chunk_rows: int, dtype: str = "float
     """A new array of `chunk_rows`-row chunks; with `shard_chunks`, grouped that many to a shard (one file, one
     object on an object store), each written whole by the one writer of its part. `compression`: a key of
     COMPRESSIONS."""
-    codec = COMPRESSIONS[compression]
     return zarr.create_array(
         store=str(path), shape=(n_rows, d), chunks=(chunk_rows, d), dtype=dtype,
         shards=(chunk_rows * shard_chunks, d) if shard_chunks else None,
-        compressors=codec if codec is not None else None, fill_value=0.0,
+        compressors=COMPRESSIONS[compression], fill_value=0.0,
     )
 
 
