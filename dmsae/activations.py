@@ -30,7 +30,8 @@ COMPRESSIONS: dict[str, BloscCodec | None] = {
 DEFAULT_COMPRESSION = "lz4"
 
 
-def _cpus() -> int:
+def cpu_count() -> int:
+    """The CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -231,7 +232,7 @@ class ShuffledBatches:
             buf[starts[i + 1]:starts[i + 2]] = self.array[c * r:c * r + sizes[i + 1]]
 
         # decompression is most of a group's cost, and zarr decodes one chunk per call: a thread per CPU
-        with ThreadPoolExecutor(max(1, min(len(chunks), _cpus()))) as pool:
+        with ThreadPoolExecutor(max(1, min(len(chunks), cpu_count()))) as pool:
             list(pool.map(read, range(len(chunks))))
         return buf
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dmsae.sae import MatryoshkaSAE, StepStats, workspace
-from dmsae.sparse_step import encoder_dtype, train_step, weighted_bags
+from dmsae.sparse_step import core_and_b_dec_grads, encoder_dtype, train_step, weighted_bags
 
 WARMUP_STEPS = 3  # eager runs on a side stream before the capture: cuBLAS and the allocator settle
 
@@ -181,16 +181,9 @@ def _static_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None, aux_cap
         "dec": weighted_bags(bag[by_col], table, col_offsets, (vals * entry_scale)[by_col], low).float(),
         "enc": weighted_bags(rows[by_col], xc_low, col_offsets, g_vals[by_col], low).float().T.contiguous(),
     }
-    grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
-    grads["b_enc"] = grad_b_enc
-    g_base = table[:B]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
-    g_core = (g_base @ sae.dec_core.T).mul_(scale) * (f_core > 0)
-    grads["dec_core"] = (f_core.T @ g_base).mul_(scale)
-    if isinstance(sae.b_enc_core, nn.Parameter):
-        grads["b_enc_core"] = g_core.sum(0)
-    if isinstance(sae.enc_core, nn.Parameter):
-        grads["enc_core"] = xc.T @ g_core
-    grads["b_dec"] = g_base.sum(0).mul_(scale) - sae.enc @ grad_b_enc - sae.enc_core @ g_core.sum(0)
+    grads["b_enc"] = grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
+    # table[:B]: the unscaled gradient at b_dec + f_core W_core (every prefix contains it)
+    grads |= core_and_b_dec_grads(sae, xc, f_core, table[:B], grad_b_enc, scale)
     main_vals = vals[:n_main]
     return StaticOut(grads=grads, loss=loss, prefix_losses=prefix_losses, aux_loss=aux_loss,
                      l0_core=(f_core > 0).sum() / B, l0_noncore=(main_vals > 0).sum() / B, k_noncore=k_nc,

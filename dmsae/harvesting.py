@@ -159,8 +159,7 @@ def flush_chunks(array: Any) -> int:
     at most FLUSH_BYTES of them."""
     rows = array.shards[0] if array.shards else array.chunks[0]
     unit = rows * array.shape[1] * array.dtype.itemsize
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, FLUSH_BYTES // max(unit, 1)))
+    return max(1, min(activations.cpu_count(), FLUSH_BYTES // max(unit, 1)))
 
 
 class BatchStore:

@@ -176,6 +176,22 @@ def encoder_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def core_and_b_dec_grads(sae: MatryoshkaSAE, xc: Tensor, f_core: Tensor, g_base: Tensor, grad_b_enc: Tensor,
+                         scale: float) -> dict[str, Tensor]:
+    """The gradients of the core's parameters and of b_dec, by name, from `g_base`, the unscaled loss gradient at
+    b_dec + f_core W_core, and the non-core encoder bias's gradient. Every gate passes the gradient to the core's
+    pre-activation where its code is active (a frozen threshold or a top-k mask is a constant gate), and to
+    nothing else."""
+    g_core = torch.mm(g_base, sae.dec_core.T).mul_(scale) * (f_core > 0)
+    grads = {"dec_core": torch.mm(f_core.T, g_base).mul_(scale)}
+    if isinstance(sae.b_enc_core, nn.Parameter):
+        grads["b_enc_core"] = g_core.sum(0)
+    if isinstance(sae.enc_core, nn.Parameter):
+        grads["enc_core"] = xc.T @ g_core
+    grads["b_dec"] = g_base.sum(0).mul_(scale) - sae.enc @ grad_b_enc - sae.enc_core @ g_core.sum(0)
+    return grads
+
+
 @torch.no_grad()
 def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
     """The step as `train_sae` drives it. Under torch.autocast (how sparsify's and dictionary_learning's
@@ -290,16 +306,9 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     del by_latent_sums
     grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
     sae.b_enc.grad = grad_b_enc
-    # Core: every gate passes the gradient to the pre-activation where the code is active (a frozen
-    # threshold or a top-k mask is a constant gate), and to nothing else.
-    g_base = resid[0]  # unscaled gradient at b_dec + f_core W_core (every prefix contains it)
-    g_core = torch.mm(g_base, sae.dec_core.T).mul_(scale) * (f_core > 0)
-    sae.dec_core.grad = torch.mm(f_core.T, g_base).mul_(scale)
-    if isinstance(sae.b_enc_core, nn.Parameter):
-        sae.b_enc_core.grad = g_core.sum(0)
-    if isinstance(sae.enc_core, nn.Parameter):
-        sae.enc_core.grad = xc.T @ g_core
-    sae.b_dec.grad = g_base.sum(0).mul_(scale) - sae.enc @ grad_b_enc - sae.enc_core @ g_core.sum(0)
+    # resid[0]: the unscaled gradient at b_dec + f_core W_core (every prefix contains it)
+    for name, grad in core_and_b_dec_grads(sae, xc, f_core, resid[0], grad_b_enc, scale).items():
+        getattr(sae, name).grad = grad
     main_vals = vals[:n_main]
     stats = StepStats(
         loss=float(loss), prefix_losses=prefix_losses, aux_loss=float(aux_loss),
