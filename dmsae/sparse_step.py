@@ -25,10 +25,10 @@ def above(flat: Tensor, thr: Tensor) -> tuple[Tensor, Tensor]:
     if flat.numel() <= SMALL or flat.device.type != "cpu":  # a GPU runs the one pass in parallel
         idx = (flat > thr).nonzero().squeeze(1)
         return idx, flat.index_select(0, idx)
-    if flat.dtype == torch.float32:  # one read of the pre-activations in C where it builds (the same entries)
-        found = native.above_f32(flat, thr)
-        if found is not None:
-            return found
+    # one read of the pre-activations in C where it builds (16-bit entries: above a positive threshold), the same
+    found = native.above_f32(flat, thr) if flat.dtype == torch.float32 else native.above_16(flat, thr)
+    if found is not None:
+        return found
     as_int = SAME_ORDER_INT.get(flat.dtype)
     if as_int is None or not float(thr) > 0:
         idx = _above_by_words(flat, thr)
@@ -253,7 +253,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     # Each group's bag sums in a call of its own, summed into a reused buffer: the one call's fresh [G, B, d]
     # output (47 MB at the bench shape) paid its page faults on every step, 7 of its 16 ms. The same sums.
     out = ws.get("out", (G + 1, B, d), x.dtype, dev)[:n_groups]  # one size, with or without AuxK
-    dec = sae.dec.detach()
+    dec = sae.dec.detach() if low is None else sae.dec.detach().to(low)  # cast once, not in every group's call
     # resid[g] = x_hat_g - x, the nested reconstructions' residuals
     if f_core.shape[1]:
         torch.addmm(xc, f_core, sae.dec_core, beta=-1, out=out[0])  # b_dec + f_core W_core - x

@@ -108,6 +108,7 @@ def library(source: Path = SOURCE) -> ctypes.CDLL | None:
 PTR, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_above_f32": [PTR, I64, ctypes.c_float, PTR, PTR, I64, INT, PTR],
+    "dmsae_above_i16": [PTR, I64, INT, INT, PTR, PTR, I64, INT, PTR],
     "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
     "dmsae_kth_smallest_f32": [PTR, I64, I64, I64, PTR],
     "dmsae_top_f32": [PTR, PTR, I64, I64, PTR, PTR],
@@ -134,17 +135,45 @@ def above_f32(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction:
     """((flat > thr).nonzero().squeeze(1), and flat at those indices) for a contiguous float32 CPU tensor in one read,
     threaded over `parts` ranges (default torch's thread count); None where the kernel is not available or more than
     `cap_fraction` of a range passes (the caller then runs its own path: this one is for sparse masks)."""
-    lib = library() if _plain(flat, torch.float32) else None
+    if not _plain(flat, torch.float32):
+        return None
+    return _search("dmsae_above_f32", flat, (float(thr),), parts, cap_fraction)
+
+
+# the bit pattern of +inf in each 16-bit float type, read as int16: the positive NaNs read above it
+POSITIVE_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def above_16(flat: Tensor, thr: Tensor, parts: int | None = None, cap_fraction: float = 1 / 8
+             ) -> tuple[Tensor, Tensor] | None:
+    """above_f32 for a contiguous bfloat16 or float16 CPU tensor and a threshold of its type above zero: the entries
+    are compared as their bit patterns (see kernels.c), the same indices and values as (flat > thr). None where the
+    kernel is not available, the inputs are not such, or more than `cap_fraction` of a range passes."""
+    top = POSITIVE_INF_BITS.get(flat.dtype)
+    if top is None or not _plain(flat, flat.dtype) or thr.dtype != flat.dtype or thr.numel() != 1:
+        return None
+    if not float(thr) > 0:  # below zero the patterns of negative floats order backwards
+        return None
+    found = _search("dmsae_above_i16", flat, (int(thr.reshape(()).view(torch.int16)), top), parts, cap_fraction)
+    return None if found is None else (found[0], found[1].view(flat.dtype))
+
+
+def _search(name: str, flat: Tensor, thr_args: tuple, parts: int | None, cap_fraction: float
+            ) -> tuple[Tensor, Tensor] | None:
+    """Runs the search kernel `name` over `flat` threaded over `parts` ranges: each range writes its indices and
+    values into a room of its own, joined in order here."""
+    lib = library()
     if lib is None:
         return None
     n = flat.numel()
     parts = max(1, min(MAX_PARTS, parts or torch.get_num_threads(), n // 4096 or 1))
     cap = int(n / parts * cap_fraction) + 64
     # uninitialised: only the pages written are ever touched
-    out, vals = torch.empty(parts * cap, dtype=torch.int64), torch.empty(parts * cap, dtype=torch.float32)
+    val_type = torch.int16 if flat.element_size() == 2 else flat.dtype
+    out, vals = torch.empty(parts * cap, dtype=torch.int64), torch.empty(parts * cap, dtype=val_type)
     counts = torch.empty(parts, dtype=torch.int64)
-    rc = kernel(lib, "dmsae_above_f32")(flat.data_ptr(), n, float(thr), out.data_ptr(), vals.data_ptr(), cap, parts,
-                                        counts.data_ptr())
+    rc = kernel(lib, name)(flat.data_ptr(), n, *thr_args, out.data_ptr(), vals.data_ptr(), cap, parts,
+                           counts.data_ptr())
     found = counts.tolist()
     if rc != 0 or min(found) < 0:
         return None

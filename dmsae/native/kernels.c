@@ -5,6 +5,9 @@
    threshold, in order, the same as (x > thr).nonzero() in torch, and their values (what x[idx] would gather again
    from all over the pre-activations). torch's version writes a [B, width] mask and scans
    it again; this reads the pre-activations once and writes only the few indices.
+   dmsae_above_i16: the same search for 16-bit floats (bfloat16, float16) above a positive threshold, on their bit
+   patterns read as signed integers: above zero they order as the floats do, a negative float reads negative, and
+   the patterns past +inf (the positive NaNs, which compare false) are excluded by an upper bound.
    dmsae_transpose_f32: dst = src.T for a contiguous [rows, cols] float32 matrix, in cache-sized tiles (torch's
    strided copy read one element per cache line of the source).
    dmsae_sorted_entries, dmsae_by_latent: the step's entries sorted by (bag, latent), and grouped by latent for the
@@ -97,6 +100,79 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *v
         p[t].cap = cap;
     }
     run_parallel(run_part, p, sizeof p[0], parts);
+    for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
+    return 0;
+}
+
+/* Writes the indices i in [lo, hi) with above < x[i] <= top to out and x[i] to vals (at most cap of them); returns
+   how many, or -1 when they do not fit. */
+static int64_t scan_i16(const int16_t *x, int64_t lo, int64_t hi, int16_t above, int16_t top, int64_t *out,
+                        int16_t *vals, int64_t cap) {
+    int64_t n = 0, i = lo;
+#if defined(__AVX2__)
+    const __m256i a = _mm256_set1_epi16(above), b = _mm256_set1_epi16(top);
+    for (; i + 32 <= hi; i += 32) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(x + i)), v1 = _mm256_loadu_si256((const __m256i *)(x + i + 16));
+        /* two flag bytes per entry: x > above and not x > top */
+        uint32_t m0 = (uint32_t)_mm256_movemask_epi8(_mm256_andnot_si256(_mm256_cmpgt_epi16(v0, b),
+                                                                          _mm256_cmpgt_epi16(v0, a)));
+        uint32_t m1 = (uint32_t)_mm256_movemask_epi8(_mm256_andnot_si256(_mm256_cmpgt_epi16(v1, b),
+                                                                          _mm256_cmpgt_epi16(v1, a)));
+        if (!(m0 | m1)) continue;
+        if (n + (__builtin_popcount(m0) + __builtin_popcount(m1)) / 2 > cap) return -1;
+        for (int half = 0; half < 2; ++half) {
+            uint32_t mask = half ? m1 : m0;
+            int64_t base = i + 16 * half;
+            while (mask) {
+                int64_t at = base + (__builtin_ctz(mask) >> 1);
+                out[n] = at;
+                vals[n++] = x[at];
+                mask &= mask - 1; /* an entry's two flag bits */
+                mask &= mask - 1;
+            }
+        }
+    }
+#endif
+    for (; i < hi; ++i)
+        if (x[i] > above && x[i] <= top) {
+            if (n >= cap) return -1;
+            out[n] = i;
+            vals[n++] = x[i];
+        }
+    return n;
+}
+
+typedef struct {
+    const int16_t *x;
+    int64_t lo, hi, cap, count;
+    int16_t above, top;
+    int64_t *out;
+    int16_t *vals;
+} part16_t;
+
+static void *run_part16(void *arg) {
+    part16_t *p = (part16_t *)arg;
+    p->count = scan_i16(p->x, p->lo, p->hi, p->above, p->top, p->out, p->vals, p->cap);
+    return 0;
+}
+
+/* dmsae_above_f32's layout for 16-bit entries: the indices i with above < x[i] <= top (signed), their entries. */
+int dmsae_above_i16(const int16_t *x, int64_t n, int above, int top, int64_t *out, int16_t *vals, int64_t cap,
+                    int parts, int64_t *counts) {
+    part16_t p[64];
+    if (parts < 1) parts = 1;
+    if (parts > 64) parts = 64;
+    for (int t = 0; t < parts; ++t) {
+        p[t].x = x;
+        p[t].lo = n * t / parts / 32 * 32;
+        p[t].hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
+        p[t].above = (int16_t)above;
+        p[t].top = (int16_t)top;
+        p[t].out = out + (int64_t)t * cap;
+        p[t].vals = vals + (int64_t)t * cap;
+        p[t].cap = cap;
+    }
+    run_parallel(run_part16, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t) counts[t] = p[t].count;
     return 0;
 }

@@ -69,6 +69,43 @@ def test_above_f32_declines_what_it_is_not_for(built):
     assert native.above_f32(flat.view(100, 100), torch.tensor(1.0)) is None
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [33, 4096 * 3 + 77, 200_003])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_above_16_equals_nonzero(built, dtype, n, parts):
+    """The 16-bit search on bit patterns: the indices (flat > thr).nonzero() gives, in order, and the entries, with
+    positive and negative NaN (never above: their patterns read above +inf and below zero), both infinities,
+    negative zero and a subnormal, for positive thresholds that let none, a few or most entries through."""
+    flat = values(n, seed=n + parts).to(dtype)
+    flat[1], flat[2] = -float("nan"), -0.0
+    flat[3] = torch.finfo(dtype).smallest_normal / 4
+    hits = 0
+    for thr in (2.0, 1.0, 9.0, float("inf"), 0.5, torch.finfo(dtype).smallest_normal / 8):
+        t = torch.tensor(thr, dtype=dtype)
+        got = native.above_16(flat, t, parts=parts, cap_fraction=1.0)
+        assert got is not None and got[0].dtype == torch.int64 and got[1].dtype == dtype
+        want = (flat > t).nonzero().squeeze(1)
+        assert torch.equal(got[0], want), thr
+        assert torch.equal(got[1].view(torch.int16), flat[want].view(torch.int16)), thr
+        hits += want.numel()
+    assert hits > n // 2
+
+
+@needs_cc
+def test_above_16_declines_what_it_is_not_for(built):
+    """A threshold at or below zero (negative patterns order backwards), of another type, float32 entries, a
+    strided view, more passing entries than the cap: None, so that the caller's path runs."""
+    flat = values(10_000, seed=1).bfloat16()
+    for thr in (0.0, -0.0, -1.0):
+        assert native.above_16(flat, torch.tensor(thr, dtype=torch.bfloat16)) is None
+    assert native.above_16(flat, torch.tensor(1.0)) is None  # a float32 threshold
+    assert native.above_16(flat.float(), torch.tensor(1.0)) is None
+    assert native.above_16(flat[::2], torch.tensor(1.0, dtype=torch.bfloat16)) is None
+    assert native.above_16(flat, torch.tensor(0.01, dtype=torch.bfloat16), cap_fraction=1 / 8) is None  # ~50 % pass
+    assert native.above_16(flat, torch.tensor(2.0, dtype=torch.bfloat16)) is not None  # 2 % pass
+
+
 def test_no_working_compiler_falls_back(fresh_cache, tmp_path, monkeypatch, caplog):
     """A compiler that fails (or none): the library is None, said once in the log, and the search still exact."""
     broken = tmp_path / "broken-cc"

@@ -171,11 +171,11 @@ def test_select_topk_is_an_exact_batch_topk(kind, k, small, any_order, monkeypat
     np.testing.assert_array_equal(np.sort(vals.numpy())[::-1], expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tail", [0, 77])
 @pytest.mark.parametrize("compiled", ["1", "0"])
 def test_above_equals_one_nonzero(dtype, tail, compiled, monkeypatch):
-    """The search by 8-flag words (and, in float32, the compiled one where it builds) returns exactly
+    """The search by 8-flag words (and the compiled one where it builds) returns exactly
     (flat > thr).nonzero(), in order, and those entries, NaN and infinities included, with a length that is not a
     multiple of 8, for sparse, dense, full and empty masks."""
     monkeypatch.setattr(sparse_step, "SMALL", 4096)
