@@ -38,6 +38,13 @@ static void run_parallel(void *(*fn)(void *), void *parts, size_t size, int n) {
     }
 }
 
+/* Range t of a search over n entries split into `parts`: whole 32-entry blocks, so each range but the last runs the
+   vector loop. */
+static void search_range(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) {
+    *lo = n * t / parts / 32 * 32;
+    *hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
+}
+
 /* Writes the indices i in [lo, hi) with x[i] > thr to out and x[i] to vals (at most cap of them); returns how many,
    or -1 when they do not fit. NaN compares false, as in torch. */
 static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, float *vals, int64_t cap) {
@@ -92,8 +99,7 @@ int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *v
     if (parts > 64) parts = 64;
     for (int t = 0; t < parts; ++t) {
         p[t].x = x;
-        p[t].lo = n * t / parts / 32 * 32; /* whole 32-entry blocks, so each range but the last runs the vector loop */
-        p[t].hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
+        search_range(n, parts, t, &p[t].lo, &p[t].hi);
         p[t].thr = thr;
         p[t].out = out + (int64_t)t * cap;
         p[t].vals = vals + (int64_t)t * cap;
@@ -164,8 +170,7 @@ int dmsae_above_i16(const int16_t *x, int64_t n, int above, int top, int64_t *ou
     if (parts > 64) parts = 64;
     for (int t = 0; t < parts; ++t) {
         p[t].x = x;
-        p[t].lo = n * t / parts / 32 * 32;
-        p[t].hi = t + 1 == parts ? n : n * (t + 1) / parts / 32 * 32;
+        search_range(n, parts, t, &p[t].lo, &p[t].hi);
         p[t].above = (int16_t)above;
         p[t].top = (int16_t)top;
         p[t].out = out + (int64_t)t * cap;
