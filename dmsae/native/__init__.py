@@ -176,6 +176,7 @@ def _search(name: str, flat: Tensor, thr_args: tuple, parts: int | None, cap_fra
     found = counts.tolist()
     if rc != 0 or min(found) < 0:
         return None
+    # joined into tensors of their own: the rooms are the next call's
     idx, values = (torch.cat([a[t * cap: t * cap + c] for t, c in enumerate(found)]) for a in (out, vals))
     return idx, values
 
