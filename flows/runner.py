@@ -15,6 +15,11 @@ from dmsae.config import Config, DaskConfig
 from dmsae.errors import UserError
 
 CONNECT_TIMEOUT_S = 5
+# How long a LocalCluster waits for a lost worker to come back before it closes the worker's nanny for good.
+# A killed worker (the OOM killer, a test) is started again by its nanny, which on a loaded machine takes longer
+# than Dask's default of 15 s; past it the cluster drops the worker and the flow waits forever on a task no
+# worker will take (distributed.deploy.spec.SpecCluster._update_worker_status).
+LOST_WORKER_TIMEOUT = "10 minutes"
 
 
 def setup_torch(cfg: Config) -> None:
@@ -57,6 +62,9 @@ def task_runner(runner: str, dask: DaskConfig, device: str = "cpu", cfg: Config 
         for note in cluster_warnings(run_cfg):
             print(f"dmsae: warning: {note}", file=sys.stderr)
         return DaskTaskRunner(**runner_kwargs(run_cfg, include_store=cfg is not None))
+    import dask as dask_lib
+
+    dask_lib.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
     kwargs: dict[str, Any] = {"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
                               "dashboard_address": None}
     if device.startswith("cuda"):

@@ -218,6 +218,22 @@ def test_task_runner_builds_the_cluster_class_lazily():
     assert not any("DMSAE_STORE" in line for line in older.cluster_kwargs["job_script_prologue"])
 
 
+def test_a_local_cluster_waits_minutes_for_a_killed_worker_to_come_back():
+    """Dask's default gives a lost worker 15 s to return before closing its nanny for good; a worker killed on a
+    loaded machine takes longer than that to restart, and the flow then waits forever on a task no worker takes
+    (a sweep in tests/integration/test_sweep.py hung so)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    from flows.runner import task_runner
+
+    cfg = Config.model_validate({"runner": "dask", "dask": {"workers": 2}})
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "15s"}):  # undone when the block ends
+        runner = task_runner(cfg.runner, cfg.dask, cfg.device, cfg=cfg)
+        assert runner.cluster_class == "distributed.LocalCluster"
+        assert parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout")) >= 300
+
+
 def test_a_missing_package_is_one_line_naming_the_pip_command(monkeypatch):
     from dmsae.clusters import runner_kwargs
 
