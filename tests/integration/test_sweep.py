@@ -5,7 +5,6 @@ workers are SIGKILLed mid-training finishes with the same bytes."""
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -25,10 +24,10 @@ GRID = ["--grid", "selection.tau=0.5,0.9", "--grid", "selection.max_core=2,4"]
 
 
 def write_base(make_config, root: Path, *extra: str) -> Path:
-    # 12 epochs: a training long enough (seconds) that two points' trainings overlap on the two workers rather
+    # 6 epochs: a training long enough (seconds) that two points' trainings overlap on the two workers rather
     # than being serialised by the orchestration's own per-task latency (tenths of a second)
     cfg = make_config(root / "store", f"report_dir={root / 'reports'}", "threads=1", "train.checkpoint_every=8",
-                      "train.epochs=12", *extra)
+                      "train.epochs=6", *extra)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
@@ -109,9 +108,10 @@ def dask_workers(pid: int) -> list[psutil.Process]:
             if any("spawn_main" in part for part in p.cmdline())]
 
 
-def test_workers_killed_mid_training_are_survived_with_identical_bytes(swept, make_config, tmp_path):
+def test_workers_killed_mid_training_are_survived_with_identical_bytes(swept, make_config, tmp_path, prefect_server):
     base = write_base(make_config, tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # reporting to the session's Prefect server: the fixture's sweep covers the temporary one a sweep starts
+    env = {**prefect_server.env, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep", str(base), *GRID, "--name", "grid",
                              "--workers", "2", "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
