@@ -198,16 +198,20 @@ class BatchStore:
 
 
 class HostSide:
-    """A batch's work after the forward, on one thread of its own, batches in order (the same bytes as inline):
-    on a GPU the forward of the next batch runs meanwhile. The caller's thread keeps the forward and the
-    progress reports; an error here is raised there at its next hand-over or at the end."""
+    """A batch's work after the forward, batches in order (the same bytes either way). `threaded`: on one thread of
+    its own, so that on a GPU the forward of the next batch runs meanwhile; the caller's thread keeps the forward
+    and the progress reports, and an error there is raised at its next hand-over or at the end. Not threaded: on
+    the caller's thread, after each forward. A CPU forward already keeps every core busy, and a second thread
+    beside it only slows it (its thread teams wait at every op for a core the host work holds): on a 2-core Xeon
+    with AMX the bf16 harvest ran at 0.76x its bare forward with the thread and 0.82-0.90x without (BENCHMARKS.md)."""
 
-    def __init__(self, work: Callable[[int, torch.Tensor, float], None], depth: int = 2):
+    def __init__(self, work: Callable[[int, torch.Tensor, float], None], depth: int = 2, threaded: bool = True):
         self.work = work
         self.queue: queue.Queue[tuple[int, torch.Tensor, float] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="harvest-host-side", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._run, name="harvest-host-side", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -218,11 +222,16 @@ class HostSide:
                     self.error = e
 
     def put(self, i: int, kept: torch.Tensor, threshold: float) -> None:
+        if self.thread is None:
+            self.work(i, kept, threshold)
+            return
         self._raise()
         self.queue.put((i, kept, threshold))
 
     def close(self, raise_error: bool = True) -> None:
         """Wait for every batch handed over; re-raise the first error (not while another is propagating)."""
+        if self.thread is None:
+            return
         self.queue.put(None)
         self.thread.join()
         if raise_error:
@@ -270,7 +279,7 @@ def harvest(model: Any, windows: torch.Tensor, bos: int, params: dict[str, Any],
     real = windows != bos
     bar = tqdm(total=max_rows, initial=int(real[:first_batch * batch].sum()), desc=desc or f"harvest layer {layer}",
                unit="tok", disable=not rt.show_progress)
-    host = HostSide(store_batch)
+    host = HostSide(store_batch, threaded=torch.device(rt.device).type != "cpu")
     handed = writer.offset + writer.pending_rows
     try:
         for i in range(first_batch, n_batches):

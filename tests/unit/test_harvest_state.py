@@ -1,13 +1,15 @@
-"""The harvest's host side: the chunk writes gathered several chunks at a time, the batches stored on a thread
-of their own, and the resumable state (each batch's pending rows in a file of their own, listed by the state)
-on the tests' real tiny Llama and real Zarr: the same bytes however the writes are grouped, and a harvest
-stopped midway resumes to the bytes of one that never stopped, also past a pending file no state lists."""
+"""The harvest's host side: the chunk writes gathered several chunks at a time, the batches stored after each
+forward (on a thread of their own where the forward runs on a GPU), and the resumable state (each batch's pending
+rows in a file of their own, listed by the state) on the tests' real tiny Llama and real Zarr: the same bytes
+however the writes are grouped, and a harvest stopped midway resumes to the bytes of one that never stopped, also
+past a pending file no state lists."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -140,19 +142,46 @@ def test_a_pending_file_shorter_than_its_state_starts_over(tmp_path: Path) -> No
     assert loaded is not None and loaded[1].shape == (4, D)
 
 
-def test_an_error_on_the_host_side_is_raised_in_the_caller() -> None:
+@pytest.mark.parametrize("threaded", [True, False])
+def test_an_error_on_the_host_side_is_raised_in_the_caller(threaded: bool) -> None:
     def fails_on_the_second(i: int, kept: torch.Tensor, threshold: float) -> None:
         if i == 1:
             raise OSError("disk full")
 
-    host = harvesting.HostSide(fails_on_the_second)
+    host = harvesting.HostSide(fails_on_the_second, threaded=threaded)
     host.put(0, torch.zeros(1), 1.0)
-    host.put(1, torch.zeros(1), 1.0)
     with pytest.raises(OSError, match="disk full"):
-        for i in range(2, 10):  # raised at a later hand-over or at the end, never lost
+        for i in range(1, 10):  # raised at once, or at a later hand-over or at the end: never lost
             host.put(i, torch.zeros(1), 1.0)
         host.close()
     host.close(raise_error=False)
+
+
+def test_a_cpu_harvest_stores_on_the_forwards_thread_a_gpu_one_beside_it_the_same_bytes(model, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """On a CPU the host side runs after each forward on the caller's thread (a second thread only slows a forward
+    that fills every core); the threads it ran on say so."""
+    seen: list[str] = []
+    store_call = harvesting.BatchStore.__call__
+
+    def noting(self, *args) -> None:
+        seen.append(threading.current_thread().name)
+        store_call(self, *args)
+
+    monkeypatch.setattr(harvesting.BatchStore, "__call__", noting)
+    inline = run(model, tmp_path / "inline", None)
+    assert seen and set(seen) == {threading.current_thread().name}
+
+    class Threaded(harvesting.HostSide):  # what a GPU harvest does
+        def __init__(self, work, threaded: bool) -> None:
+            super().__init__(work, threaded=True)
+
+    seen.clear()
+    monkeypatch.setattr(harvesting, "HostSide", Threaded)
+    threaded = run(model, tmp_path / "threaded", None)
+    assert seen and set(seen) == {"harvest-host-side"}
+    assert (inline.n_rows, inline.batch_sums) == (threaded.n_rows, threaded.batch_sums)
+    assert tree_hashes(tmp_path / "inline") == tree_hashes(tmp_path / "threaded")  # the same bytes either way
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
