@@ -24,10 +24,11 @@ GRID = ["--grid", "selection.tau=0.5,0.9", "--grid", "selection.max_core=2,4"]
 
 
 def write_base(make_config, root: Path, *extra: str) -> Path:
-    # 6 epochs: a training long enough (seconds) that two points' trainings overlap on the two workers rather
-    # than being serialised by the orchestration's own per-task latency (tenths of a second)
+    # 12 epochs: trainings long enough (seconds) that two points' trainings overlap on the two workers. With 6, on
+    # a fast CPU (1-3 s trainings), one sweep in a full suite ran all 21 stages one after another, as if Dask had
+    # kept each task beside its inputs rather than move it to the idle worker; 12 has not failed so
     cfg = make_config(root / "store", f"report_dir={root / 'reports'}", "threads=1", "train.checkpoint_every=8",
-                      "train.epochs=6", *extra)
+                      "train.epochs=12", *extra)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path
