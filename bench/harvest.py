@@ -289,6 +289,7 @@ def bf16_rows(tps: dict[str, float], spread: dict[str, str], key32: dict[str, st
                  + ("" if native else "; not native bf16 by dmsae.precision's rule")),
         Row("activations on disk, bf16 harvest (float16) vs fp32 harvest (float32)", b16 / 1e6, "MB",
             "fp32 harvest's array", b32 / 1e6, b16 / b32,
-            note=f"Zarr, Blosc zstd level 3 with byte shuffle; saved {(b32 - b16) / 1e6:.1f} MB "
+            note=f"Zarr, Blosc {activations.DEFAULT_COMPRESSION} (the stage's default codec); saved "
+                 f"{(b32 - b16) / 1e6:.1f} MB "
                  f"({1 - b16 / b32:.0%}); {err_note}"),
     ]

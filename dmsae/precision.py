@@ -2,9 +2,9 @@
 device has no native bfloat16.
 
 The rule (BENCHMARKS.md, "Precision" and "Anchors on an AMD EPYC"): a CPU with AMX (`amx_bf16`) or with
-AVX512-BF16 (`avx512_bf16`) runs bfloat16 matmuls in hardware. A bfloat16 matmul of the encoder's shape ran 4.5-5.9x
+AVX512-BF16 (`avx512_bf16`) runs bfloat16 matmuls in hardware. A bfloat16 matmul of the encoder's shape ran 4.5-7.7x
 faster than float32 on an Intel Xeon with AMX and 2.6x on an AMD EPYC (Zen 4) with avx512_bf16 alone, and the SAE
-step 1.6x and 1.9x. CPUs with neither emulate bfloat16 and gain nothing, so auto keeps float32 there. On CUDA,
+step 1.6-1.8x and 1.9x. CPUs with neither emulate bfloat16 and gain nothing, so auto keeps float32 there. On CUDA,
 auto picks bf16 where `torch.cuda.is_bf16_supported()` (Ampere and later).
 """
 
