@@ -198,12 +198,13 @@ class BatchStore:
 
 
 class HostSide:
-    """A batch's work after the forward, batches in order (the same bytes either way). `threaded`: on one thread of
-    its own, so that on a GPU the forward of the next batch runs meanwhile; the caller's thread keeps the forward
-    and the progress reports, and an error there is raised at its next hand-over or at the end. Not threaded: on
-    the caller's thread, after each forward. A CPU forward already keeps every core busy, and a second thread
-    beside it only slows it (its thread teams wait at every op for a core the host work holds): on a 2-core Xeon
-    with AMX the bf16 harvest ran at 0.76x its bare forward with the thread and 0.82-0.90x without (BENCHMARKS.md)."""
+    """A batch's work after the forward, batches in order, the same bytes either way. `threaded` (for a forward on
+    a GPU): on a thread of its own, so that the next forward runs meanwhile; the caller's thread keeps the forward
+    and the progress reports, and an error on the host side is raised there at its next hand-over or at the end.
+    Not threaded (for a forward on the CPU): on the caller's thread, after each forward. A CPU forward already
+    keeps every core busy, and a thread beside it only slows it (its thread team waits at every op for the core the
+    host work holds): on a 2-core Xeon with AMX the bf16 harvest ran at 0.76x its bare forward with the thread and
+    0.82-0.94x without (BENCHMARKS.md)."""
 
     def __init__(self, work: Callable[[int, torch.Tensor, float], None], depth: int = 2, threaded: bool = True):
         self.work = work

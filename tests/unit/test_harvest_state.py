@@ -157,10 +157,11 @@ def test_an_error_on_the_host_side_is_raised_in_the_caller(threaded: bool) -> No
     host.close(raise_error=False)
 
 
-def test_a_cpu_harvest_stores_on_the_forwards_thread_a_gpu_one_beside_it_the_same_bytes(model, tmp_path: Path,
-                                                                            monkeypatch) -> None:
+def test_a_cpu_harvest_stores_on_the_forwards_thread_a_gpu_one_beside_it_the_same_bytes(
+        model, tmp_path: Path, monkeypatch) -> None:
     """On a CPU the host side runs after each forward on the caller's thread (a second thread only slows a forward
-    that fills every core); the threads it ran on say so."""
+    that fills every core), as the threads it ran on say; the threaded host side of a GPU harvest writes the same
+    files, byte for byte."""
     seen: list[str] = []
     store_call = harvesting.BatchStore.__call__
 
