@@ -7,14 +7,35 @@ import ctypes.util
 from collections.abc import Callable
 from functools import cache
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEPT_HEAP_BYTES = 1 << 30  # free memory at the heap's top that glibc keeps rather than hands back
+HEAP_BLOCK_BYTES = 32 << 20  # blocks up to this size come from the heap (glibc's largest allowed threshold)
+
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
+    lib = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return getattr(ctypes.CDLL(lib), name) if lib else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim")  # type: ignore[return-value]
+
+
+@cache
+def keep_freed_heap() -> bool:
+    """Make glibc keep freed memory for the process's next allocations instead of handing it back to the OS at once
+    (a no-op elsewhere; once per process). A training step frees and allocates the same tens of MB every step;
+    by default glibc returns them between steps (its thresholds adapt to the largest block freed), and each step
+    then pays a page fault for every 4 KiB it touches again: the float32 step at the bench shape ran 1.08x faster
+    without that (BENCHMARKS.md), the same bits. `release_free_heap` still trims when a loop asks it to."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_HEAP_BYTES))
 
 
 def release_free_heap() -> None:

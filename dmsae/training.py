@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dmsae import activations, faults, readers
+from dmsae import activations, faults, memory, readers
 from dmsae.errors import UserError
 from dmsae.graph_step import default_step
 from dmsae.runtime import Runtime
@@ -83,6 +83,8 @@ def train_sae(
     # each batch goes where the SAE lives, not to rt.device: a caller that moved the SAE to the GPU and passed
     # no Runtime (the benchmarks) would otherwise feed a CUDA SAE CPU batches
     device = sae.b_dec.device
+    if device.type == "cpu":
+        memory.keep_freed_heap()  # no page faults on the buffers a step frees and takes again (same bits)
     step_fn = step_fn or default_step(device)
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=train_params["lr"], fused=True)
