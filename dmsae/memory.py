@@ -30,7 +30,7 @@ def keep_freed_heap() -> bool:
     """Make glibc keep freed memory for the process's next allocations instead of handing it back to the OS at once
     (a no-op elsewhere; once per process). A training step frees and allocates the same tens of MB every step;
     by default glibc returns them between steps (its thresholds adapt to the largest block freed), and each step
-    then pays a page fault for every 4 KiB it touches again: the float32 step at the bench shape ran 1.08x faster
+    then pays a page fault for every 4 KiB it touches again: the float32 step at the bench shape ran 1.07x faster
     without that (BENCHMARKS.md), the same bits. `release_free_heap` still trims when a loop asks it to."""
     mallopt = _libc_function("mallopt")
     if mallopt is None:
