@@ -25,8 +25,8 @@ GRID = ["--grid", "selection.tau=0.5,0.9", "--grid", "selection.max_core=2,4"]
 
 def write_base(make_config, root: Path, *extra: str) -> Path:
     # 12 epochs: trainings long enough (seconds) that two points' trainings overlap on the two workers. With 6, on
-    # a fast CPU (1-3 s trainings), one sweep in a full suite ran all 21 stages one after another, as if Dask had
-    # kept each task beside its inputs rather than move it to the idle worker; 12 has not failed so
+    # a fast CPU (1-3 s trainings), one sweep in a loaded full suite ran all 21 stages one after another (not seen
+    # alone or beside a CPU hog; plain Dask spreads such tasks over both workers at once); 12 has not failed so
     cfg = make_config(root / "store", f"report_dir={root / 'reports'}", "threads=1", "train.checkpoint_every=8",
                       "train.epochs=12", *extra)
     path = root / "tiny.yaml"
