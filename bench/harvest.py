@@ -66,9 +66,10 @@ def run_stage(model: torch.nn.Module, model_art: Any, tokens: FakeArtifact, out:
 def host_side_seconds(rows: np.ndarray, n_batches: int, store_dtype: str, work: Path,
                       parts: dict[str, float] | None = None) -> float:
     """The harvest's host side alone: `rows` (a harvest's float32 output) handed over in `n_batches` batches to
-    the stage's own BatchStore on its own thread (sums, cast, chunk writes, resumable state), with no forward:
-    the rate a harvest could reach on a device whose forward cost nothing. `parts`, if given, receives the
-    seconds of each part of that work (BatchStore.seconds, plus the last write that `close` makes)."""
+    the stage's own BatchStore on a thread of its own, as a GPU harvest runs it (sums, cast, chunk writes, resumable
+    state), with no forward: the rate a harvest could reach on a device whose forward cost nothing. `parts`, if
+    given, receives the seconds of each part of that work (BatchStore.seconds, plus the last write that `close`
+    makes)."""
     shutil.rmtree(work, ignore_errors=True)
     partial = work / "partial"
     partial.mkdir(parents=True)
@@ -106,7 +107,8 @@ def host_side_row(out: Path, n_batches: int, store_dtype: str, bare_tps: float, 
     tps = rows.shape[0] / seconds
     return Row(f"host side alone ({label}): sums, cast, chunk writes, state, no forward", tps, "tokens/s",
                "bare forward", bare_tps, tps / bare_tps,
-               note=f"{n_batches} batches on the stage's writer thread, {1000 * seconds / n_batches:.1f} ms a batch "
+               note=f"{n_batches} batches on the writer thread a GPU harvest uses, "
+                    f"{1000 * seconds / n_batches:.1f} ms a batch "
                     f"(ms a batch: {split}), "
                     f"{harvesting.flush_chunks(array)} chunks a write "
                     "here; below 1x, a harvest on this device waits for its host side")

@@ -67,8 +67,9 @@ EXPLAIN = {
                "same stage and bare forward with the model under bfloat16 autocast (`precision.lm: bf16`, the "
                "`autocast` param the plan passes) and the activations stored as float16, interleaved with the "
                "others; the fp32 harvest they are compared with stores float32. The host-side rows hand the "
-               "stage's own output rows, in as many batches, to the stage's writer (`harvesting.BatchStore` on its "
-               "`HostSide` thread) with no forward: what the stage does beside the model, against the bare forward.",
+               "stage's own output rows, in as many batches, to the stage's writer (`harvesting.BatchStore` on a "
+               "`HostSide` thread, as a GPU harvest runs it; a CPU harvest runs it after each forward on the "
+               "forward's thread) with no forward: what the stage does beside the model, against the bare forward.",
     "train": "Every trainer gets the same batches (row indices saved once, gathered before each step's clock "
              "starts) and is timed per step (median, first step excluded); FVU is measured after the last step "
              "on the same held-out rows with the training-time BatchTopK encoding. The anchors run in "
