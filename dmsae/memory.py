@@ -13,7 +13,7 @@ HEAP_BLOCK_BYTES = 32 << 20  # blocks up to this size come from the heap (glibc'
 
 
 @cache
-def _libc_function(name: str) -> Callable[[int], int] | Callable[[int, int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
     lib = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(lib), name) if lib else None
@@ -22,7 +22,7 @@ def _libc_function(name: str) -> Callable[[int], int] | Callable[[int, int], int
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
-    return _libc_function("malloc_trim")  # type: ignore[return-value]
+    return _libc_function("malloc_trim")
 
 
 @cache
