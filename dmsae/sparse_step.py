@@ -57,11 +57,24 @@ def _above_by_words(flat: Tensor, thr: Tensor) -> Tensor:
     return idx
 
 
+def sampled_kth(flat: Tensor, stride: int, rank: int) -> Tensor:
+    """flat[::stride].kthvalue(rank).values, in C where it builds: a float32 input read in place, a 16-bit one through
+    a float32 copy of the sample (exact, and the order is the same, so the same value: torch's own 16-bit kthvalue
+    took 0.85 ms at the bench shape, the copy and the search 0.3)."""
+    if flat.dtype == torch.float32:
+        found = native.kth_smallest_f32(flat, stride, rank)
+    else:
+        found = native.kth_smallest_f32(flat[::stride].float(), 1, rank)
+        found = None if found is None else found.to(flat.dtype)
+    return found if found is not None else flat[::stride].kthvalue(rank).values
+
+
 def select_topk(pre_nc: Tensor, k: int, any_order: bool = False) -> tuple[Tensor, Tensor]:
     """BatchTopK as (flat indices, values): a threshold from a strided sample keeps about twice the
     k*B entries, then an exact top-k runs over those survivors only. Same selection as a full top-k.
     With `any_order` (the caller sorts the entries itself) they may come in index order rather than topk's: then
-    the compiled selection runs where it builds (the same set, in half of topk's time or less)."""
+    the compiled selection runs where it builds (the same set, in half of topk's time or less), and 16-bit entries
+    tied with the k-th largest are split by `top_first_ties`'s rule."""
     flat = pre_nc.flatten()
     n_keep = min(k * pre_nc.shape[0], flat.numel())
     stride = max(1, flat.numel() // 65536) | 1  # odd: a power-of-two stride would sample only a few latents
@@ -70,19 +83,36 @@ def select_topk(pre_nc: Tensor, k: int, any_order: bool = False) -> tuple[Tensor
     cand = None
     if q > 0:
         rank = max(1, int(q * n_sample))
-        thr = native.kth_smallest_f32(flat, stride, rank)  # the same value without copying the sample
-        if thr is None:
-            thr = flat[::stride].kthvalue(rank).values
+        thr = sampled_kth(flat, stride, rank)
         cand, cand_vals = above(flat, thr)
         if cand.numel() < n_keep:  # the sample under-estimated the tail: fall back to the exact path
             cand = None
     if cand is None:
         vals, idx = flat.topk(n_keep, sorted=False)
         return idx, vals
+    if any_order and cand_vals.dtype != torch.float32:
+        return top_first_ties(cand_vals, cand, n_keep)
     if any_order and (found := native.top_f32(cand_vals, cand, n_keep)) is not None:
         return found
     vals, pos = cand_vals.topk(n_keep, sorted=False)
     return cand.index_select(0, pos), vals
+
+
+def top_first_ties(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(index, float32 values) of the k largest `values` in their order, where those tied with the k-th largest
+    that do not all fit are taken first in order: the bf16 step's rule (16-bit pre-activations tie often, and which
+    of them torch.topk keeps is its algorithm's choice, slow to reproduce). In C where it builds (0.8 ms at the bench
+    shape against topk's 3.8), else the same entries in torch."""
+    found = native.top_f32(values.float(), index, k, first_ties=True)
+    if found is not None:
+        return found
+    kth = values.topk(k, sorted=False).values.min()
+    greater = values > kth
+    tied = values == kth
+    pos = (greater | (tied & (tied.cumsum(0) <= k - greater.sum()))).nonzero().squeeze(1)
+    if pos.numel() != k:  # a NaN (topk ranks it above every number): topk's own pick
+        pos = values.topk(k, sorted=False).indices.sort().values
+    return index.index_select(0, pos), values.index_select(0, pos).float()
 
 
 def joint_topk(pre_core: Tensor, pre_nc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

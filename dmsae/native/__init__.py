@@ -111,7 +111,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_above_i16": [PTR, I64, INT, INT, PTR, PTR, I64, INT, PTR],
     "dmsae_transpose_f32": [PTR, I64, I64, PTR, INT],
     "dmsae_kth_smallest_f32": [PTR, I64, I64, I64, PTR],
-    "dmsae_top_f32": [PTR, PTR, I64, I64, PTR, PTR],
+    "dmsae_top_f32": [PTR, PTR, I64, I64, INT, PTR, PTR],
     "dmsae_sorted_entries": [PTR, PTR, I64, I64, I64, PTR, INT, PTR, PTR, PTR, PTR],
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
 }
@@ -221,11 +221,12 @@ def kth_smallest_f32(flat: Tensor, stride: int, k: int) -> Tensor | None:
     return value
 
 
-def top_f32(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+def top_f32(values: Tensor, index: Tensor, k: int, first_ties: bool = False) -> tuple[Tensor, Tensor] | None:
     """(index[pos], values[pos]) for pos the positions of values.topk(k), in the order of `values` rather than
-    topk's: for a contiguous 1-d float32 CPU tensor and an int64 index of its length. None where the kernel is not
-    available, the input is not such, there is a NaN, or entries tied with the k-th largest would have to be split
-    (which of them torch keeps is then its own choice: the caller runs torch.topk)."""
+    topk's: for a contiguous 1-d float32 CPU tensor and an int64 index of its length. Where entries tied with the k-th
+    largest would have to be split, `first_ties` keeps the first of them in the order of `values` (a rule of its
+    own); without it the call declines (which of them torch keeps is then its own choice: the caller runs
+    torch.topk). None where the kernel is not available, the input is not such, there is a NaN, or it declines."""
     ok = (_plain(values, torch.float32) and _plain(index, torch.int64) and values.numel() == index.numel()
           and 0 < k <= values.numel())
     lib = library() if ok else None
@@ -233,7 +234,8 @@ def top_f32(values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor] | No
         return None
     out_idx, out_vals = torch.empty(k, dtype=torch.int64), torch.empty(k, dtype=torch.float32)
     fn = kernel(lib, "dmsae_top_f32")
-    if fn(values.data_ptr(), index.data_ptr(), values.numel(), k, out_idx.data_ptr(), out_vals.data_ptr()) != 0:
+    if fn(values.data_ptr(), index.data_ptr(), values.numel(), k, int(first_ties), out_idx.data_ptr(),
+          out_vals.data_ptr()) != 0:
         return None
     return out_idx, out_vals
 

@@ -206,6 +206,23 @@ def test_kth_smallest_f32_equals_kthvalue(built, n, stride):
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride", [1, 257])
+def test_sampled_kth_equals_kthvalue_in_each_type(built, dtype, stride):
+    """BatchTopK's sampled threshold (16-bit entries through a float32 copy of the sample): torch's kthvalue of the
+    sample in the entries' own type, with the ties that rounding to 16 bits makes; a NaN in the sample: torch's."""
+    for name, x in selection_inputs(70_001, seed=stride).items():
+        flat = x.to(dtype)
+        sample = flat[::stride]
+        for k in sorted({1, sample.numel() // 3 + 1, sample.numel() - 5, sample.numel()}):
+            got = sparse_step.sampled_kth(flat, stride, k)
+            assert got.dtype == dtype and got == sample.kthvalue(k).values, (name, k)
+    flat = selection_inputs(1000, seed=0)["normal"].to(dtype)
+    flat[0] = float("nan")
+    assert sparse_step.sampled_kth(flat, 1, 1000).isnan()  # torch orders NaN above every number
+
+
+@needs_cc
 @pytest.mark.parametrize("n", [1, 1000, 263_001])
 def test_top_f32_is_topks_set(built, n):
     """The set of torch.topk (its index entries and values, in index order) wherever the k largest are one set
@@ -228,6 +245,29 @@ def test_top_f32_is_topks_set(built, n):
     x[7] = float("nan")
     assert native.top_f32(x, torch.arange(100), 5) is None
     assert native.top_f32(x, torch.arange(99), 5) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("n", [1, 1000, 263_001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_first_ties_keeps_the_first_of_the_ties(built, n, dtype, monkeypatch):
+    """The bf16 step's top-k: the k largest, and of the entries tied with the k-th largest the first in order, the
+    set a stable descending sort's first k gives; in C and in torch (no compiler) alike, in order, as float32."""
+    index = torch.arange(n, dtype=torch.int64) * 3 + 1
+    split = 0
+    for name, x in selection_inputs(n, seed=n + 1).items():
+        x = x.to(dtype)
+        for k in sorted({1, n // 2 + 1, n - 1, n} - {0}):
+            pos = torch.sort(x.float(), descending=True, stable=True).indices[:k].sort().values
+            want = (index[pos], x[pos].float())
+            split += k < n and bool(x.float().sort(descending=True).values[k - 1:k + 1].diff() == 0)
+            found = native.top_f32(x.float(), index, k, first_ties=True)
+            assert found is not None and all(torch.equal(a, b) for a, b in zip(found, want, strict=True)), (name, k)
+            monkeypatch.setenv("DMSAE_NATIVE", "0")
+            in_torch = sparse_step.top_first_ties(x, index, k)
+            monkeypatch.setenv("DMSAE_NATIVE", "1")
+            assert all(torch.equal(a, b) for a, b in zip(in_torch, want, strict=True)), (name, k)
+    assert split >= 3 or n == 1  # ties split: the case the rule is for
 
 
 @needs_cc
