@@ -56,51 +56,68 @@ def cpu_id() -> str:
 
 
 def flag_sets() -> list[list[str]]:
+    """The builds to try, best first: AVX2 or AVX-512 where the CPU has them (-march=native), parallel parts on the
+    OpenMP threads of the libgomp torch has loaded (-fopenmp: the library asks for libgomp.so.1, which the loader
+    finds already loaded), else on threads of the kernels' own; the plain loop where the flags fail."""
     base = ["-O3", "-shared", "-fPIC", "-pthread"]
+    openmp = ["-fopenmp"] if torch_uses_libgomp() else []
     if platform.machine().lower() in ("x86_64", "amd64"):
-        return [base + ["-march=native"], base]  # AVX2 where the CPU has it; the plain loop where the flag fails
-    return [base]
+        native_sets = [base + ["-march=native"] + openmp] + ([base + ["-march=native"]] if openmp else [])
+        return native_sets + [base]
+    return ([base + openmp] if openmp else []) + [base]
 
 
-def build(source: Path) -> Path:
-    """The shared library of `source` for this CPU, compiled once and cached. Raises RuntimeError saying why not."""
+def torch_uses_libgomp() -> bool:
+    """Whether this process has GNU OpenMP loaded under the name a -fopenmp build asks for (torch's pip wheels on
+    Linux; another OpenMP runtime beside it would only bring a second team of threads)."""
+    try:
+        return any(line.rstrip().endswith("/libgomp.so.1") for line in Path("/proc/self/maps").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def build(source: Path, flags: list[str]) -> Path:
+    """The shared library of `source` built with `flags` for this CPU, compiled once and cached. Raises RuntimeError
+    saying why not."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    text = source.read_bytes()
-    errors = []
-    for flags in flag_sets():
-        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), cc.encode(), cpu_id().encode()]))
-        target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            errors.append((done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    raise RuntimeError(f"{cc} failed: {errors[-1]}")
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags).encode(), cc.encode(), cpu_id().encode()]))
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(done.stderr.strip().splitlines() or [f'exit {done.returncode}'])[-1]}")
+        os.replace(tmp, target)
+        return target
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cc} failed: {e}") from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def library(source: Path = SOURCE) -> ctypes.CDLL | None:
-    """The loaded library of `source`, or None (disabled, or it could not be built: said once in the log)."""
+    """The loaded library of `source` (the first of `flag_sets` that builds and loads), or None (disabled, or none
+    could: said once in the log)."""
     if not enabled():
         return None
     with _lock:
         if str(source) not in _loaded:
-            try:
-                lib = ctypes.CDLL(str(build(source)))
-            except (OSError, RuntimeError) as e:
-                log.info("dmsae: the compiled %s is not available (%s); its pure-torch version runs", source.stem, e)
-                lib = None
+            lib, errors = None, []
+            for flags in flag_sets():
+                try:
+                    lib = ctypes.CDLL(str(build(source, flags)))
+                    break
+                except (OSError, RuntimeError) as e:
+                    errors.append(str(e))
+            if lib is None:
+                log.info("dmsae: the compiled %s is not available (%s); its pure-torch version runs", source.stem,
+                         errors[-1])
             _loaded[str(source)] = lib
         return _loaded[str(source)]
 

@@ -125,6 +125,38 @@ def test_no_working_compiler_falls_back(fresh_cache, tmp_path, monkeypatch, capl
     assert not list(fresh_cache.glob("*")), "a failed build left a file behind"
 
 
+@needs_cc
+def test_parallel_parts_run_on_torchs_openmp_threads(fresh_cache):
+    """Where torch runs on GNU OpenMP, the kernels are built with it and use torch's libgomp, not a second runtime
+    (a second team of threads would compete with torch's on the same cores)."""
+    if not native.torch_uses_libgomp():
+        pytest.skip("this torch does not run on GNU OpenMP")
+    assert "-fopenmp" in native.flag_sets()[0]
+    assert native.library() is not None
+    assert "-fopenmp" in native.flag_sets()[0] and len(list(fresh_cache.glob("kernels-*.so"))) == 1  # the first built
+    loaded = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith("/libgomp.so.1")}
+    assert len(loaded) == 1, loaded
+
+
+@needs_cc
+def test_a_build_that_fails_falls_back_to_the_next_flags(fresh_cache, tmp_path, monkeypatch):
+    """A compiler that cannot build with the first flag set (here: refuses OpenMP) gives the next set's library,
+    whose kernels answer the same."""
+    cc = native.compiler()
+    picky = tmp_path / "picky-cc"
+    picky.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
+                     f'exec {cc} "$@"\n')
+    picky.chmod(picky.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(picky))
+    plain = ["-O3", "-shared", "-fPIC"]
+    monkeypatch.setattr(native, "flag_sets", lambda: [plain + ["-fopenmp"], plain])
+    assert native.library() is not None
+    flat = values(50_000, seed=3)
+    got = native.above_f32(flat, torch.tensor(2.0))
+    assert got is not None and torch.equal(got[0], (flat > 2.0).nonzero().squeeze(1))
+    assert len(list(fresh_cache.glob("kernels-*.so"))) == 1
+
+
 def test_disabled_by_environment(fresh_cache, monkeypatch):
     monkeypatch.setenv("DMSAE_NATIVE", "0")
     assert native.library() is None
