@@ -60,11 +60,9 @@ def flag_sets() -> list[list[str]]:
     OpenMP threads of the libgomp torch has loaded (-fopenmp: the library asks for libgomp.so.1, which the loader
     finds already loaded), else on threads of the kernels' own; the plain loop where the flags fail."""
     base = ["-O3", "-shared", "-fPIC", "-pthread"]
-    openmp = ["-fopenmp"] if torch_uses_libgomp() else []
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        native_sets = [base + ["-march=native"] + openmp] + ([base + ["-march=native"]] if openmp else [])
-        return native_sets + [base]
-    return ([base + openmp] if openmp else []) + [base]
+    best = base + (["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+    with_openmp = [best + ["-fopenmp"]] if torch_uses_libgomp() else []
+    return with_openmp + [best] + ([base] if best != base else [])
 
 
 def torch_uses_libgomp() -> bool:
