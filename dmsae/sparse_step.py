@@ -313,14 +313,24 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         aux_loss = e.flatten().dot(e.flatten()) / B / denom
         loss = loss + sae.aux_alpha * aux_loss
         scale_aux = 2 * sae.aux_alpha / (B * float(denom))
-    # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place)
-    for g in range(G - 2, -1, -1):
-        resid[g] += resid[g + 1]
+    # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place); under autocast
+    # also its 16-bit copy for the decoder gradient's gather, in the same pass where the kernel builds (a reused
+    # buffer: a fresh 28 MB one paid its page faults every step)
+    table_low = None if low is None else ws.get("table_low", (G + 1, B, d), low, dev)[:n_groups]
+    if not native.suffix_sums_f32(out, G, table_low):
+        for g in range(G - 2, -1, -1):
+            resid[g] += resid[g + 1]
+        if table_low is not None:
+            table_low.copy_(out)
     scale = 2.0 / (B * G)
     # out now holds, unscaled, the loss gradient at every bag's output: row g*B+t for group g of token t,
     # row G*B+t for AuxK's reconstruction of token t's error
     table = out.view(-1, d)
-    g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
+    # each entry's value gradient: under autocast from the 16-bit copies, products and sums in float32, in C where
+    # it builds (half the bytes of the decoder rows it reads; torch's 16-bit version rounds its output to 16 bits)
+    g_vals = None if table_low is None else native.bag_dots_bf16(table_low.view(-1, d), dec, cols, bag)
+    if g_vals is None:
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
     entry_scale = torch.full_like(vals, scale)
     entry_scale[n_main:] = scale_aux
     g_vals *= entry_scale
@@ -329,7 +339,8 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     col_counts, bag_by, rows_by, w_dec_by, w_enc_by = by_latent(cols, m, bag, rows, vals * entry_scale, g_vals)
     col_offsets = col_counts.cumsum(0) - col_counts
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
-    sae.dec.grad = weighted_bags(bag_by, table, col_offsets, w_dec_by, low).float()
+    table_by = table if table_low is None else table_low.view(-1, d)
+    sae.dec.grad = weighted_bags(bag_by, table_by, col_offsets, w_dec_by, low).float()
     by_latent_sums = weighted_bags(rows_by, xc_low, col_offsets, w_enc_by, low)
     if not native.transpose_f32(by_latent_sums, enc_grad):  # in tiles, in C where it builds: a third of the time
         enc_grad.copy_(by_latent_sums.T)

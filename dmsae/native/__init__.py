@@ -129,6 +129,8 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_top_f32": [PTR, PTR, I64, I64, INT, PTR, PTR],
     "dmsae_sorted_entries": [PTR, PTR, I64, I64, I64, PTR, INT, PTR, PTR, PTR, PTR],
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
+    "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
+    "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
 }
 
 
@@ -294,3 +296,39 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     if kernel(lib, "dmsae_by_latent")(cols.data_ptr(), n, m, *args) != 0:
         return None
     return counts, *out
+
+
+def suffix_sums_f32(x: Tensor, groups: int, low: Tensor | None = None) -> bool:
+    """In place, x[g] += x[g + 1] for g from groups - 2 down to 0 (the same adds in the same order as torch's, the
+    same bits) over a contiguous [n_rows, ...] float32 CPU tensor, and with `low` (bfloat16, x's shape) low = x cast
+    as torch casts, all in one pass over x. False (nothing written) where the kernel is not available or the tensors
+    are not such."""
+    ok = x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and 1 <= groups <= x.shape[0]
+    if low is not None:
+        ok = ok and low.dtype == torch.bfloat16 and low.shape == x.shape and low.is_contiguous()
+    lib = library() if ok else None
+    if lib is None:
+        return False
+    n = x[0].numel()
+    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), n // 4096 or 1))
+    return kernel(lib, "dmsae_suffix_sums_f32")(x.data_ptr(), groups, x.shape[0], n,
+                                                low.data_ptr() if low is not None else None, parts) == 0
+
+
+def bag_dots_bf16(table: Tensor, weight: Tensor, idx: Tensor, bag: Tensor) -> Tensor | None:
+    """float32 [n]: entry i's dot product of table[bag[i]] and weight[idx[i]], two bfloat16 matrices of one width,
+    the products and their sums in float32 (in the CPU's bfloat16 dot instruction where it has one). What
+    torch.ops.aten._embedding_bag_per_sample_weights_backward computes, from 16-bit copies; not its bits. None where
+    the kernel is not available or the inputs are not contiguous CPU tensors of those types."""
+    ok = (_plain(table, torch.bfloat16, 2) and _plain(weight, torch.bfloat16, 2) and table.shape[1] == weight.shape[1]
+          and _plain(idx, torch.int64) and _plain(bag, torch.int64) and idx.numel() == bag.numel())
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    n = idx.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), n // 1024 or 1))
+    rc = kernel(lib, "dmsae_bag_dots_bf16")(table.data_ptr(), table.shape[0], weight.data_ptr(), weight.shape[0],
+                                            idx.data_ptr(), bag.data_ptr(), n, table.shape[1], out.data_ptr(), parts)
+    return out if rc == 0 else None
+

@@ -1,5 +1,6 @@
-/* C kernels of the CPU training step (dmsae/native/__init__.py builds and loads them). None does float arithmetic,
-   so none moves a bit: each returns exactly what its pure-torch reference returns.
+/* C kernels of the CPU training step (dmsae/native/__init__.py builds and loads them). All but the last do no float
+   arithmetic, or torch's own in torch's order, so they move no bit: each returns exactly what its pure-torch
+   reference returns. The last, for the bfloat16 step only, sums in an order of its own.
 
    dmsae_above_f32: the candidate search of BatchTopK in one read: the indices of the float32 entries above a
    threshold, in order, the same as (x > thr).nonzero() in torch, and their values (what x[idx] would gather again
@@ -16,7 +17,12 @@
    a selection on the floats' bit patterns read as ordered integers (no float arithmetic). The value is the one
    torch.kthvalue gives and the set the one torch.topk gives; when entries tied with the k-th would have to be
    split (which of them torch keeps depends on its algorithm), the top-k declines (-3) or, asked to, keeps the first
-   of them (the bf16 step's rule: 16-bit pre-activations tie often). */
+   of them (the bf16 step's rule: 16-bit pre-activations tie often).
+   dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
+   last, in place (torch's adds in torch's order), and for the bf16 step their bfloat16 copy in the same pass.
+   dmsae_bag_dots_bf16: the bf16 step's gradient of each entry's value, a dot product of two bfloat16 rows summed in
+   float32 (by the CPU's bfloat16 dot instruction where it has one): torch's own 16-bit kernel rounds its output to
+   16 bits and ran slower than its float32 one here. */
 #include <stdint.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -457,4 +463,138 @@ int dmsae_by_latent(const int64_t *cols, int64_t n, int64_t m, const int64_t *ba
     }
     free(order);
     return rc;
+}
+
+/* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+typedef struct {
+    float *x;
+    uint16_t *low;
+    int64_t groups, low_groups, n, lo, hi;
+} spart_t;
+
+enum { CHUNK = 1024 };
+
+/* columns [lo, hi) of the suffix sums, CHUNK at a time so the running sum stays in L1 */
+static void *suffix_part(void *arg) {
+    spart_t *p = (spart_t *)arg;
+    float acc[CHUNK];
+    for (int64_t j0 = p->lo; j0 < p->hi; j0 += CHUNK) {
+        int64_t w = p->hi - j0 < CHUNK ? p->hi - j0 : CHUNK;
+        for (int64_t g = p->groups - 1; g >= 0; --g) {
+            float *row = p->x + g * p->n + j0;
+            if (g == p->groups - 1)
+                for (int64_t j = 0; j < w; ++j) acc[j] = row[j];
+            else
+                for (int64_t j = 0; j < w; ++j) row[j] = acc[j] = row[j] + acc[j];
+            if (p->low) {
+                uint16_t *out = p->low + g * p->n + j0;
+                for (int64_t j = 0; j < w; ++j) out[j] = to_bf16(acc[j]);
+            }
+        }
+        for (int64_t g = p->groups; p->low && g < p->low_groups; ++g) {
+            const float *row = p->x + g * p->n + j0;
+            uint16_t *out = p->low + g * p->n + j0;
+            for (int64_t j = 0; j < w; ++j) out[j] = to_bf16(row[j]);
+        }
+    }
+    return 0;
+}
+
+/* x [low_groups, n] float32: rows [0, groups) replaced by their suffix sums (row g += row g + 1, from the last but
+   one down: torch's in-place adds in the same order, the same bits), and, where low is not NULL, low [low_groups, n]
+   = x (after the sums) cast to bfloat16 as torch casts, in the same pass. Split over `parts` threads. Returns 0. */
+int dmsae_suffix_sums_f32(float *x, int64_t groups, int64_t low_groups, int64_t n, uint16_t *low, int parts) {
+    spart_t p[64];
+    if (parts < 1) parts = 1;
+    if (parts > 64) parts = 64;
+    for (int t = 0; t < parts; ++t) {
+        p[t].x = x;
+        p[t].low = low;
+        p[t].groups = groups;
+        p[t].low_groups = low_groups;
+        p[t].n = n;
+        search_range(n, parts, t, &p[t].lo, &p[t].hi);
+    }
+    run_parallel(suffix_part, p, sizeof p[0], parts);
+    return 0;
+}
+
+typedef struct {
+    const uint16_t *table, *weight;
+    const int64_t *idx, *bag;
+    int64_t d, lo, hi;
+    float *out;
+} dpart_t;
+
+static inline float bf16_value(uint16_t h) {
+    union { float f; uint32_t u; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+/* entries [lo, hi) of dmsae_bag_dots_bf16 */
+static void *dots_part(void *arg) {
+    dpart_t *p = (dpart_t *)arg;
+    const int64_t d = p->d;
+    for (int64_t i = p->lo; i < p->hi; ++i) {
+        const uint16_t *a = p->table + p->bag[i] * d, *b = p->weight + p->idx[i] * d;
+#if defined(__AVX512BF16__)
+        /* pairs of products summed into float32 lanes by the CPU's bfloat16 dot instruction, two chains of them */
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 64 <= d; j += 64) {
+            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + j), (__m512bh)_mm512_loadu_si512(b + j));
+            s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + j + 32),
+                                  (__m512bh)_mm512_loadu_si512(b + j + 32));
+        }
+        for (; j < d; j += 32) {
+            __mmask32 k = d - j >= 32 ? 0xffffffffu : (__mmask32)((1u << (d - j)) - 1);
+            s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_maskz_loadu_epi16(k, a + j),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(k, b + j));
+        }
+        p->out[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#else
+        float s[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16)
+            for (int l = 0; l < 16; ++l) s[l] += bf16_value(a[j + l]) * bf16_value(b[j + l]);
+        for (int l = 0; j + l < d; ++l) s[l] += bf16_value(a[j + l]) * bf16_value(b[j + l]);
+        float total = 0;
+        for (int l = 0; l < 16; ++l) total += s[l];
+        p->out[i] = total;
+#endif
+    }
+    return 0;
+}
+
+/* out[i] = the dot product of table row bag[i] and weight row idx[i] (d bfloat16 columns each), products and sums in
+   float32, for i in [0, n): the gradient of each entry's value in embedding_bag (its per-sample-weight gradient),
+   from 16-bit copies. Float arithmetic in an order of this function's, so not torch's bits. Split over `parts`
+   threads. Returns 0, -1 on an index outside [0, n_table) or [0, n_weight). */
+int dmsae_bag_dots_bf16(const uint16_t *table, int64_t n_table, const uint16_t *weight, int64_t n_weight,
+                        const int64_t *idx, const int64_t *bag, int64_t n, int64_t d, float *out, int parts) {
+    for (int64_t i = 0; i < n; ++i)
+        if (bag[i] < 0 || bag[i] >= n_table || idx[i] < 0 || idx[i] >= n_weight) return -1;
+    dpart_t p[64];
+    if (parts < 1) parts = 1;
+    if (parts > 64) parts = 64;
+    for (int t = 0; t < parts; ++t) {
+        p[t].table = table;
+        p[t].weight = weight;
+        p[t].idx = idx;
+        p[t].bag = bag;
+        p[t].d = d;
+        p[t].out = out;
+        p[t].lo = n * t / parts;
+        p[t].hi = n * (t + 1) / parts;
+    }
+    run_parallel(dots_part, p, sizeof p[0], parts);
+    return 0;
 }

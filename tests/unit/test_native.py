@@ -322,3 +322,54 @@ def test_sorted_entries_equal_torch(built, ends, monkeypatch):
     monkeypatch.setenv("DMSAE_NATIVE", "1")
     assert native.sorted_entries(torch.tensor([0, B * m]), torch.zeros(2), m, B, ends) is None
     assert native.sorted_entries(flat.int(), vals, m, B, ends) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("groups, rows", [(1, 1), (1, 2), (5, 5), (5, 6), (3, 4)])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_suffix_sums_equal_torchs_adds(built, groups, rows, parts, monkeypatch):
+    """The in-place suffix sums over the first `groups` rows, bit for bit as torch's adds in the step's order, and
+    the bfloat16 copy of every row (AuxK's past the groups too) as torch casts, NaN and a subnormal included; rows of
+    a width that no vector or thread split divides."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    x = torch.randn(rows, 37, 113, generator=torch.Generator().manual_seed(groups * 10 + rows))
+    x[0, 0, 0], x[-1, 1, 1], x[0, 2, 2] = float("nan"), 1e-40, 3.0000002
+    want, before = x.clone(), x.clone()
+    for g in range(groups - 2, -1, -1):
+        want[g] += want[g + 1]
+    low = torch.empty(x.shape, dtype=torch.bfloat16)
+    plain = x.clone()
+    assert native.suffix_sums_f32(x, groups, low)
+    assert torch.equal(x.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(low.view(torch.int16), want.bfloat16().view(torch.int16))
+    assert native.suffix_sums_f32(plain, groups)  # without the copy: the same sums
+    assert torch.equal(plain.view(torch.int32), want.view(torch.int32))
+    assert groups == 1 or not torch.equal(want[0], before[0])  # the sums moved the first row: not vacuous
+    assert not native.suffix_sums_f32(x.double(), groups)
+    assert not native.suffix_sums_f32(x, groups, low.float())
+    assert not native.suffix_sums_f32(x, rows + 1)
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [1, 7, 32, 33, 64, 100, 576])
+def test_bag_dots_bf16_are_the_rows_dot_products(built, d):
+    """Each entry's dot product of its two bfloat16 rows, summed in float32: within float32 rounding of the exact
+    product of the 16-bit values (computed in float64), for widths that are and are not whole vectors; the float32
+    per-sample-weight gradient of torch, from the unrounded rows, differs by the 16-bit inputs' own rounding."""
+    g = torch.Generator().manual_seed(d)
+    n_table, n_weight, n = 50, 30, 400
+    table, weight = torch.randn(n_table, d, generator=g), torch.randn(n_weight, d, generator=g)
+    idx = torch.randint(0, n_weight, (n,), generator=g)
+    bag = torch.sort(torch.randint(0, n_table, (n,), generator=g)).values
+    got = native.bag_dots_bf16(table.bfloat16(), weight.bfloat16(), idx, bag)
+    assert got is not None and got.dtype == torch.float32
+    exact = (table.bfloat16().double()[bag] * weight.bfloat16().double()[idx]).sum(1)
+    bound = 1e-6 * (table.bfloat16().double()[bag].abs() * weight.bfloat16().double()[idx].abs()).sum(1) * d ** 0.5
+    assert bool(((got.double() - exact).abs() <= bound + 1e-30).all())
+    counts = torch.bincount(bag, minlength=n_table)
+    full = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, weight, idx, counts.cumsum(0) - counts,
+                                                                     bag, 0)
+    assert torch.allclose(got, full, rtol=0.05, atol=0.05 * d ** 0.5)
+    assert native.bag_dots_bf16(table, weight.bfloat16(), idx, bag) is None  # a float32 table: not this kernel's
+    assert native.bag_dots_bf16(table.bfloat16(), weight.bfloat16(), idx, bag[:-1]) is None
+    assert native.bag_dots_bf16(table.bfloat16(), weight.bfloat16(), idx + n_weight, bag) is None  # out of range
