@@ -402,45 +402,84 @@ int dmsae_top_f32(const float *x, const int64_t *idx, int64_t n, int64_t k, int 
     return 0;
 }
 
+/* f / m for 0 <= f < 2^52 and m > 0 without the CPU's slow integer division: a float64 quotient, corrected by one */
+static inline int64_t quotient(int64_t f, int64_t m, double inv_m) {
+    int64_t q = (int64_t)((double)f * inv_m);
+    if (q * m > f) return q - 1;
+    return (q + 1) * m <= f ? q + 1 : q;
+}
+
 /* The training step's entries sorted by (bag, latent), from their flat indices token * m + latent into the
    [B, m] non-core pre-activations: rows (token), cols (latent), bag = group * B + token where the group counts the
    n_ends Matryoshka group ends <= latent (torch.bucketize(..., right=True)), and their values, each gathered in that
-   order. Two stable counting sorts, by latent then by bag: the permutation of one sort of the unique keys
-   bag * m + latent. Returns 0, -1 on an index outside [0, B * m), -2 on no memory. */
+   order: the one order of the unique keys bag * m + latent. When the flat indices come ascending (the step's
+   selection gives them so) that order is the input's, split stably by group: one pass with a counter per group.
+   Else two stable counting sorts, by latent then by bag. Returns 0, -1 on an index outside [0, B * m), -2 on no
+   memory. */
 int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int64_t m, int64_t B, const int64_t *ends,
                          int n_ends, int64_t *rows, int64_t *cols, int64_t *bag, float *out_vals) {
-    int64_t n_bags = (int64_t)(n_ends + 1) * B, size = n > 0 ? n : 1;
-    int64_t *col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
-    int64_t *bg = (int64_t *)malloc((size_t)size * sizeof(int64_t));
-    int64_t *by_col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
-    int64_t *order = (int64_t *)malloc((size_t)size * sizeof(int64_t));
-    int64_t *counts = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t));
-    int rc = (col && bg && by_col && order && counts) ? 0 : -2;
-    for (int64_t i = 0; rc == 0 && i < n; ++i) {
-        int64_t f = flat[i];
+    if (B * m >= ((int64_t)1 << 52)) return -1;
+    int64_t *at = (int64_t *)calloc((size_t)n_ends + 1, sizeof(int64_t));
+    if (!at) return -2;
+    int rc = 0, ascending = 1;
+    double inv_m = 1.0 / (double)m;
+    for (int64_t i = 0, prev = -1; i < n; ++i) { /* checks the indices, counts each group's entries */
+        int64_t f = flat[i], g = 0;
         if (f < 0 || f >= B * m) {
             rc = -1;
             break;
         }
-        int64_t c = f % m, g = 0;
-        while (g < n_ends && ends[g] <= c) ++g;
-        col[i] = c;
-        bg[i] = g * B + f / m;
+        int64_t c = f - quotient(f, m, inv_m) * m;
+        for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
+        ascending &= f > prev;
+        prev = f;
+        ++at[g];
     }
-    if (rc == 0) rc = counting_sort(col, 0, n, m, counts, by_col);
-    if (rc == 0) rc = counting_sort(bg, by_col, n, n_bags, counts, order);
-    for (int64_t j = 0; rc == 0 && j < n; ++j) {
-        int64_t i = order[j];
-        rows[j] = bg[i] % B;
-        cols[j] = col[i];
-        bag[j] = bg[i];
-        out_vals[j] = vals[i];
+    if (rc == 0 && ascending) {
+        for (int64_t g = 0, total = 0; g <= n_ends; ++g) {
+            int64_t count = at[g];
+            at[g] = total;
+            total += count;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = 0;
+            for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
+            int64_t j = at[g]++;
+            rows[j] = r;
+            cols[j] = c;
+            bag[j] = g * B + r;
+            out_vals[j] = vals[i];
+        }
+    } else if (rc == 0) {
+        int64_t n_bags = (int64_t)(n_ends + 1) * B, size = n > 0 ? n : 1;
+        int64_t *col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+        int64_t *bg = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+        int64_t *by_col = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+        int64_t *order = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+        int64_t *counts = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t));
+        rc = (col && bg && by_col && order && counts) ? 0 : -2;
+        for (int64_t i = 0; rc == 0 && i < n; ++i) {
+            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = 0;
+            for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
+            col[i] = c;
+            bg[i] = g * B + r;
+        }
+        if (rc == 0) rc = counting_sort(col, 0, n, m, counts, by_col);
+        if (rc == 0) rc = counting_sort(bg, by_col, n, n_bags, counts, order);
+        for (int64_t j = 0; rc == 0 && j < n; ++j) {
+            int64_t i = order[j];
+            rows[j] = bg[i] % B;
+            cols[j] = col[i];
+            bag[j] = bg[i];
+            out_vals[j] = vals[i];
+        }
+        free(col);
+        free(bg);
+        free(by_col);
+        free(order);
+        free(counts);
     }
-    free(col);
-    free(bg);
-    free(by_col);
-    free(order);
-    free(counts);
+    free(at);
     return rc;
 }
 
@@ -450,19 +489,29 @@ int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int6
 int dmsae_by_latent(const int64_t *cols, int64_t n, int64_t m, const int64_t *bag, const int64_t *rows,
                     const float *w_dec, const float *w_enc, int64_t *counts, int64_t *out_bag, int64_t *out_rows,
                     float *out_w_dec, float *out_w_enc) {
-    for (int64_t i = 0; i < n; ++i)
-        if (cols[i] < 0 || cols[i] >= m) return -1;
-    int64_t *order = (int64_t *)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-    int rc = order ? counting_sort(cols, 0, n, m, counts, order) : -2;
-    for (int64_t j = 0; rc == 0 && j < n; ++j) {
-        int64_t i = order[j];
+    int64_t *next = (int64_t *)malloc((size_t)(m > 0 ? m : 1) * sizeof(int64_t));
+    if (!next) return -2;
+    for (int64_t k = 0; k < m; ++k) counts[k] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (cols[i] < 0 || cols[i] >= m) {
+            free(next);
+            return -1;
+        }
+        ++counts[cols[i]];
+    }
+    for (int64_t k = 0, at = 0; k < m; ++k) {
+        next[k] = at;
+        at += counts[k];
+    }
+    for (int64_t i = 0; i < n; ++i) { /* a stable counting sort, each entry moved once */
+        int64_t j = next[cols[i]]++;
         out_bag[j] = bag[i];
         out_rows[j] = rows[i];
         out_w_dec[j] = w_dec[i];
         out_w_enc[j] = w_enc[i];
     }
-    free(order);
-    return rc;
+    free(next);
+    return 0;
 }
 
 /* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */

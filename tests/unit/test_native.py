@@ -304,12 +304,16 @@ def test_top_first_ties_keeps_the_first_of_the_ties(built, n, dtype, monkeypatch
 
 @needs_cc
 @pytest.mark.parametrize("ends", [[], [32, 96, 256], [0, 511]])
-def test_sorted_entries_equal_torch(built, ends, monkeypatch):
+@pytest.mark.parametrize("ascending", [False, True])
+def test_sorted_entries_equal_torch(built, ends, ascending, monkeypatch):
     """The step's entries (rows, latents, bags, values) in (bag, latent) order, as the torch path sorts them, for no
-    group end, several and ends at the edges; no answer for an index outside the batch, so that torch's path runs."""
+    group end, several and ends at the edges, from indices in any order (two counting sorts) or ascending (the
+    selection's order: one split by group); no answer for an index outside the batch, so that torch's path runs."""
     g = torch.Generator().manual_seed(len(ends))
     B, m, k = 256, 512, 8
     flat = torch.randperm(B * m, generator=g)[: B * k]
+    if ascending:
+        flat = flat.sort().values
     vals = torch.randn(flat.numel(), generator=g)
     fast = native.sorted_entries(flat, vals, m, B, ends)
     assert fast is not None
