@@ -245,9 +245,10 @@ def core_and_b_dec_grads(sae: MatryoshkaSAE, xc: Tensor, f_core: Tensor, g_base:
 def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
     """The step as `train_sae` drives it. Under torch.autocast (how sparsify's and dictionary_learning's
     trainers run theirs), the non-core encoder matmul, the one dense product, runs in the autocast type with
-    float32 accumulation and the BatchTopK selection reads its 16-bit output, and the three sparse gathers (the
-    decoder's output, the decoder's and the encoder's weight gradients) read 16-bit copies; the core, the
-    residuals, the losses, the per-entry gradients and the weights stay float32 (the float32 master weights)."""
+    float32 accumulation and the BatchTopK selection reads its 16-bit output, the three sparse gathers (the
+    decoder's output, the decoder's and the encoder's weight gradients) read 16-bit copies, and so do the
+    per-entry gradients (summed in float32, in C where it builds); the core, the residuals, the losses and the
+    weights stay float32 (the float32 master weights)."""
     low = encoder_dtype(x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         return _train_step(sae, x, low)
