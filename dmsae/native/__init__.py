@@ -142,6 +142,12 @@ def kernel(lib: ctypes.CDLL, name: str):
     return fn
 
 
+def thread_parts(units: int, parts: int | None = None) -> int:
+    """How many parts a kernel splits its work into: `parts` or torch's thread count, at most MAX_PARTS and at most
+    `units` (the pieces of work worth a thread of their own), at least 1."""
+    return max(1, min(MAX_PARTS, parts or torch.get_num_threads(), units or 1))
+
+
 def _plain(t: Tensor, dtype: torch.dtype, dim: int = 1) -> bool:
     """Whether `t` is what a kernel reads through a raw pointer: a contiguous CPU tensor of `dtype` and `dim`."""
     return t.dtype == dtype and t.device.type == "cpu" and t.dim() == dim and t.is_contiguous()
@@ -183,7 +189,7 @@ def _search(name: str, flat: Tensor, thr_args: tuple, parts: int | None, cap_fra
     if lib is None:
         return None
     n = flat.numel()
-    parts = max(1, min(MAX_PARTS, parts or torch.get_num_threads(), n // 4096 or 1))
+    parts = thread_parts(n // 4096, parts)
     cap = int(n / parts * cap_fraction) + 64
     val_type = torch.int16 if flat.element_size() == 2 else flat.dtype
     out, vals = _scratch("idx", parts * cap, torch.int64), _scratch("vals", parts * cap, val_type)
@@ -220,7 +226,7 @@ def transpose_f32(src: Tensor, out: Tensor) -> bool:
     if lib is None:
         return False
     rows, cols = src.shape
-    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), cols // 32 or 1))
+    parts = thread_parts(cols // 32)
     return kernel(lib, "dmsae_transpose_f32")(src.data_ptr(), rows, cols, out.data_ptr(), parts) == 0
 
 
@@ -310,7 +316,7 @@ def suffix_sums_f32(x: Tensor, groups: int, low: Tensor | None = None) -> bool:
     if lib is None:
         return False
     n = x[0].numel()
-    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), n // 4096 or 1))
+    parts = thread_parts(n // 4096)
     return kernel(lib, "dmsae_suffix_sums_f32")(x.data_ptr(), groups, x.shape[0], n,
                                                 low.data_ptr() if low is not None else None, parts) == 0
 
@@ -327,7 +333,7 @@ def bag_dots_bf16(table: Tensor, weight: Tensor, idx: Tensor, bag: Tensor) -> Te
         return None
     n = idx.numel()
     out = torch.empty(n, dtype=torch.float32)
-    parts = max(1, min(MAX_PARTS, torch.get_num_threads(), n // 1024 or 1))
+    parts = thread_parts(n // 1024)
     rc = kernel(lib, "dmsae_bag_dots_bf16")(table.data_ptr(), table.shape[0], weight.data_ptr(), weight.shape[0],
                                             idx.data_ptr(), bag.data_ptr(), n, table.shape[1], out.data_ptr(), parts)
     return out if rc == 0 else None

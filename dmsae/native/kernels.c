@@ -63,6 +63,11 @@ static void search_range(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) 
     *hi = t + 1 == parts ? n : n * (t + 1) / parts / 64 * 64;
 }
 
+/* a kernel's thread count: at least 1, at most the 64 parts its arrays hold */
+static int clamp_parts(int parts) {
+    return parts < 1 ? 1 : parts > 64 ? 64 : parts;
+}
+
 /* Writes the indices i in [lo, hi) with x[i] > thr to out and x[i] to vals (at most cap of them); returns how many,
    or -1 when they do not fit. NaN compares false, as in torch. */
 static int64_t scan(const float *x, int64_t lo, int64_t hi, float thr, int64_t *out, float *vals, int64_t cap) {
@@ -131,8 +136,7 @@ static void *run_part(void *arg) {
 int dmsae_above_f32(const float *x, int64_t n, float thr, int64_t *out, float *vals, int64_t cap, int parts,
                     int64_t *counts) {
     part_t p[64];
-    if (parts < 1) parts = 1;
-    if (parts > 64) parts = 64;
+    parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t) {
         p[t].x = x;
         search_range(n, parts, t, &p[t].lo, &p[t].hi);
@@ -219,8 +223,7 @@ static void *run_part16(void *arg) {
 int dmsae_above_i16(const int16_t *x, int64_t n, int above, int top, int64_t *out, int16_t *vals, int64_t cap,
                     int parts, int64_t *counts) {
     part16_t p[64];
-    if (parts < 1) parts = 1;
-    if (parts > 64) parts = 64;
+    parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t) {
         p[t].x = x;
         search_range(n, parts, t, &p[t].lo, &p[t].hi);
@@ -260,8 +263,7 @@ static void *transpose_part(void *arg) {
 /* dst [cols, rows] = src [rows, cols].T, split over `parts` threads (at most 64). Returns 0. */
 int dmsae_transpose_f32(const float *src, int64_t rows, int64_t cols, float *dst, int parts) {
     tpart_t p[64];
-    if (parts < 1) parts = 1;
-    if (parts > 64) parts = 64;
+    parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t) {
         p[t].src = src;
         p[t].dst = dst;
@@ -409,6 +411,14 @@ static inline int64_t quotient(int64_t f, int64_t m, double inv_m) {
     return (q + 1) * m <= f ? q + 1 : q;
 }
 
+/* the Matryoshka group of latent c: how many of the n_ends (ascending) group ends are <= c, counted without a
+   branch to mispredict */
+static inline int64_t group_of(int64_t c, const int64_t *ends, int n_ends) {
+    int64_t g = 0;
+    for (int e = 0; e < n_ends; ++e) g += ends[e] <= c;
+    return g;
+}
+
 /* The training step's entries sorted by (bag, latent), from their flat indices token * m + latent into the
    [B, m] non-core pre-activations: rows (token), cols (latent), bag = group * B + token where the group counts the
    n_ends Matryoshka group ends <= latent (torch.bucketize(..., right=True)), and their values, each gathered in that
@@ -424,16 +434,14 @@ int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int6
     int rc = 0, ascending = 1;
     double inv_m = 1.0 / (double)m;
     for (int64_t i = 0, prev = -1; i < n; ++i) { /* checks the indices, counts each group's entries */
-        int64_t f = flat[i], g = 0;
+        int64_t f = flat[i];
         if (f < 0 || f >= B * m) {
             rc = -1;
             break;
         }
-        int64_t c = f - quotient(f, m, inv_m) * m;
-        for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
         ascending &= f > prev;
         prev = f;
-        ++at[g];
+        ++at[group_of(f - quotient(f, m, inv_m) * m, ends, n_ends)];
     }
     if (rc == 0 && ascending) {
         for (int64_t g = 0, total = 0; g <= n_ends; ++g) {
@@ -442,8 +450,7 @@ int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int6
             total += count;
         }
         for (int64_t i = 0; i < n; ++i) {
-            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = 0;
-            for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
+            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = group_of(c, ends, n_ends);
             int64_t j = at[g]++;
             rows[j] = r;
             cols[j] = c;
@@ -459,8 +466,7 @@ int dmsae_sorted_entries(const int64_t *flat, const float *vals, int64_t n, int6
         int64_t *counts = (int64_t *)malloc((size_t)(n_bags > m ? n_bags : m) * sizeof(int64_t));
         rc = (col && bg && by_col && order && counts) ? 0 : -2;
         for (int64_t i = 0; rc == 0 && i < n; ++i) {
-            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = 0;
-            for (int e = 0; e < n_ends; ++e) g += ends[e] <= c; /* no branch to mispredict */
+            int64_t f = flat[i], r = quotient(f, m, inv_m), c = f - r * m, g = group_of(c, ends, n_ends);
             col[i] = c;
             bg[i] = g * B + r;
         }
@@ -516,10 +522,9 @@ int dmsae_by_latent(const int64_t *cols, int64_t n, int64_t m, const int64_t *ba
 
 /* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */
 static inline uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    uint32_t u = bits_of(&f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 typedef struct {
@@ -561,8 +566,7 @@ static void *suffix_part(void *arg) {
    = x (after the sums) cast to bfloat16 as torch casts, in the same pass. Split over `parts` threads. Returns 0. */
 int dmsae_suffix_sums_f32(float *x, int64_t groups, int64_t low_groups, int64_t n, uint16_t *low, int parts) {
     spart_t p[64];
-    if (parts < 1) parts = 1;
-    if (parts > 64) parts = 64;
+    parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t) {
         p[t].x = x;
         p[t].low = low;
@@ -632,8 +636,7 @@ int dmsae_bag_dots_bf16(const uint16_t *table, int64_t n_table, const uint16_t *
     for (int64_t i = 0; i < n; ++i)
         if (bag[i] < 0 || bag[i] >= n_table || idx[i] < 0 || idx[i] >= n_weight) return -1;
     dpart_t p[64];
-    if (parts < 1) parts = 1;
-    if (parts > 64) parts = 64;
+    parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t) {
         p[t].table = table;
         p[t].weight = weight;
