@@ -131,6 +131,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
+    "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
 
 
@@ -302,6 +303,35 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     if kernel(lib, "dmsae_by_latent")(cols.data_ptr(), n, m, *args) != 0:
         return None
     return counts, *out
+
+
+def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
+                     w_enc: Tensor, dec_grad: Tensor, enc_grad: Tensor) -> Tensor | None:
+    """The weight gradients from the entries grouped by latent (`by_latent`'s counts and arrays), written into
+    dec_grad [m, d] (embedding_bag(bag, table, offsets, per_sample_weights=w_dec)) and enc_grad [d, m] (the same of
+    rows, x and w_enc, transposed), bit for bit as torch computes them; returns the encoder bias's gradient [m]
+    (w_enc summed by latent in entry order, as index_add_). None (nothing written) where the kernel is not available
+    or the inputs are not contiguous float32 / int64 CPU tensors of these shapes."""
+    m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
+    n = bag.numel()
+    ok = (all(_plain(t, torch.float32, 2) for t in (table, x, dec_grad, enc_grad)) and m > 0
+          and table.shape[1] == x.shape[1] == d and enc_grad.shape == (d, m)
+          and _plain(counts, torch.int64) and counts.numel() == m
+          and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, w_enc))
+          and rows.numel() == w_dec.numel() == w_enc.numel() == n)
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    offsets = torch.zeros(m + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    if int(offsets[-1]) != n:
+        return None
+    b_grad = torch.empty(m, dtype=torch.float32)
+    parts = thread_parts(n // 1024)
+    rc = kernel(lib, "dmsae_latent_grads_f32")(
+        table.data_ptr(), table.shape[0], x.data_ptr(), x.shape[0], offsets.data_ptr(), bag.data_ptr(), rows.data_ptr(),
+        w_dec.data_ptr(), w_enc.data_ptr(), d, m, dec_grad.data_ptr(), enc_grad.data_ptr(), b_grad.data_ptr(), parts)
+    return b_grad if rc == 0 else None
 
 
 def suffix_sums_f32(x: Tensor, groups: int, low: Tensor | None = None) -> bool:

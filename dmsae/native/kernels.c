@@ -18,6 +18,9 @@
    torch.kthvalue gives and the set the one torch.topk gives; when entries tied with the k-th would have to be
    split (which of them torch keeps depends on its algorithm), the top-k declines (-3) or, asked to, keeps the first
    of them (the bf16 step's rule: 16-bit pre-activations tie often).
+   dmsae_latent_grads_f32: the float32 step's decoder, encoder and encoder-bias gradients from the entries grouped by
+   latent in one pass, each sum the fused multiply-adds in entry order that torch's embedding_bag kernel (fbgemm)
+   runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512).
    dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
    last, in place (torch's adds in torch's order), and for the bf16 step their bfloat16 copy in the same pass.
    dmsae_bag_dots_bf16: the bf16 step's gradient of each entry's value, a dot product of two bfloat16 rows summed in
@@ -26,6 +29,7 @@
 #include <stdint.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <math.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -518,6 +522,140 @@ int dmsae_by_latent(const int64_t *cols, int64_t n, int64_t m, const int64_t *ba
     }
     free(next);
     return 0;
+}
+
+#if defined(__AVX512F__)
+typedef __m512 vec_t;
+#define LANES 16
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(v) _mm512_set1_ps(v)
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec_t;
+#define LANES 8
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(v) _mm256_set1_ps(v)
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#endif
+
+#if defined(LANES)
+enum { ROW_BLOCK = 12, LATENT_BLOCK = 16 };
+
+/* out[0, d) = the sum over entries e in [lo, hi) of w[e] * src[idx[e]], each column from +0 by one fused multiply-add
+   per entry in entry order: embedding_bag's float32 weighted sum as torch's kernel (fbgemm) runs it, the same bits.
+   ROW_BLOCK vectors of the row stay in registers while the entries stream past (576 columns: three blocks of 192). */
+static inline void weighted_row_sum(const float *src, const int64_t *idx, const float *w, int64_t lo, int64_t hi,
+                                    int64_t d, float *out) {
+    int64_t j0 = 0;
+    for (; j0 + ROW_BLOCK * LANES <= d; j0 += ROW_BLOCK * LANES) {
+        vec_t acc[ROW_BLOCK];
+        for (int i = 0; i < ROW_BLOCK; ++i) acc[i] = VZERO();
+        for (int64_t e = lo; e < hi; ++e) {
+            const float *row = src + idx[e] * d + j0;
+            vec_t we = VSET1(w[e]);
+            for (int i = 0; i < ROW_BLOCK; ++i) acc[i] = VFMA(we, VLOAD(row + i * LANES), acc[i]);
+        }
+        for (int i = 0; i < ROW_BLOCK; ++i) VSTORE(out + j0 + i * LANES, acc[i]);
+    }
+    for (; j0 + LANES <= d; j0 += LANES) {
+        vec_t acc = VZERO();
+        for (int64_t e = lo; e < hi; ++e) acc = VFMA(VSET1(w[e]), VLOAD(src + idx[e] * d + j0), acc);
+        VSTORE(out + j0, acc);
+    }
+    for (; j0 < d; ++j0) {
+        float acc = 0;
+        for (int64_t e = lo; e < hi; ++e) acc = fmaf(w[e], src[idx[e] * d + j0], acc);
+        out[j0] = acc;
+    }
+}
+
+typedef struct {
+    const float *table, *x, *w_dec, *w_enc;
+    const int64_t *offsets, *bag, *rows;
+    float *dec_grad, *enc_grad, *b_grad;
+    int64_t d, m, lo, hi;
+    int failed;
+} gpart_t;
+
+/* latents [lo, hi) of dmsae_latent_grads_f32, LATENT_BLOCK at a time: their encoder rows are summed into a small
+   buffer and written as columns of the [d, m] gradient, a block's 64 bytes to each of its rows */
+static void *grads_part(void *arg) {
+    gpart_t *p = (gpart_t *)arg;
+    const int64_t d = p->d, m = p->m, ld = (d + 15) / 16 * 16;
+    float *block = (float *)malloc((size_t)LATENT_BLOCK * ld * sizeof(float));
+    if (!block) {
+        p->failed = 1;
+        return 0;
+    }
+    for (int64_t c0 = p->lo; c0 < p->hi; c0 += LATENT_BLOCK) {
+        int64_t n_block = p->hi - c0 < LATENT_BLOCK ? p->hi - c0 : LATENT_BLOCK;
+        for (int64_t c = c0; c < c0 + n_block; ++c) {
+            int64_t lo = p->offsets[c], hi = p->offsets[c + 1];
+            weighted_row_sum(p->table, p->bag, p->w_dec, lo, hi, d, p->dec_grad + c * d);
+            weighted_row_sum(p->x, p->rows, p->w_enc, lo, hi, d, block + (c - c0) * ld);
+            float sum = 0; /* index_add_'s sum: in entry order from +0 */
+            for (int64_t e = lo; e < hi; ++e) sum += p->w_enc[e];
+            p->b_grad[c] = sum;
+        }
+        for (int64_t j = 0; j < d; ++j) {
+            float *dst = p->enc_grad + j * m + c0;
+#if defined(__AVX512F__)
+            if (n_block == 16) {
+                const __m512i at = _mm512_mullo_epi32(
+                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)ld));
+                _mm512_storeu_ps(dst, _mm512_i32gather_ps(at, block + j, 4));
+                continue;
+            }
+#endif
+            for (int64_t c = 0; c < n_block; ++c) dst[c] = block[c * ld + j];
+        }
+    }
+    free(block);
+    return 0;
+}
+#endif
+
+/* The weight gradients of the step's active entries, grouped by latent (offsets [m + 1]: latent c's entries are
+   [offsets[c], offsets[c + 1])): dec_grad [m, d] row c = sum of w_dec[e] * table[bag[e]], enc_grad [d, m] column c =
+   sum of w_enc[e] * x[rows[e]], b_grad [m] entry c = sum of w_enc[e]. The same bits as torch's embedding_bag (fused
+   multiply-adds in entry order), the encoder's written transposed and index_add_ for the bias: one call where
+   torch wrote the encoder's [m, d] sums and read them again to transpose them. Split over `parts` threads by entry
+   count. Returns 0, -1 on an index outside [0, n_table) or [0, n_x), -2 on no memory, -3 where the build has no
+   fused multiply-add in vectors (AVX2 or AVX-512; the caller then runs torch's). */
+int dmsae_latent_grads_f32(const float *table, int64_t n_table, const float *x, int64_t n_x, const int64_t *offsets,
+                           const int64_t *bag, const int64_t *rows, const float *w_dec, const float *w_enc, int64_t d,
+                           int64_t m, float *dec_grad, float *enc_grad, float *b_grad, int parts) {
+#if defined(LANES)
+    const int64_t n = offsets[m];
+    for (int64_t e = 0; e < n; ++e)
+        if (bag[e] < 0 || bag[e] >= n_table || rows[e] < 0 || rows[e] >= n_x) return -1;
+    gpart_t p[64];
+    parts = clamp_parts(parts);
+    int64_t start = 0;
+    for (int t = 0; t < parts; ++t) { /* about n / parts entries a part, whole latent blocks */
+        int64_t end = m;
+        if (t + 1 < parts) {
+            const int64_t target = n * (t + 1) / parts;
+            end = start;
+            while (end < m && offsets[end] < target) end += LATENT_BLOCK;
+            end = end < m ? end : m;
+        }
+        p[t] = (gpart_t){table, x, w_dec, w_enc, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, m, start, end, 0};
+        start = end;
+    }
+    run_parallel(grads_part, p, sizeof p[0], parts);
+    for (int t = 0; t < parts; ++t)
+        if (p[t].failed) return -2;
+    return 0;
+#else
+    (void)table, (void)n_table, (void)x, (void)n_x, (void)offsets, (void)bag, (void)rows, (void)w_dec, (void)w_enc;
+    (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
+    return -3;
+#endif
 }
 
 /* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */

@@ -205,6 +205,51 @@ def test_by_latent_equals_torch(built, n, m, monkeypatch):
     assert native.by_latent(cols.int(), m, bag, rows, w_dec, w_enc) is None
 
 
+def vector_fma() -> bool:
+    """Whether this CPU has the vector fused multiply-add the weight-gradient kernel needs (AVX2 and FMA, or
+    AVX-512)."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return ("avx2" in flags and "fma" in flags) or "avx512f" in flags
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [7, 37, 576])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_latent_grads_equal_torchs(built, d, parts, monkeypatch):
+    """Both weight gradients and the bias's, bit for bit as torch's embedding_bag sums (the encoder's transposed) and
+    index_add_, for latents with no entries, many, and a count that fills no whole block of 16; widths that are and
+    are not whole vectors and register blocks; a NaN in one row; and no answer for an entry's row out of range."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    g = torch.Generator().manual_seed(d * 10 + parts)
+    m, n, n_table, n_x = 50, 3000, 300, 120
+    cols = torch.randint(0, m - 3, (n,), generator=g)  # the last three latents get no entry
+    cols[:400] = 5  # one latent with many
+    bag, rows = torch.randint(0, n_table, (n,), generator=g), torch.randint(0, n_x, (n,), generator=g)
+    w_dec, w_enc = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    table, x = torch.randn(n_table, d, generator=g), torch.randn(n_x, d, generator=g)
+    table[bag[7], d // 2] = float("nan")
+    counts, bag_by, rows_by, w_dec_by, w_enc_by = sparse_step.by_latent(cols, m, bag, rows, w_dec, w_enc)
+    dec_grad, enc_grad = torch.full((m, d), 5.0), torch.full((d, m), 5.0)
+    b_grad = native.latent_grads_f32(table, x, counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad, enc_grad)
+    if b_grad is None:
+        assert not vector_fma(), "the kernel declined on a CPU with vector FMA"
+        pytest.skip("the kernel needs AVX2 and FMA, or AVX-512")
+    offsets = counts.cumsum(0) - counts
+    want_dec = torch.nn.functional.embedding_bag(bag_by, table, offsets, mode="sum", per_sample_weights=w_dec_by)
+    want_enc = torch.nn.functional.embedding_bag(rows_by, x, offsets, mode="sum", per_sample_weights=w_enc_by).T
+    want_b = torch.zeros(m).index_add_(0, cols, w_enc)
+    for got, want in ((dec_grad, want_dec), (enc_grad, want_enc), (b_grad, want_b)):
+        assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
+    assert dec_grad.isnan().any() and not enc_grad[:, -3:].any()  # the NaN reached its latent; empty latents are 0
+    bad = rows_by.clone()
+    bad[-1] = n_x
+    assert native.latent_grads_f32(table, x, counts, bag_by, bad, w_dec_by, w_enc_by, dec_grad, enc_grad) is None
+    assert native.latent_grads_f32(table, x, counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad.T, enc_grad) is None
+
+
 def selection_inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
     """Inputs a selection can get wrong: ties, signed zeros, infinities, keys spread over one exponent or all."""
     g = torch.Generator().manual_seed(seed)
