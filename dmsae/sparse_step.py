@@ -302,8 +302,8 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     bag_counts = torch.bincount(bag, minlength=n_groups * B)
     offsets = bag_counts.cumsum(0) - bag_counts
     bounds = offsets[::B].tolist() + [bag.numel()]  # each group's entries: bags are sorted by group, then token
-    # Each group's bag sums in a call of its own, summed into a reused buffer: the one call's fresh [G, B, d]
-    # output (47 MB at the bench shape) paid its page faults on every step, 7 of its 16 ms. The same sums.
+    # The residuals go into a reused buffer: one embedding_bag call's fresh [G, B, d] output (47 MB at the bench
+    # shape) paid its page faults on every step, 7 of its 16 ms. Without the C pass, a call per group. The same sums.
     out = ws.get("out", (G + 1, B, d), x.dtype, dev)[:n_groups]  # one size, with or without AuxK
     dec = sae.dec.detach() if low is None else sae.dec.detach().to(low)  # cast once, not in every group's call
     # resid[g] = x_hat_g - x, the nested reconstructions' residuals
@@ -311,15 +311,16 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         torch.addmm(xc, f_core, sae.dec_core, beta=-1, out=out[0])  # b_dec + f_core W_core - x
     else:  # no core: what addmm does then (copy xc, scale it by -1) in one pass
         torch.mul(xc, -1, out=out[0])
-    for g in range(n_groups):
+    # float32: every group's sums and adds in one C pass where it builds (the same bits); AuxK's bag is added to the
+    # last residual too: e_hat - (x - x_hat), minus AuxK's error
+    summed = low is None and native.group_bag_sums_f32(dec, cols, vals, offsets, out)
+    for g in range(0 if not summed else n_groups, n_groups):
         lo, hi = bounds[g], bounds[g + 1]
         part = weighted_bags(cols[lo:hi], dec, offsets[g * B:(g + 1) * B] - lo, vals[lo:hi], low)
         if g == 0:
             out[0] += part
-        elif g < G:
-            torch.add(part, out[g - 1], out=out[g])
         else:
-            aux_part = part  # AuxK's reconstruction of the error; added to the last residual below
+            torch.add(part, out[g - 1], out=out[g])
         del part
     resid = out[:G]
     prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
@@ -329,8 +330,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     if aux is not None:
         last = resid[G - 1]
         denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        e = torch.add(aux_part, last, out=out[G])  # e_hat - (x - x_hat): minus AuxK's error
-        del aux_part
+        e = out[G]
         aux_loss = e.flatten().dot(e.flatten()) / B / denom
         loss = loss + sae.aux_alpha * aux_loss
         scale_aux = 2 * sae.aux_alpha / (B * float(denom))

@@ -131,6 +131,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
+    "dmsae_group_bag_sums_f32": [PTR, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
 
@@ -303,6 +304,26 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     if kernel(lib, "dmsae_by_latent")(cols.data_ptr(), n, m, *args) != 0:
         return None
     return counts, *out
+
+
+def group_bag_sums_f32(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor) -> bool:
+    """out [groups, batch, d], whose row (0, t) the caller set: row (g, t) becomes the weighted sum of weight's rows in
+    bag g * batch + t (entries [starts[b], starts[b + 1]) of cols and vals, the last bag ending at their end) plus row
+    (g - 1, t), row (0, t) plus its own sum: torch's embedding_bag per group and its adds, bit for bit. False (nothing
+    written) where the kernel is not available or the inputs are not contiguous float32 / int64 CPU tensors of
+    these shapes."""
+    groups, batch, d = out.shape if out.dim() == 3 else (0, 0, 0)
+    ok = (_plain(weight, torch.float32, 2) and weight.shape[1] == d and groups > 0 and out.is_contiguous()
+          and out.dtype == torch.float32 and out.device.type == "cpu" and _plain(cols, torch.int64)
+          and _plain(starts, torch.int64) and starts.numel() == groups * batch and _plain(vals, torch.float32)
+          and vals.numel() == cols.numel())
+    lib = library() if ok else None
+    if lib is None:
+        return False
+    parts = thread_parts(batch // 64)
+    return kernel(lib, "dmsae_group_bag_sums_f32")(weight.data_ptr(), weight.shape[0], cols.data_ptr(), vals.data_ptr(),
+                                                 starts.data_ptr(), cols.numel(), groups, batch, d, out.data_ptr(),
+                                                 parts) == 0
 
 
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,

@@ -21,6 +21,8 @@
    dmsae_latent_grads_f32: the float32 step's decoder, encoder and encoder-bias gradients from the entries grouped by
    latent in one pass, each sum the fused multiply-adds in entry order that torch's embedding_bag kernel (fbgemm)
    runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512).
+   dmsae_group_bag_sums_f32: the nested reconstructions' residuals from the entries in bags by (group, token), each
+   group's weighted sums (the same fused multiply-adds) added to the group before it in one pass.
    dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
    last, in place (torch's adds in torch's order), and for the bf16 step their bfloat16 copy in the same pass.
    dmsae_bag_dots_bf16: the bf16 step's gradient of each entry's value, a dot product of two bfloat16 rows summed in
@@ -617,7 +619,64 @@ static void *grads_part(void *arg) {
     free(block);
     return 0;
 }
+
+typedef struct {
+    const float *weight, *vals;
+    const int64_t *cols, *starts;
+    float *out;
+    int64_t n, n_groups, batch, d, lo, hi;
+} bpart_t;
+
+/* tokens [lo, hi) of dmsae_group_bag_sums_f32: each group's bag summed into a row in L1, then added to the row
+   before it */
+static void *bag_sums_part(void *arg) {
+    bpart_t *p = (bpart_t *)arg;
+    const int64_t d = p->d, n_bags = p->n_groups * p->batch;
+    float *sum = (float *)malloc((size_t)(d > 0 ? d : 1) * sizeof(float));
+    if (!sum) {
+        p->lo = -1;
+        return 0;
+    }
+    for (int64_t t = p->lo; t < p->hi; ++t)
+        for (int64_t g = 0; g < p->n_groups; ++g) {
+            const int64_t b = g * p->batch + t, lo = p->starts[b], hi = b + 1 < n_bags ? p->starts[b + 1] : p->n;
+            weighted_row_sum(p->weight, p->cols, p->vals, lo, hi, d, sum);
+            const float *before = p->out + ((g > 0 ? g - 1 : 0) * p->batch + t) * d;
+            float *row = p->out + b * d;
+            for (int64_t j = 0; j < d; ++j) row[j] = sum[j] + before[j];
+        }
+    free(sum);
+    return 0;
+}
 #endif
+
+/* The step's nested reconstructions from its entries, sorted into bags by (group, token) (bag g * batch + t holds
+   entries [starts[b], starts[b + 1]), the last ending at n): out [n_groups, batch, d] row (g, t) = the bag's sum of
+   vals[e] * weight[cols[e]] (embedding_bag's float32 weighted sum, fused multiply-adds in entry order) plus row
+   (g - 1, t), or, for g = 0, plus the row (0, t) the caller wrote there: torch's per-group embedding_bag and adds, the
+   same bits, without writing each group's sums and reading them again. Split over `parts` threads by token.
+   Returns 0, -1 on a latent outside [0, m), -2 on no memory, -3 where the build has no vector FMA. */
+int dmsae_group_bag_sums_f32(const float *weight, int64_t m, const int64_t *cols, const float *vals,
+                             const int64_t *starts, int64_t n, int64_t n_groups, int64_t batch, int64_t d, float *out,
+                             int parts) {
+#if defined(LANES)
+    for (int64_t e = 0; e < n; ++e)
+        if (cols[e] < 0 || cols[e] >= m) return -1;
+    bpart_t p[64];
+    parts = clamp_parts(parts);
+    for (int t = 0; t < parts; ++t)
+        p[t] = (bpart_t){weight, vals, cols, starts, out, n, n_groups, batch, d, batch * t / parts,
+                         batch * (t + 1) / parts};
+    run_parallel(bag_sums_part, p, sizeof p[0], parts);
+    for (int t = 0; t < parts; ++t)
+        if (p[t].lo < 0) return -2;
+    return 0;
+#else
+    (void)weight, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch, (void)d;
+    (void)out, (void)parts;
+    return -3;
+#endif
+}
 
 /* The weight gradients of the step's active entries, grouped by latent (offsets [m + 1]: latent c's entries are
    [offsets[c], offsets[c + 1])): dec_grad [m, d] row c = sum of w_dec[e] * table[bag[e]], enc_grad [d, m] column c =

@@ -250,6 +250,53 @@ def test_latent_grads_equal_torchs(built, d, parts, monkeypatch):
     assert native.latent_grads_f32(table, x, counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad.T, enc_grad) is None
 
 
+@needs_cc
+@pytest.mark.parametrize("d", [7, 37, 576])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_group_bag_sums_equal_torchs(built, d, parts, groups, monkeypatch):
+    """The residuals' chain bit for bit as the step's torch loop writes it (each group's embedding_bag, added to the
+    group before it; the first to the rows the caller set), with empty bags, a token with many entries, a NaN, and a
+    -0 in the rows set first; no answer for a latent out of range."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    g = torch.Generator().manual_seed(d * 100 + parts * 10 + groups)
+    m, batch, n = 40, 33, 900
+    bag = torch.randint(0, groups * batch, (n,), generator=g)
+    bag[:200] = batch + 1 if groups > 1 else 1  # one token's bag with many entries
+    bag = bag[bag % batch != 5]  # token 5: empty bags in every group
+    bag = bag.sort().values
+    cols = torch.randint(0, m, (bag.numel(),), generator=g)
+    vals = torch.randn(bag.numel(), generator=g)
+    weight = torch.randn(m, d, generator=g)
+    weight[3, d - 1] = float("nan")
+    counts = torch.bincount(bag, minlength=groups * batch)
+    starts = counts.cumsum(0) - counts
+    first = torch.randn(batch, d, generator=g)
+    first[5, 0] = -0.0
+    want = torch.empty(groups, batch, d)
+    want[0] = first
+    for gr in range(groups):
+        lo = int(starts[gr * batch])
+        hi = int(starts[(gr + 1) * batch]) if gr + 1 < groups else bag.numel()
+        part = torch.nn.functional.embedding_bag(cols[lo:hi], weight, starts[gr * batch:(gr + 1) * batch] - lo,
+                                                 mode="sum", per_sample_weights=vals[lo:hi])
+        if gr == 0:
+            want[0] += part
+        else:
+            torch.add(part, want[gr - 1], out=want[gr])
+    out = torch.full((groups, batch, d), 7.0)
+    out[0] = first
+    if not native.group_bag_sums_f32(weight, cols, vals, starts, out):
+        assert not vector_fma(), "the kernel declined on a CPU with vector FMA"
+        pytest.skip("the kernel needs AVX2 and FMA, or AVX-512")
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    assert out.isnan().any() and not torch.equal(out[0], first)
+    bad = cols.clone()
+    bad[0] = m
+    assert not native.group_bag_sums_f32(weight, bad, vals, starts, out)
+    assert not native.group_bag_sums_f32(weight, cols, vals, starts[:-1], out)
+
+
 def selection_inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
     """Inputs a selection can get wrong: ties, signed zeros, infinities, keys spread over one exponent or all."""
     g = torch.Generator().manual_seed(seed)
