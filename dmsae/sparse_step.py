@@ -360,7 +360,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     col_counts, bag_by, rows_by, w_dec_by, w_enc_by = by_latent(cols, m, bag, rows, vals * entry_scale, g_vals)
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
     # float32: both weight gradients and the bias's in one C call where it builds, the encoder's written transposed
-    # (torch's sums and the transpose after them took 15 ms at the bench shape, this 11.5; the same bits)
+    # (torch's two sums and the transpose after them took about 15 ms in the bench's step, this 13; the same bits)
     dec_grad = ws.get("dec_grad", (m, d), x.dtype, dev) if low is None else None
     grad_b_enc = None if dec_grad is None else native.latent_grads_f32(
         table, xc, col_counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad, enc_grad)

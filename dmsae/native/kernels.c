@@ -625,6 +625,7 @@ typedef struct {
     const int64_t *cols, *starts;
     float *out;
     int64_t n, n_groups, batch, d, lo, hi;
+    int failed;
 } bpart_t;
 
 /* tokens [lo, hi) of dmsae_group_bag_sums_f32: each group's bag summed into a row in L1, then added to the row
@@ -634,7 +635,7 @@ static void *bag_sums_part(void *arg) {
     const int64_t d = p->d, n_bags = p->n_groups * p->batch;
     float *sum = (float *)malloc((size_t)(d > 0 ? d : 1) * sizeof(float));
     if (!sum) {
-        p->lo = -1;
+        p->failed = 1;
         return 0;
     }
     for (int64_t t = p->lo; t < p->hi; ++t)
@@ -666,10 +667,10 @@ int dmsae_group_bag_sums_f32(const float *weight, int64_t m, const int64_t *cols
     parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t)
         p[t] = (bpart_t){weight, vals, cols, starts, out, n, n_groups, batch, d, batch * t / parts,
-                         batch * (t + 1) / parts};
+                         batch * (t + 1) / parts, 0};
     run_parallel(bag_sums_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
-        if (p[t].lo < 0) return -2;
+        if (p[t].failed) return -2;
     return 0;
 #else
     (void)weight, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch, (void)d;
