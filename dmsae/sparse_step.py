@@ -241,6 +241,39 @@ def core_and_b_dec_grads(sae: MatryoshkaSAE, xc: Tensor, f_core: Tensor, g_base:
     return grads
 
 
+def entry_and_weight_grads(sae: MatryoshkaSAE, table: Tensor, table_low: Tensor | None, xc: Tensor, xc_low: Tensor,
+                           dec: Tensor, cols: Tensor, rows: Tensor, bag: Tensor, offsets: Tensor, vals: Tensor,
+                           entry_scale: Tensor, n_main: int, low: torch.dtype | None, dec_grad: Tensor,
+                           enc_grad: Tensor) -> Tensor:
+    """The step's weight gradients, written into dec_grad and enc_grad, and the encoder bias's, returned: each
+    entry's value gradient first (from `table`, the loss gradient at each bag's output), then the sums by latent.
+    float32: in one C pass where it builds, the same bits as torch's calls that run elsewhere."""
+    m, d = dec_grad.shape
+    # each entry's value gradient: under autocast from the 16-bit copies, products and sums in float32, in C where
+    # it builds (half the bytes of the decoder rows it reads; torch's 16-bit version rounds its output to 16 bits)
+    g_vals = None if table_low is None else native.bag_dots_bf16(table_low.view(-1, d), dec, cols, bag)
+    if g_vals is None:
+        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
+    g_vals *= entry_scale
+    g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
+
+    col_counts, bag_by, rows_by, w_dec_by, w_enc_by = by_latent(cols, m, bag, rows, vals * entry_scale, g_vals)
+    # float32: both weight gradients and the bias's in one C call where it builds, the encoder's written transposed
+    # (torch's two sums and the transpose after them took about 15 ms in the bench's step, this 13; the same bits)
+    grad_b_enc = None if low is not None else native.latent_grads_f32(
+        table, xc, col_counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad, enc_grad)
+    if grad_b_enc is None:
+        col_offsets = col_counts.cumsum(0) - col_counts
+        table_by = table if table_low is None else table_low.view(-1, d)
+        dec_grad.copy_(weighted_bags(bag_by, table_by, col_offsets, w_dec_by, low))
+        by_latent_sums = weighted_bags(rows_by, xc_low, col_offsets, w_enc_by, low)
+        if not native.transpose_f32(by_latent_sums, enc_grad):  # in tiles, in C where it builds: a third of the time
+            enc_grad.copy_(by_latent_sums.T)
+        del by_latent_sums
+        grad_b_enc = torch.zeros(m, dtype=xc.dtype, device=xc.device).index_add_(0, cols, g_vals)
+    return grad_b_enc
+
+
 @torch.no_grad()
 def train_step(sae: MatryoshkaSAE, x: Tensor) -> tuple[StepStats, Tensor, Tensor]:
     """The step as `train_sae` drives it. Under torch.autocast (how sparsify's and dictionary_learning's
@@ -311,9 +344,10 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         torch.addmm(xc, f_core, sae.dec_core, beta=-1, out=out[0])  # b_dec + f_core W_core - x
     else:  # no core: what addmm does then (copy xc, scale it by -1) in one pass
         torch.mul(xc, -1, out=out[0])
-    # float32: every group's sums and adds in one C pass where it builds (the same bits); AuxK's bag is added to the
-    # last residual too: e_hat - (x - x_hat), minus AuxK's error
-    summed = low is None and native.group_bag_sums_f32(dec, cols, vals, offsets, out)
+    # every group's sums and adds in one C pass where it builds (float32: the same bits; under autocast from the
+    # 16-bit decoder rows, the sums float32 where embedding_bag's were 16-bit); AuxK's bag is added to the last
+    # residual too: e_hat - (x - x_hat), minus AuxK's error
+    summed = native.group_bag_sums(dec, cols, vals, offsets, out)
     for g in range(0 if not summed else n_groups, n_groups):
         lo, hi = bounds[g], bounds[g + 1]
         part = weighted_bags(cols[lo:hi], dec, offsets[g * B:(g + 1) * B] - lo, vals[lo:hi], low)
@@ -347,32 +381,23 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     # out now holds, unscaled, the loss gradient at every bag's output: row g*B+t for group g of token t,
     # row G*B+t for AuxK's reconstruction of token t's error
     table = out.view(-1, d)
-    # each entry's value gradient: under autocast from the 16-bit copies, products and sums in float32, in C where
-    # it builds (half the bytes of the decoder rows it reads; torch's 16-bit version rounds its output to 16 bits)
-    g_vals = None if table_low is None else native.bag_dots_bf16(table_low.view(-1, d), dec, cols, bag)
-    if g_vals is None:
-        g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, sae.dec, cols, offsets, bag, 0)
     entry_scale = torch.full_like(vals, scale)
     entry_scale[n_main:] = scale_aux
-    g_vals *= entry_scale
-    g_vals[:n_main] *= vals[:n_main] > 0  # BatchTopK's values are clamped at zero
-
-    col_counts, bag_by, rows_by, w_dec_by, w_enc_by = by_latent(cols, m, bag, rows, vals * entry_scale, g_vals)
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
-    # float32: both weight gradients and the bias's in one C call where it builds, the encoder's written transposed
-    # (torch's two sums and the transpose after them took about 15 ms in the bench's step, this 13; the same bits)
-    dec_grad = ws.get("dec_grad", (m, d), x.dtype, dev) if low is None else None
-    grad_b_enc = None if dec_grad is None else native.latent_grads_f32(
-        table, xc, col_counts, bag_by, rows_by, w_dec_by, w_enc_by, dec_grad, enc_grad)
+    dec_grad = ws.get("dec_grad", (m, d), x.dtype, dev)
+    grad_b_enc = None
+    if table_low is not None:
+        # under autocast, where the CPU has a bfloat16 dot instruction: each entry's value gradient (its bag's
+        # gradient row . its decoder row) in the same C pass by latent as the weight gradients, which reads the
+        # bag's row anyway, all from the 16-bit rows with float32 sums. `gate` scales it: zero where BatchTopK
+        # clamped the value (AuxK's values are all positive)
+        gate = entry_scale * (vals > 0)
+        col_counts, bag_by, rows_by, w_dec_by, gate_by = by_latent(cols, m, bag, rows, vals * entry_scale, gate)
+        grad_b_enc = native.latent_grads_bf16(table_low.view(-1, d), xc_low, dec, col_counts, bag_by, rows_by,
+                                              w_dec_by, gate_by, dec_grad, enc_grad)
     if grad_b_enc is None:
-        col_offsets = col_counts.cumsum(0) - col_counts
-        table_by = table if table_low is None else table_low.view(-1, d)
-        dec_grad = weighted_bags(bag_by, table_by, col_offsets, w_dec_by, low).float()
-        by_latent_sums = weighted_bags(rows_by, xc_low, col_offsets, w_enc_by, low)
-        if not native.transpose_f32(by_latent_sums, enc_grad):  # in tiles, in C where it builds: a third of the time
-            enc_grad.copy_(by_latent_sums.T)
-        del by_latent_sums
-        grad_b_enc = torch.zeros(m, dtype=x.dtype, device=dev).index_add_(0, cols, g_vals)
+        grad_b_enc = entry_and_weight_grads(sae, table, table_low, xc, xc_low, dec, cols, rows, bag, offsets, vals,
+                                            entry_scale, n_main, low, dec_grad, enc_grad)
     sae.dec.grad, sae.enc.grad, sae.b_enc.grad = dec_grad, enc_grad, grad_b_enc
     # resid[0]: the unscaled gradient at b_dec + f_core W_core (every prefix contains it)
     for name, grad in core_and_b_dec_grads(sae, xc, f_core, resid[0], grad_b_enc, scale).items():

@@ -12,11 +12,13 @@ from dmsae.training import derive_seed, fit
 
 NAME = "train"
 VERSION = "4"  # 4: core gates, birth bias/threshold in the lineage; 3: the autograd-free train step
-# the bf16 step's own revision, in bf16 keys only (float32 keys stay as they were): 4: each entry's value gradient
+# the bf16 step's own revision, in bf16 keys only (float32 keys stay as they were): 5: the residuals' sums and the
+# weight gradients in float32 from the 16-bit rows (native.group_bag_sums, native.latent_grads_bf16; embedding_bag's
+# 16-bit sums before); 4: each entry's value gradient
 # from the 16-bit copies, summed in float32 (native.bag_dots_bf16); 3: BatchTopK's ties at the
 # k-th largest split by order (sparse_step.top_first_ties); 2: the sparse gathers read 16-bit copies too; 1: only
 # the encoder matmul in 16 bits
-BF16_STEP = "4"
+BF16_STEP = "5"
 READS_ACTIVATIONS = True
 
 

@@ -131,8 +131,9 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
-    "dmsae_group_bag_sums_f32": [PTR, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, INT],
+    "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
+    "dmsae_latent_grads_bf16": [PTR, I64, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
 
 
@@ -306,24 +307,26 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     return counts, *out
 
 
-def group_bag_sums_f32(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor) -> bool:
+def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor) -> bool:
     """out [groups, batch, d], whose row (0, t) the caller set: row (g, t) becomes the weighted sum of weight's rows in
     bag g * batch + t (entries [starts[b], starts[b + 1]) of cols and vals, the last bag ending at their end) plus row
-    (g - 1, t), row (0, t) plus its own sum: torch's embedding_bag per group and its adds, bit for bit. False (nothing
-    written) where the kernel is not available or the inputs are not contiguous float32 / int64 CPU tensors of
-    these shapes."""
+    (g - 1, t), row (0, t) plus its own sum: with a float32 weight, torch's embedding_bag per group and its adds, bit
+    for bit; with a bfloat16 one (the bf16 step's copy), the same float32 sums of its rows widened exactly. False
+    (nothing written) where the kernel is not available or the inputs are not contiguous CPU tensors of these shapes
+    and types (vals and out float32, cols and starts int64)."""
     groups, batch, d = out.shape if out.dim() == 3 else (0, 0, 0)
-    ok = (_plain(weight, torch.float32, 2) and weight.shape[1] == d and groups > 0 and out.is_contiguous()
-          and out.dtype == torch.float32 and out.device.type == "cpu" and _plain(cols, torch.int64)
-          and _plain(starts, torch.int64) and starts.numel() == groups * batch and _plain(vals, torch.float32)
-          and vals.numel() == cols.numel())
+    half = weight.dtype == torch.bfloat16
+    ok = ((_plain(weight, torch.float32, 2) or _plain(weight, torch.bfloat16, 2)) and weight.shape[1] == d
+          and groups > 0 and out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"
+          and _plain(cols, torch.int64) and _plain(starts, torch.int64) and starts.numel() == groups * batch
+          and _plain(vals, torch.float32) and vals.numel() == cols.numel())
     lib = library() if ok else None
     if lib is None:
         return False
     parts = thread_parts(batch // 64)
-    return kernel(lib, "dmsae_group_bag_sums_f32")(weight.data_ptr(), weight.shape[0], cols.data_ptr(), vals.data_ptr(),
-                                                 starts.data_ptr(), cols.numel(), groups, batch, d, out.data_ptr(),
-                                                 parts) == 0
+    return kernel(lib, "dmsae_group_bag_sums")(weight.data_ptr(), int(half), weight.shape[0], cols.data_ptr(),
+                                             vals.data_ptr(), starts.data_ptr(), cols.numel(), groups, batch, d,
+                                             out.data_ptr(), parts) == 0
 
 
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
@@ -352,6 +355,40 @@ def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows
     rc = kernel(lib, "dmsae_latent_grads_f32")(
         table.data_ptr(), table.shape[0], x.data_ptr(), x.shape[0], offsets.data_ptr(), bag.data_ptr(), rows.data_ptr(),
         w_dec.data_ptr(), w_enc.data_ptr(), d, m, dec_grad.data_ptr(), enc_grad.data_ptr(), b_grad.data_ptr(), parts)
+    return b_grad if rc == 0 else None
+
+
+def latent_grads_bf16(table: Tensor, x: Tensor, dec: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
+                      gate: Tensor, dec_grad: Tensor, enc_grad: Tensor) -> Tensor | None:
+    """The bf16 step's weight gradients from bfloat16 rows (table: the gradient at each bag's output, x: the centred
+    inputs, whose rows may be strided, dec [m, d]: the decoder) and the entries grouped by latent (`by_latent`'s
+    counts and arrays, gate in w_enc's place): each entry's value gradient g = (table[bag] . dec[latent]) * gate,
+    written into dec_grad [m, d] (sum of w_dec * table[bag]) and enc_grad [d, m] (sum of g * x[rows], transposed);
+    returns the encoder bias's gradient [m] (g summed by latent). float32 products and sums in the kernel's order, not
+    torch's bits. None (nothing written) where the kernel is not available (it needs the CPU's bfloat16 dot
+    instruction) or the inputs are not such CPU tensors."""
+    m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
+    n = bag.numel()
+    ok = (_plain(table, torch.bfloat16, 2) and _plain(dec, torch.bfloat16, 2) and dec.shape == (m, d) and m > 0
+          and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
+          and x.stride(0) >= d and table.shape[1] == x.shape[1] == d
+          and _plain(dec_grad, torch.float32, 2) and _plain(enc_grad, torch.float32, 2) and enc_grad.shape == (d, m)
+          and _plain(counts, torch.int64) and counts.numel() == m
+          and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, gate))
+          and rows.numel() == w_dec.numel() == gate.numel() == n)
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    offsets = torch.zeros(m + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    if int(offsets[-1]) != n:
+        return None
+    b_grad = torch.empty(m, dtype=torch.float32)
+    parts = thread_parts(n // 1024)
+    rc = kernel(lib, "dmsae_latent_grads_bf16")(
+        table.data_ptr(), table.shape[0], x.data_ptr(), x.shape[0], x.stride(0), dec.data_ptr(), offsets.data_ptr(),
+        bag.data_ptr(), rows.data_ptr(), w_dec.data_ptr(), gate.data_ptr(), d, m, dec_grad.data_ptr(),
+        enc_grad.data_ptr(), b_grad.data_ptr(), parts)
     return b_grad if rc == 0 else None
 
 

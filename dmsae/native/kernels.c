@@ -544,34 +544,76 @@ typedef __m256 vec_t;
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #endif
 
+static inline float bf16_value(uint16_t h) {
+    union { float f; uint32_t u; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
 #if defined(LANES)
 enum { ROW_BLOCK = 12, LATENT_BLOCK = 16 };
+#define INLINE static inline __attribute__((always_inline))
 
-/* out[0, d) = the sum over entries e in [lo, hi) of w[e] * src[idx[e]], each column from +0 by one fused multiply-add
-   per entry in entry order: embedding_bag's float32 weighted sum as torch's kernel (fbgemm) runs it, the same bits.
-   ROW_BLOCK vectors of the row stay in registers while the entries stream past (576 columns: three blocks of 192). */
-static inline void weighted_row_sum(const float *src, const int64_t *idx, const float *w, int64_t lo, int64_t hi,
-                                    int64_t d, float *out) {
+/* LANES floats of src from element `at`: float32, or (half) bfloat16 widened exactly */
+INLINE vec_t load_at(const void *src, int64_t at, int half) {
+#if defined(__AVX512F__)
+    if (half)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + at))), 16));
+#else
+    if (half)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + at))), 16));
+#endif
+    return VLOAD((const float *)src + at);
+}
+
+INLINE float value_at(const void *src, int64_t at, int half) {
+    return half ? bf16_value(((const uint16_t *)src)[at]) : ((const float *)src)[at];
+}
+
+/* out[0, d) = the sum over entries e in [lo, hi) of w[e] * src[idx[e]] (rows of d float32, or bfloat16 where `half`),
+   each column from +0 by one fused multiply-add per entry in entry order: embedding_bag's float32 weighted sum as
+   torch's kernel (fbgemm) runs it, the same bits. ROW_BLOCK vectors of the row stay in registers while the entries
+   stream past (576 columns: three blocks of 192). Callers pass `half` as a constant: one copy of each. */
+INLINE void weighted_row_sum(const void *src, int half, const int64_t *idx, const float *w, int64_t lo, int64_t hi,
+                             int64_t d, float *out) {
     int64_t j0 = 0;
     for (; j0 + ROW_BLOCK * LANES <= d; j0 += ROW_BLOCK * LANES) {
         vec_t acc[ROW_BLOCK];
         for (int i = 0; i < ROW_BLOCK; ++i) acc[i] = VZERO();
         for (int64_t e = lo; e < hi; ++e) {
-            const float *row = src + idx[e] * d + j0;
+            const int64_t row = idx[e] * d + j0;
             vec_t we = VSET1(w[e]);
-            for (int i = 0; i < ROW_BLOCK; ++i) acc[i] = VFMA(we, VLOAD(row + i * LANES), acc[i]);
+            for (int i = 0; i < ROW_BLOCK; ++i) acc[i] = VFMA(we, load_at(src, row + i * LANES, half), acc[i]);
         }
         for (int i = 0; i < ROW_BLOCK; ++i) VSTORE(out + j0 + i * LANES, acc[i]);
     }
     for (; j0 + LANES <= d; j0 += LANES) {
         vec_t acc = VZERO();
-        for (int64_t e = lo; e < hi; ++e) acc = VFMA(VSET1(w[e]), VLOAD(src + idx[e] * d + j0), acc);
+        for (int64_t e = lo; e < hi; ++e) acc = VFMA(VSET1(w[e]), load_at(src, idx[e] * d + j0, half), acc);
         VSTORE(out + j0, acc);
     }
     for (; j0 < d; ++j0) {
         float acc = 0;
-        for (int64_t e = lo; e < hi; ++e) acc = fmaf(w[e], src[idx[e] * d + j0], acc);
+        for (int64_t e = lo; e < hi; ++e) acc = fmaf(w[e], value_at(src, idx[e] * d + j0, half), acc);
         out[j0] = acc;
+    }
+}
+
+/* n_block <= LATENT_BLOCK rows of d floats (row stride ld) written as columns of dst, a [d, m] matrix: a block of 16
+   in 64-byte pieces */
+static void write_columns(const float *block, int64_t ld, int64_t n_block, int64_t d, int64_t m, float *dst) {
+    for (int64_t j = 0; j < d; ++j, dst += m) {
+#if defined(__AVX512F__)
+        if (n_block == 16) {
+            const __m512i at = _mm512_mullo_epi32(
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)ld));
+            _mm512_storeu_ps(dst, _mm512_i32gather_ps(at, block + j, 4));
+            continue;
+        }
+#endif
+        for (int64_t c = 0; c < n_block; ++c) dst[c] = block[c * ld + j];
     }
 }
 
@@ -597,35 +639,25 @@ static void *grads_part(void *arg) {
         int64_t n_block = p->hi - c0 < LATENT_BLOCK ? p->hi - c0 : LATENT_BLOCK;
         for (int64_t c = c0; c < c0 + n_block; ++c) {
             int64_t lo = p->offsets[c], hi = p->offsets[c + 1];
-            weighted_row_sum(p->table, p->bag, p->w_dec, lo, hi, d, p->dec_grad + c * d);
-            weighted_row_sum(p->x, p->rows, p->w_enc, lo, hi, d, block + (c - c0) * ld);
+            weighted_row_sum(p->table, 0, p->bag, p->w_dec, lo, hi, d, p->dec_grad + c * d);
+            weighted_row_sum(p->x, 0, p->rows, p->w_enc, lo, hi, d, block + (c - c0) * ld);
             float sum = 0; /* index_add_'s sum: in entry order from +0 */
             for (int64_t e = lo; e < hi; ++e) sum += p->w_enc[e];
             p->b_grad[c] = sum;
         }
-        for (int64_t j = 0; j < d; ++j) {
-            float *dst = p->enc_grad + j * m + c0;
-#if defined(__AVX512F__)
-            if (n_block == 16) {
-                const __m512i at = _mm512_mullo_epi32(
-                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)ld));
-                _mm512_storeu_ps(dst, _mm512_i32gather_ps(at, block + j, 4));
-                continue;
-            }
-#endif
-            for (int64_t c = 0; c < n_block; ++c) dst[c] = block[c * ld + j];
-        }
+        write_columns(block, ld, n_block, d, m, p->enc_grad + c0);
     }
     free(block);
     return 0;
 }
 
 typedef struct {
-    const float *weight, *vals;
+    const void *weight; /* float32, or bfloat16 where half */
+    const float *vals;
     const int64_t *cols, *starts;
     float *out;
     int64_t n, n_groups, batch, d, lo, hi;
-    int failed;
+    int half, failed;
 } bpart_t;
 
 /* tokens [lo, hi) of dmsae_group_bag_sums_f32: each group's bag summed into a row in L1, then added to the row
@@ -641,7 +673,10 @@ static void *bag_sums_part(void *arg) {
     for (int64_t t = p->lo; t < p->hi; ++t)
         for (int64_t g = 0; g < p->n_groups; ++g) {
             const int64_t b = g * p->batch + t, lo = p->starts[b], hi = b + 1 < n_bags ? p->starts[b + 1] : p->n;
-            weighted_row_sum(p->weight, p->cols, p->vals, lo, hi, d, sum);
+            if (p->half)
+                weighted_row_sum(p->weight, 1, p->cols, p->vals, lo, hi, d, sum);
+            else
+                weighted_row_sum(p->weight, 0, p->cols, p->vals, lo, hi, d, sum);
             const float *before = p->out + ((g > 0 ? g - 1 : 0) * p->batch + t) * d;
             float *row = p->out + b * d;
             for (int64_t j = 0; j < d; ++j) row[j] = sum[j] + before[j];
@@ -655,11 +690,13 @@ static void *bag_sums_part(void *arg) {
    entries [starts[b], starts[b + 1]), the last ending at n): out [n_groups, batch, d] row (g, t) = the bag's sum of
    vals[e] * weight[cols[e]] (embedding_bag's float32 weighted sum, fused multiply-adds in entry order) plus row
    (g - 1, t), or, for g = 0, plus the row (0, t) the caller wrote there: torch's per-group embedding_bag and adds, the
-   same bits, without writing each group's sums and reading them again. Split over `parts` threads by token.
+   same bits, without writing each group's sums and reading them again. With `half`, weight's rows are bfloat16 (the
+   bf16 step's copy: half the bytes to gather), each widened exactly, the sums the same float32 ones. Split over
+   `parts` threads by token.
    Returns 0, -1 on a latent outside [0, m), -2 on no memory, -3 where the build has no vector FMA. */
-int dmsae_group_bag_sums_f32(const float *weight, int64_t m, const int64_t *cols, const float *vals,
-                             const int64_t *starts, int64_t n, int64_t n_groups, int64_t batch, int64_t d, float *out,
-                             int parts) {
+int dmsae_group_bag_sums(const void *weight, int half, int64_t m, const int64_t *cols, const float *vals,
+                         const int64_t *starts, int64_t n, int64_t n_groups, int64_t batch, int64_t d, float *out,
+                         int parts) {
 #if defined(LANES)
     for (int64_t e = 0; e < n; ++e)
         if (cols[e] < 0 || cols[e] >= m) return -1;
@@ -667,14 +704,14 @@ int dmsae_group_bag_sums_f32(const float *weight, int64_t m, const int64_t *cols
     parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t)
         p[t] = (bpart_t){weight, vals, cols, starts, out, n, n_groups, batch, d, batch * t / parts,
-                         batch * (t + 1) / parts, 0};
+                         batch * (t + 1) / parts, half, 0};
     run_parallel(bag_sums_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
     return 0;
 #else
-    (void)weight, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch, (void)d;
-    (void)out, (void)parts;
+    (void)weight, (void)half, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch;
+    (void)d, (void)out, (void)parts;
     return -3;
 #endif
 }
@@ -784,12 +821,6 @@ typedef struct {
     float *out;
 } dpart_t;
 
-static inline float bf16_value(uint16_t h) {
-    union { float f; uint32_t u; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
 /* entries [lo, hi) of dmsae_bag_dots_bf16 */
 static void *dots_part(void *arg) {
     dpart_t *p = (dpart_t *)arg;
@@ -847,4 +878,165 @@ int dmsae_bag_dots_bf16(const uint16_t *table, int64_t n_table, const uint16_t *
     }
     run_parallel(dots_part, p, sizeof p[0], parts);
     return 0;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* The bf16 step's weight gradients in one pass by latent. Its rows are bfloat16 (32 columns a 64-byte chunk): a chunk
+   read as 16 float32 pairs gives the even columns shifted up by 16 bits and the odd ones masked, two exact widenings
+   without a shuffle; the accumulators hold even and odd columns apart and are interleaved once when stored. */
+enum { CHUNKS = 6 }; /* a block of 6 chunks: 192 columns in 12 accumulators */
+
+typedef struct {
+    const uint16_t *table, *x, *dec;
+    const float *w_dec, *gate;
+    const int64_t *offsets, *bag, *rows;
+    float *dec_grad, *enc_grad, *b_grad;
+    int64_t d, ld_x, m, lo, hi;
+    int failed;
+} hpart_t;
+
+INLINE __m512 even_columns(__m512i r) { return _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)); }
+INLINE __m512 odd_columns(__m512i r) {
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* the first `width` (<= 32) columns of the chunk whose even and odd columns are `even` and `odd`, in order, to out */
+INLINE void store_chunk(float *out, __m512 even, __m512 odd, int64_t width) {
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512 a = _mm512_permutex2var_ps(even, first, odd), b = _mm512_permutex2var_ps(even, second, odd);
+    if (width >= 32) {
+        _mm512_storeu_ps(out, a);
+        _mm512_storeu_ps(out + 16, b);
+        return;
+    }
+    _mm512_mask_storeu_ps(out, (__mmask16)(width >= 16 ? 0xffffu : (1u << width) - 1), a);
+    if (width > 16) _mm512_mask_storeu_ps(out + 16, (__mmask16)((1u << (width - 16)) - 1), b);
+}
+
+INLINE __mmask32 chunk_mask(int64_t width) { return width >= 32 ? 0xffffffffu : (__mmask32)((1u << width) - 1); }
+
+/* columns [j0, j0 + 32 * nch) of latent c's decoder gradient row (the last chunk cut at d), the sum over its entries
+   e in [lo, hi) of w_dec[e] * table[bag[e]], and each entry's dot product of its table row with the latent's decoder
+   row over those columns added into dots[e - lo] (set where `first`). nch is a constant at each call. */
+INLINE void decoder_block(const hpart_t *p, int64_t c, int64_t lo, int64_t hi, int64_t j0, const int nch, __m512 *dots,
+                          int first) {
+    const int64_t d = p->d;
+    const __mmask32 last = chunk_mask(d - j0 - 32 * (nch - 1));
+    __m512 even[CHUNKS], odd[CHUNKS];
+    __m512i w[CHUNKS];
+    for (int i = 0; i < nch; ++i) {
+        even[i] = odd[i] = _mm512_setzero_ps();
+        w[i] = _mm512_maskz_loadu_epi16(i == nch - 1 ? last : 0xffffffffu, p->dec + c * d + j0 + 32 * i);
+    }
+    for (int64_t e = lo; e < hi; ++e) {
+        const uint16_t *row = p->table + p->bag[e] * d + j0;
+        const __m512 we = _mm512_set1_ps(p->w_dec[e]);
+        __m512 dot = _mm512_setzero_ps();
+        for (int i = 0; i < nch; ++i) {
+            const __m512i r = _mm512_maskz_loadu_epi16(i == nch - 1 ? last : 0xffffffffu, row + 32 * i);
+            even[i] = _mm512_fmadd_ps(we, even_columns(r), even[i]);
+            odd[i] = _mm512_fmadd_ps(we, odd_columns(r), odd[i]);
+            dot = _mm512_dpbf16_ps(dot, (__m512bh)r, (__m512bh)w[i]);
+        }
+        dots[e - lo] = first ? dot : _mm512_add_ps(dots[e - lo], dot);
+    }
+    for (int i = 0; i < nch; ++i) store_chunk(p->dec_grad + c * d + j0 + 32 * i, even[i], odd[i], d - j0 - 32 * i);
+}
+
+/* columns [j0, j0 + 32 * nch) of the sum over entries e in [lo, hi) of g[e - lo] * x[rows[e]], into out */
+INLINE void encoder_block(const hpart_t *p, int64_t lo, int64_t hi, int64_t j0, const int nch, const float *g,
+                          float *out) {
+    const __mmask32 last = chunk_mask(p->d - j0 - 32 * (nch - 1));
+    __m512 even[CHUNKS], odd[CHUNKS];
+    for (int i = 0; i < nch; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+    for (int64_t e = lo; e < hi; ++e) {
+        const uint16_t *row = p->x + p->rows[e] * p->ld_x + j0;
+        const __m512 we = _mm512_set1_ps(g[e - lo]);
+        for (int i = 0; i < nch; ++i) {
+            const __m512i r = _mm512_maskz_loadu_epi16(i == nch - 1 ? last : 0xffffffffu, row + 32 * i);
+            even[i] = _mm512_fmadd_ps(we, even_columns(r), even[i]);
+            odd[i] = _mm512_fmadd_ps(we, odd_columns(r), odd[i]);
+        }
+    }
+    for (int i = 0; i < nch; ++i) store_chunk(out + j0 + 32 * i, even[i], odd[i], p->d - j0 - 32 * i);
+}
+
+/* latents [lo, hi) of dmsae_latent_grads_bf16, LATENT_BLOCK at a time (as grads_part) */
+static void *half_grads_part(void *arg) {
+    hpart_t *p = (hpart_t *)arg;
+    const int64_t d = p->d, ld = (d + 15) / 16 * 16;
+    int64_t most = 1;
+    for (int64_t c = p->lo; c < p->hi; ++c)
+        most = p->offsets[c + 1] - p->offsets[c] > most ? p->offsets[c + 1] - p->offsets[c] : most;
+    float *block = (float *)malloc((size_t)LATENT_BLOCK * ld * sizeof(float));
+    __m512 *dots = (__m512 *)aligned_alloc(64, (size_t)most * sizeof(__m512));
+    float *g = (float *)malloc((size_t)most * sizeof(float));
+    if (!block || !dots || !g) {
+        free(block), free(dots), free(g);
+        p->failed = 1;
+        return 0;
+    }
+    for (int64_t c0 = p->lo; c0 < p->hi; c0 += LATENT_BLOCK) {
+        const int64_t n_block = p->hi - c0 < LATENT_BLOCK ? p->hi - c0 : LATENT_BLOCK;
+        for (int64_t c = c0; c < c0 + n_block; ++c) {
+            const int64_t lo = p->offsets[c], hi = p->offsets[c + 1];
+            int64_t j0 = 0;
+            for (; j0 + 32 * CHUNKS <= d; j0 += 32 * CHUNKS) decoder_block(p, c, lo, hi, j0, CHUNKS, dots, j0 == 0);
+            for (; j0 < d; j0 += 32) decoder_block(p, c, lo, hi, j0, 1, dots, j0 == 0);
+            float sum = 0; /* the bias's gradient: the entries' value gradients in entry order from +0 */
+            for (int64_t e = lo; e < hi; ++e) sum += g[e - lo] = _mm512_reduce_add_ps(dots[e - lo]) * p->gate[e];
+            p->b_grad[c] = sum;
+            float *out = block + (c - c0) * ld;
+            for (j0 = 0; j0 + 32 * CHUNKS <= d; j0 += 32 * CHUNKS) encoder_block(p, lo, hi, j0, CHUNKS, g, out);
+            for (; j0 < d; j0 += 32) encoder_block(p, lo, hi, j0, 1, g, out);
+        }
+        write_columns(block, ld, n_block, d, p->m, p->enc_grad + c0);
+    }
+    free(block), free(dots), free(g);
+    return 0;
+}
+#endif
+
+/* The bf16 step's weight gradients from its entries grouped by latent (offsets [m + 1] as for dmsae_latent_grads_f32),
+   from bfloat16 rows: table [n_table, d] (the gradient at each bag's output), x [n_x, d] with row stride ld_x (the
+   centred inputs) and dec [m, d] (the decoder). Each entry's value gradient is the dot product of its table row and
+   its latent's decoder row times gate[e] (the loss scale, zero where BatchTopK clamped the value): it is taken here,
+   in the same pass that reads the table row for the decoder gradient, not in a pass of its own. dec_grad [m, d] row c
+   = sum of w_dec[e] * table[bag[e]], enc_grad [d, m] column c = sum of g[e] * x[rows[e]], b_grad [m] entry c = sum of
+   g[e]: float32 products (bfloat16 widens exactly) and float32 sums in an order of this function's (the dot products
+   by the CPU's bfloat16 dot instruction), so not torch's bits. Returns 0, -1 on an index out of range, -2 on no memory,
+   -3 where the build has no AVX-512 bfloat16 dot instruction (the caller then runs its other path). */
+int dmsae_latent_grads_bf16(const uint16_t *table, int64_t n_table, const uint16_t *x, int64_t n_x, int64_t ld_x,
+                            const uint16_t *dec, const int64_t *offsets, const int64_t *bag, const int64_t *rows,
+                            const float *w_dec, const float *gate, int64_t d, int64_t m, float *dec_grad,
+                            float *enc_grad, float *b_grad, int parts) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    const int64_t n = offsets[m];
+    for (int64_t e = 0; e < n; ++e)
+        if (bag[e] < 0 || bag[e] >= n_table || rows[e] < 0 || rows[e] >= n_x) return -1;
+    hpart_t p[64];
+    parts = clamp_parts(parts);
+    int64_t start = 0;
+    for (int t = 0; t < parts; ++t) { /* about n / parts entries a part, whole latent blocks */
+        int64_t end = m;
+        if (t + 1 < parts) {
+            const int64_t target = n * (t + 1) / parts;
+            end = start;
+            while (end < m && offsets[end] < target) end += LATENT_BLOCK;
+            end = end < m ? end : m;
+        }
+        p[t] = (hpart_t){table, x, dec, w_dec, gate, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, ld_x, m,
+                         start, end, 0};
+        start = end;
+    }
+    run_parallel(half_grads_part, p, sizeof p[0], parts);
+    for (int t = 0; t < parts; ++t)
+        if (p[t].failed) return -2;
+    return 0;
+#else
+    (void)table, (void)n_table, (void)x, (void)n_x, (void)ld_x, (void)dec, (void)offsets, (void)bag, (void)rows;
+    (void)w_dec, (void)gate, (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
+    return -3;
+#endif
 }

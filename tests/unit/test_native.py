@@ -252,10 +252,12 @@ def test_latent_grads_equal_torchs(built, d, parts, monkeypatch):
 @pytest.mark.parametrize("d", [7, 37, 576])
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_group_bag_sums_equal_torchs(built, d, parts, groups, monkeypatch):
+@pytest.mark.parametrize("half", [False, True])
+def test_group_bag_sums_equal_torchs(built, d, parts, groups, half, monkeypatch):
     """The residuals' chain bit for bit as the step's torch loop writes it (each group's embedding_bag, added to the
     group before it; the first to the rows the caller set), with empty bags, a token with many entries, a NaN, and a
-    -0 in the rows set first; no answer for a latent out of range."""
+    -0 in the rows set first; no answer for a latent out of range. A bfloat16 weight (the bf16 step's) gives torch's
+    float32 sums of its rows widened (exactly)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
     g = torch.Generator().manual_seed(d * 100 + parts * 10 + groups)
     m, batch, n = 40, 33, 900
@@ -267,6 +269,8 @@ def test_group_bag_sums_equal_torchs(built, d, parts, groups, monkeypatch):
     vals = torch.randn(bag.numel(), generator=g)
     weight = torch.randn(m, d, generator=g)
     weight[3, d - 1] = float("nan")
+    weight_read = weight.bfloat16() if half else weight
+    weight = weight_read.float()
     counts = torch.bincount(bag, minlength=groups * batch)
     starts = counts.cumsum(0) - counts
     first = torch.randn(batch, d, generator=g)
@@ -284,15 +288,65 @@ def test_group_bag_sums_equal_torchs(built, d, parts, groups, monkeypatch):
             torch.add(part, want[gr - 1], out=want[gr])
     out = torch.full((groups, batch, d), 7.0)
     out[0] = first
-    if not native.group_bag_sums_f32(weight, cols, vals, starts, out):
+    if not native.group_bag_sums(weight_read, cols, vals, starts, out):
         assert not vector_fma(), "the kernel declined on a CPU with vector FMA"
         pytest.skip("the kernel needs AVX2 and FMA, or AVX-512")
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))
     assert out.isnan().any() and not torch.equal(out[0], first)
     bad = cols.clone()
     bad[0] = m
-    assert not native.group_bag_sums_f32(weight, bad, vals, starts, out)
-    assert not native.group_bag_sums_f32(weight, cols, vals, starts[:-1], out)
+    assert not native.group_bag_sums(weight_read, bad, vals, starts, out)
+    assert not native.group_bag_sums(weight_read, cols, vals, starts[:-1], out)
+    assert not native.group_bag_sums(weight_read.half(), cols, vals, starts, out)  # float16: not this kernel's
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [7, 37, 200, 576])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_latent_grads_bf16_match_float64(built, d, parts, monkeypatch):
+    """The bf16 step's weight gradients from 16-bit rows: the decoder's bit for bit as torch's float32 embedding_bag
+    of the rows widened; the entries' value gradients (dot products in the kernel's order), the encoder's (from
+    strided rows, written transposed) and the bias's within float32 rounding of float64 sums, bounded by the sums of
+    the terms' magnitudes; gate zero gives an entry no value gradient. Widths below a chunk, past whole 192-column
+    blocks, and both; latents with no entries and many; no answer for a row out of range."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    g = torch.Generator().manual_seed(d * 10 + parts)
+    m, n, n_table, n_x = 50, 3000, 300, 120
+    cols = torch.randint(0, m - 3, (n,), generator=g)  # the last three latents get no entry
+    cols[:400] = 5
+    bag, rows = torch.randint(0, n_table, (n,), generator=g), torch.randint(0, n_x, (n,), generator=g)
+    w_dec, gate = torch.randn(n, generator=g), torch.rand(n, generator=g)
+    gate[::7] = 0
+    table, dec = torch.randn(n_table, d, generator=g).bfloat16(), torch.randn(m, d, generator=g).bfloat16()
+    x = torch.randn(n_x, d + 9, generator=g).bfloat16()[:, :d]  # strided rows, as the step's [xc | 1 | 0 ...]
+    counts, bag_by, rows_by, w_dec_by, gate_by = sparse_step.by_latent(cols, m, bag, rows, w_dec, gate)
+    cols_by = torch.repeat_interleave(torch.arange(m), counts)
+    dec_grad, enc_grad = torch.full((m, d), 5.0), torch.full((d, m), 5.0)
+    b_grad = native.latent_grads_bf16(table, x, dec, counts, bag_by, rows_by, w_dec_by, gate_by, dec_grad, enc_grad)
+    if b_grad is None:
+        assert "avx512_bf16" not in cpu_flags(), "the kernel declined on a CPU with the bfloat16 dot instruction"
+        pytest.skip("the kernel needs AVX-512 with its bfloat16 dot instruction")
+    offsets = counts.cumsum(0) - counts
+    want_dec = torch.nn.functional.embedding_bag(bag_by, table.float(), offsets, mode="sum",
+                                                 per_sample_weights=w_dec_by)
+    assert torch.equal(dec_grad.view(torch.int32), want_dec.view(torch.int32))
+    terms = table.double()[bag_by] * dec.double()[cols_by]
+    g_want, g_abs = terms.sum(1) * gate_by.double(), terms.abs().sum(1) * gate_by.double()
+    u, most = 2.0 ** -24, int(counts.max())  # float32's unit roundoff; the longest sum over a latent's entries
+    tol_g = g_abs * (d + 1) * u  # each value gradient: d exact products summed in float32, times the gate
+    want_enc = torch.nn.functional.embedding_bag(rows_by, x.double(), offsets, mode="sum", per_sample_weights=g_want)
+    abs_enc, tol_enc = (torch.nn.functional.embedding_bag(rows_by, x.double().abs(), offsets, mode="sum",
+                                                          per_sample_weights=w) for w in (g_abs + tol_g, tol_g))
+    assert ((enc_grad.double().T - want_enc).abs() <= abs_enc * most * u + tol_enc).all()
+    want_b, abs_b, tol_b = (torch.zeros(m, dtype=torch.float64).index_add_(0, cols_by, w)
+                            for w in (g_want, g_abs + tol_g, tol_g))
+    assert ((b_grad.double() - want_b).abs() <= abs_b * most * u + tol_b).all()
+    assert not enc_grad[:, -3:].any() and not b_grad[-3:].any() and not dec_grad[-3:].any()
+    bad = rows_by.clone()
+    bad[-1] = n_x
+    assert native.latent_grads_bf16(table, x, dec, counts, bag_by, bad, w_dec_by, gate_by, dec_grad, enc_grad) is None
+    assert native.latent_grads_bf16(table.float(), x, dec, counts, bag_by, rows_by, w_dec_by, gate_by, dec_grad,
+                                    enc_grad) is None
 
 
 def selection_inputs(n: int, seed: int) -> dict[str, torch.Tensor]:
