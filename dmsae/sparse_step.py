@@ -346,8 +346,12 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         torch.mul(xc, -1, out=out[0])
     # every group's sums and adds in one C pass where it builds (float32: the same bits; under autocast from the
     # 16-bit decoder rows, the sums float32 where embedding_bag's were 16-bit); AuxK's bag is added to the last
-    # residual too: e_hat - (x - x_hat), minus AuxK's error
-    summed = native.group_bag_sums(dec, cols, vals, offsets, out)
+    # residual too: e_hat - (x - x_hat), minus AuxK's error. Under autocast the same pass also takes each row's sum
+    # of squares (the losses), the suffix sums below and their 16-bit copy, while the token's rows are in cache
+    table_low = None if low is None else ws.get("table_low", (G + 1, B, d), low, dev)[:n_groups]
+    squares = None if low is None else ws.get("squares", (G + 1, B), x.dtype, dev)[:n_groups]
+    fused = low is not None and native.group_bag_sums(dec, cols, vals, offsets, out, (G, table_low, squares))
+    summed = fused or native.group_bag_sums(dec, cols, vals, offsets, out)
     for g in range(0 if not summed else n_groups, n_groups):
         lo, hi = bounds[g], bounds[g + 1]
         part = weighted_bags(cols[lo:hi], dec, offsets[g * B:(g + 1) * B] - lo, vals[lo:hi], low)
@@ -356,8 +360,11 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         else:
             torch.add(part, out[g - 1], out=out[g])
         del part
-    resid = out[:G]
-    prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
+    resid = out[:G]  # when fused, already their suffix sums, but for the last (and AuxK's row after them)
+    if fused:
+        prefix_losses = squares[:G].sum(1) / B
+    else:
+        prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
     loss = prefix_losses.mean()
     aux_loss = x.new_zeros(())
     scale_aux = 0.0
@@ -365,14 +372,13 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         last = resid[G - 1]
         denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         e = out[G]
-        aux_loss = e.flatten().dot(e.flatten()) / B / denom
+        aux_loss = (squares[G].sum() if fused else e.flatten().dot(e.flatten())) / B / denom
         loss = loss + sae.aux_alpha * aux_loss
         scale_aux = 2 * sae.aux_alpha / (B * float(denom))
     # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place); under autocast
     # also its 16-bit copy for the decoder gradient's gather, in the same pass where the kernel builds (a reused
     # buffer: a fresh 28 MB one paid its page faults every step)
-    table_low = None if low is None else ws.get("table_low", (G + 1, B, d), low, dev)[:n_groups]
-    if not native.suffix_sums_f32(out, G, table_low):
+    if not fused and not native.suffix_sums_f32(out, G, table_low):
         for g in range(G - 2, -1, -1):
             resid[g] += resid[g + 1]
         if table_low is not None:

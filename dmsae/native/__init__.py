@@ -131,7 +131,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
-    "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, INT],
+    "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
     "dmsae_latent_grads_bf16": [PTR, I64, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
@@ -307,26 +307,36 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
     return counts, *out
 
 
-def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor) -> bool:
+def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor,
+                   then: tuple[int, Tensor, Tensor] | None = None) -> bool:
     """out [groups, batch, d], whose row (0, t) the caller set: row (g, t) becomes the weighted sum of weight's rows in
     bag g * batch + t (entries [starts[b], starts[b + 1]) of cols and vals, the last bag ending at their end) plus row
     (g - 1, t), row (0, t) plus its own sum: with a float32 weight, torch's embedding_bag per group and its adds, bit
-    for bit; with a bfloat16 one (the bf16 step's copy), the same float32 sums of its rows widened exactly. False
-    (nothing written) where the kernel is not available or the inputs are not contiguous CPU tensors of these shapes
-    and types (vals and out float32, cols and starts int64)."""
+    for bit; with a bfloat16 one (the bf16 step's copy), the same float32 sums of its rows widened (exactly).
+    `then` = (suffix_groups, low, squares), in the same pass: squares [groups, batch] float32 = each row's sum of
+    squares (in the kernel's order), then the first suffix_groups groups' rows replaced by their suffix sums (as
+    `suffix_sums_f32`) and low (bfloat16, out's shape) = out cast as torch casts. False (nothing written) where the
+    kernel is not available or the inputs are not contiguous CPU tensors of these shapes and types (vals and out
+    float32, cols and starts int64)."""
     groups, batch, d = out.shape if out.dim() == 3 else (0, 0, 0)
     half = weight.dtype == torch.bfloat16
     ok = ((_plain(weight, torch.float32, 2) or _plain(weight, torch.bfloat16, 2)) and weight.shape[1] == d
           and groups > 0 and out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"
           and _plain(cols, torch.int64) and _plain(starts, torch.int64) and starts.numel() == groups * batch
           and _plain(vals, torch.float32) and vals.numel() == cols.numel())
+    suffix_groups, low, squares = then if then is not None else (0, None, None)
+    if then is not None:
+        ok = ok and (1 <= suffix_groups <= groups and low.dtype == torch.bfloat16 and low.shape == out.shape
+                     and low.is_contiguous() and low.device.type == "cpu" and _plain(squares, torch.float32, 2)
+                     and squares.shape == (groups, batch))
     lib = library() if ok else None
     if lib is None:
         return False
     parts = thread_parts(batch // 64)
-    return kernel(lib, "dmsae_group_bag_sums")(weight.data_ptr(), int(half), weight.shape[0], cols.data_ptr(),
-                                             vals.data_ptr(), starts.data_ptr(), cols.numel(), groups, batch, d,
-                                             out.data_ptr(), parts) == 0
+    return kernel(lib, "dmsae_group_bag_sums")(
+        weight.data_ptr(), int(half), weight.shape[0], cols.data_ptr(), vals.data_ptr(), starts.data_ptr(),
+        cols.numel(), groups, batch, d, out.data_ptr(), suffix_groups, None if low is None else low.data_ptr(),
+        None if squares is None else squares.data_ptr(), parts) == 0
 
 
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,

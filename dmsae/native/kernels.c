@@ -544,6 +544,13 @@ typedef __m256 vec_t;
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #endif
 
+/* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u = bits_of(&f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 static inline float bf16_value(uint16_t h) {
     union { float f; uint32_t u; } v;
     v.u = (uint32_t)h << 16;
@@ -655,10 +662,23 @@ typedef struct {
     const void *weight; /* float32, or bfloat16 where half */
     const float *vals;
     const int64_t *cols, *starts;
-    float *out;
-    int64_t n, n_groups, batch, d, lo, hi;
+    float *out, *squares;
+    uint16_t *low;
+    int64_t n, n_groups, batch, d, suffix_groups, lo, hi;
     int half, failed;
 } bpart_t;
+
+/* the sum of the squares of x[0, d), in float32: LANES sums, then theirs in a fixed order */
+static float sum_of_squares(const float *x, int64_t d) {
+    vec_t acc = VZERO();
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES) acc = VFMA(VLOAD(x + j), VLOAD(x + j), acc);
+    float lanes[LANES], total = 0;
+    VSTORE(lanes, acc);
+    for (int l = 0; l < LANES; ++l) total += lanes[l];
+    for (; j < d; ++j) total = fmaf(x[j], x[j], total);
+    return total;
+}
 
 /* tokens [lo, hi) of dmsae_group_bag_sums_f32: each group's bag summed into a row in L1, then added to the row
    before it */
@@ -670,7 +690,7 @@ static void *bag_sums_part(void *arg) {
         p->failed = 1;
         return 0;
     }
-    for (int64_t t = p->lo; t < p->hi; ++t)
+    for (int64_t t = p->lo; t < p->hi; ++t) {
         for (int64_t g = 0; g < p->n_groups; ++g) {
             const int64_t b = g * p->batch + t, lo = p->starts[b], hi = b + 1 < n_bags ? p->starts[b + 1] : p->n;
             if (p->half)
@@ -681,6 +701,22 @@ static void *bag_sums_part(void *arg) {
             float *row = p->out + b * d;
             for (int64_t j = 0; j < d; ++j) row[j] = sum[j] + before[j];
         }
+        if (!p->low) continue;
+        /* the token's rows are still in cache: their squares, then the first suffix_groups rows' suffix sums (row g
+           += row g + 1, from the last but one down) and every row's 16-bit copy */
+        for (int64_t g = 0; g < p->n_groups; ++g)
+            p->squares[g * p->batch + t] = sum_of_squares(p->out + (g * p->batch + t) * d, d);
+        for (int64_t g = p->suffix_groups - 2; g >= 0; --g) {
+            float *row = p->out + (g * p->batch + t) * d;
+            const float *next = row + p->batch * d;
+            for (int64_t j = 0; j < d; ++j) row[j] += next[j];
+        }
+        for (int64_t g = 0; g < p->n_groups; ++g) {
+            const float *row = p->out + (g * p->batch + t) * d;
+            uint16_t *copy = p->low + (g * p->batch + t) * d;
+            for (int64_t j = 0; j < d; ++j) copy[j] = to_bf16(row[j]);
+        }
+    }
     free(sum);
     return 0;
 }
@@ -691,27 +727,30 @@ static void *bag_sums_part(void *arg) {
    vals[e] * weight[cols[e]] (embedding_bag's float32 weighted sum, fused multiply-adds in entry order) plus row
    (g - 1, t), or, for g = 0, plus the row (0, t) the caller wrote there: torch's per-group embedding_bag and adds, the
    same bits, without writing each group's sums and reading them again. With `half`, weight's rows are bfloat16 (the
-   bf16 step's copy: half the bytes to gather), each widened exactly, the sums the same float32 ones. Split over
-   `parts` threads by token.
+   bf16 step's copy: half the bytes to gather), each widened exactly, the sums the same float32 ones. Where low is not
+   NULL, while each token's rows are in cache: squares [n_groups, batch] = each row's sum of squares (float32, in this
+   function's order), then rows (g, t) for g < suffix_groups replaced by their suffix sums (dmsae_suffix_sums_f32's
+   adds) and low [n_groups, batch, d] = every row cast to bfloat16 as torch casts: the bf16 step's losses and
+   gradient rows without two more passes over out. Split over `parts` threads by token.
    Returns 0, -1 on a latent outside [0, m), -2 on no memory, -3 where the build has no vector FMA. */
 int dmsae_group_bag_sums(const void *weight, int half, int64_t m, const int64_t *cols, const float *vals,
                          const int64_t *starts, int64_t n, int64_t n_groups, int64_t batch, int64_t d, float *out,
-                         int parts) {
+                         int64_t suffix_groups, uint16_t *low, float *squares, int parts) {
 #if defined(LANES)
     for (int64_t e = 0; e < n; ++e)
         if (cols[e] < 0 || cols[e] >= m) return -1;
     bpart_t p[64];
     parts = clamp_parts(parts);
     for (int t = 0; t < parts; ++t)
-        p[t] = (bpart_t){weight, vals, cols, starts, out, n, n_groups, batch, d, batch * t / parts,
-                         batch * (t + 1) / parts, half, 0};
+        p[t] = (bpart_t){weight, vals, cols, starts, out, squares, low, n, n_groups, batch, d, suffix_groups,
+                         batch * t / parts, batch * (t + 1) / parts, half, 0};
     run_parallel(bag_sums_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
     return 0;
 #else
     (void)weight, (void)half, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch;
-    (void)d, (void)out, (void)parts;
+    (void)d, (void)out, (void)suffix_groups, (void)low, (void)squares, (void)parts;
     return -3;
 #endif
 }
@@ -753,13 +792,6 @@ int dmsae_latent_grads_f32(const float *table, int64_t n_table, const float *x, 
     (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
     return -3;
 #endif
-}
-
-/* float32 -> bfloat16 as torch casts: round to nearest even on the bit pattern, every NaN to 0xffff */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u = bits_of(&f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 typedef struct {

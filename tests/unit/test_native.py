@@ -298,6 +298,20 @@ def test_group_bag_sums_equal_torchs(built, d, parts, groups, half, monkeypatch)
     assert not native.group_bag_sums(weight_read, bad, vals, starts, out)
     assert not native.group_bag_sums(weight_read, cols, vals, starts[:-1], out)
     assert not native.group_bag_sums(weight_read.half(), cols, vals, starts, out)  # float16: not this kernel's
+    # the bf16 step's fused tail: each row's squares, the first suffix_groups rows' suffix sums, the 16-bit copy
+    suffix_groups = max(1, groups - 1)
+    out, low, squares = torch.full((groups, batch, d), 7.0), torch.zeros(groups, batch, d).bfloat16(), torch.zeros(
+        groups, batch)
+    out[0] = first
+    assert native.group_bag_sums(weight_read, cols, vals, starts, out, (suffix_groups, low, squares))
+    finite = want.isfinite().all(-1)
+    sq = want.double().pow(2).sum(-1)
+    assert ((squares.double() - sq).abs() <= sq * d * 2.0 ** -24)[finite].all() and squares[~finite].isnan().all()
+    for gr in range(suffix_groups - 2, -1, -1):
+        want[gr] += want[gr + 1]
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(low.view(torch.int16), want.bfloat16().view(torch.int16))
+    assert not native.group_bag_sums(weight_read, cols, vals, starts, out, (groups + 1, low, squares))
 
 
 @needs_cc
