@@ -425,11 +425,15 @@ def update_stats_sparse(sae: MatryoshkaSAE, cols: Tensor, vals: Tensor, core_cod
     m = sae.width - sae.core_size
     # Masks rather than gathers of the active entries: no read back to the host (the graphed step's entries hold
     # zeros where it selected nothing), the same results.
-    active = vals > 0
-    fired = torch.zeros(m, dtype=torch.int32, device=cols.device).index_add_(0, cols, active.int()) > 0
+    found = native.fired_minimum(cols, vals, m) if cols.device.type == "cpu" else None  # one pass in C: the same
+    if found is not None:
+        fired, smallest = found
+    else:
+        active = vals > 0
+        fired = torch.zeros(m, dtype=torch.int32, device=cols.device).index_add_(0, cols, active.int()) > 0
+        smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
+            0, cols, torch.where(active, vals, float("inf")), "amin")
     sae.tokens_since_fired.add_(batch_tokens).masked_fill_(fired, 0)
-    smallest = torch.full((m,), float("inf"), dtype=vals.dtype, device=vals.device).scatter_reduce(
-        0, cols, torch.where(active, vals, float("inf")), "amin")
     sae.threshold.copy_(ema_thresholds(sae.threshold, smallest, ema))
     if sae.core_gate == "topk" and sae.core_size and core_code is not None:
         sae.core_threshold.copy_(ema_thresholds(sae.core_threshold, smallest_active(core_code), ema))

@@ -133,6 +133,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
     "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
+    "dmsae_fired_minimum": [PTR, PTR, I64, I64, PTR, PTR],
     "dmsae_latent_grads_bf16": [PTR, I64, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
 
@@ -436,3 +437,17 @@ def bag_dots_bf16(table: Tensor, weight: Tensor, idx: Tensor, bag: Tensor) -> Te
                                             idx.data_ptr(), bag.data_ptr(), n, table.shape[1], out.data_ptr(), parts)
     return out if rc == 0 else None
 
+
+
+def fired_minimum(cols: Tensor, vals: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
+    """(fired [m] bool: the latents with an entry above zero, smallest [m] float32: the least such entry, +inf where
+    none) of entries (cols[e], vals[e]) in one pass: what index_add_ of (vals > 0) and scatter_reduce's "amin" give.
+    None where the kernel is not available or the inputs are not contiguous int64 / float32 CPU tensors."""
+    ok = _plain(cols, torch.int64) and _plain(vals, torch.float32) and cols.numel() == vals.numel() and m >= 0
+    lib = library() if ok else None
+    if lib is None:
+        return None
+    smallest, fired = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.bool)
+    rc = kernel(lib, "dmsae_fired_minimum")(cols.data_ptr(), vals.data_ptr(), cols.numel(), m, smallest.data_ptr(),
+                                            fired.data_ptr())
+    return (fired, smallest) if rc == 0 else None

@@ -1072,3 +1072,20 @@ int dmsae_latent_grads_bf16(const uint16_t *table, int64_t n_table, const uint16
     return -3;
 #endif
 }
+
+/* The training statistics of a step's entries (latent cols[e], value vals[e]), e in [0, n): fired[c] = 1 where latent
+   c has an entry above zero, else 0; smallest[c] = the least of those values, +inf where none (scatter_reduce's
+   "amin" over them: a minimum, whatever the order). Returns 0, -1 on a latent outside [0, m). */
+int dmsae_fired_minimum(const int64_t *cols, const float *vals, int64_t n, int64_t m, float *smallest, uint8_t *fired) {
+    for (int64_t e = 0; e < n; ++e)
+        if (cols[e] < 0 || cols[e] >= m) return -1;
+    for (int64_t c = 0; c < m; ++c) smallest[c] = INFINITY, fired[c] = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        const float v = vals[e];
+        if (v > 0) {
+            fired[cols[e]] = 1;
+            if (v < smallest[cols[e]]) smallest[cols[e]] = v;
+        }
+    }
+    return 0;
+}

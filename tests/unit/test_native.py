@@ -535,3 +535,26 @@ def test_bag_dots_bf16_are_the_rows_dot_products(built, d):
     assert native.bag_dots_bf16(table, weight.bfloat16(), idx, bag) is None  # a float32 table: not this kernel's
     assert native.bag_dots_bf16(table.bfloat16(), weight.bfloat16(), idx, bag[:-1]) is None
     assert native.bag_dots_bf16(table.bfloat16(), weight.bfloat16(), idx + n_weight, bag) is None  # out of range
+
+
+@needs_cc
+def test_fired_minimum_equals_torchs(built):
+    """Which latents fired and their least value above zero, as index_add_ and scatter_reduce's "amin" give them, with
+    zeros, negatives, a NaN, +inf and latents with no entries; no answer for a latent out of range."""
+    g = torch.Generator().manual_seed(3)
+    m, n = 60, 5000
+    cols = torch.randint(0, 50, (n,), generator=g)  # latents 50 and 51 get only the entries below, the rest none
+    vals = torch.randn(n, generator=g)
+    vals[::9] = 0
+    cols[:3], vals[:3] = 50, torch.tensor([float("nan"), float("inf"), -1.0])
+    cols[3], vals[3] = 51, float("nan")  # only a NaN: not fired
+    got = native.fired_minimum(cols, vals, m)
+    active = vals > 0
+    want_fired = torch.zeros(m, dtype=torch.int32).index_add_(0, cols, active.int()) > 0
+    want_smallest = torch.full((m,), float("inf")).scatter_reduce(0, cols, torch.where(active, vals, float("inf")),
+                                                                 "amin")
+    assert got is not None
+    assert torch.equal(got[0], want_fired) and torch.equal(got[1], want_smallest)
+    assert got[0][50] and not got[0][51] and not got[0][-5:].any()
+    assert native.fired_minimum(cols, vals, 40) is None
+    assert native.fired_minimum(cols, vals.double(), m) is None
