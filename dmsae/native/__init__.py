@@ -340,6 +340,13 @@ def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, o
         None if squares is None else squares.data_ptr(), parts) == 0
 
 
+def _starts(counts: Tensor, n: int) -> Tensor | None:
+    """[len(counts) + 1] int64: where each latent's entries start, and their end; None unless they add up to n."""
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets if int(offsets[-1]) == n else None
+
+
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
                      w_enc: Tensor, dec_grad: Tensor, enc_grad: Tensor) -> Tensor | None:
     """The weight gradients from the entries grouped by latent (`by_latent`'s counts and arrays), written into
@@ -355,11 +362,8 @@ def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows
           and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, w_enc))
           and rows.numel() == w_dec.numel() == w_enc.numel() == n)
     lib = library() if ok else None
-    if lib is None:
-        return None
-    offsets = torch.zeros(m + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    if int(offsets[-1]) != n:
+    offsets = None if lib is None else _starts(counts, n)
+    if offsets is None:
         return None
     b_grad = torch.empty(m, dtype=torch.float32)
     parts = thread_parts(n // 1024)
@@ -388,11 +392,8 @@ def latent_grads_bf16(table: Tensor, x: Tensor, dec: Tensor, counts: Tensor, bag
           and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, gate))
           and rows.numel() == w_dec.numel() == gate.numel() == n)
     lib = library() if ok else None
-    if lib is None:
-        return None
-    offsets = torch.zeros(m + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    if int(offsets[-1]) != n:
+    offsets = None if lib is None else _starts(counts, n)
+    if offsets is None:
         return None
     b_grad = torch.empty(m, dtype=torch.float32)
     parts = thread_parts(n // 1024)

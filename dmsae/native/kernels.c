@@ -624,6 +624,29 @@ static void write_columns(const float *block, int64_t ld, int64_t n_block, int64
     }
 }
 
+/* For the weight-gradient kernels: -1 where an entry's bag or row is outside [0, n_table) or [0, n_x); else 0, with
+   *parts clamped and bounds[0, *parts] the latents where each part starts (about offsets[m] / parts entries a part,
+   whole latent blocks), the last m */
+static int latent_parts(const int64_t *offsets, int64_t m, const int64_t *bag, int64_t n_table, const int64_t *rows,
+                        int64_t n_x, int *parts, int64_t *bounds) {
+    const int64_t n = offsets[m];
+    for (int64_t e = 0; e < n; ++e)
+        if (bag[e] < 0 || bag[e] >= n_table || rows[e] < 0 || rows[e] >= n_x) return -1;
+    *parts = clamp_parts(*parts);
+    bounds[0] = 0;
+    for (int t = 0; t < *parts; ++t) {
+        int64_t end = m;
+        if (t + 1 < *parts) {
+            const int64_t target = n * (t + 1) / *parts;
+            end = bounds[t];
+            while (end < m && offsets[end] < target) end += LATENT_BLOCK;
+            end = end < m ? end : m;
+        }
+        bounds[t + 1] = end;
+    }
+    return 0;
+}
+
 typedef struct {
     const float *table, *x, *w_dec, *w_enc;
     const int64_t *offsets, *bag, *rows;
@@ -766,23 +789,12 @@ int dmsae_latent_grads_f32(const float *table, int64_t n_table, const float *x, 
                            const int64_t *bag, const int64_t *rows, const float *w_dec, const float *w_enc, int64_t d,
                            int64_t m, float *dec_grad, float *enc_grad, float *b_grad, int parts) {
 #if defined(LANES)
-    const int64_t n = offsets[m];
-    for (int64_t e = 0; e < n; ++e)
-        if (bag[e] < 0 || bag[e] >= n_table || rows[e] < 0 || rows[e] >= n_x) return -1;
+    int64_t bounds[65];
+    if (latent_parts(offsets, m, bag, n_table, rows, n_x, &parts, bounds)) return -1;
     gpart_t p[64];
-    parts = clamp_parts(parts);
-    int64_t start = 0;
-    for (int t = 0; t < parts; ++t) { /* about n / parts entries a part, whole latent blocks */
-        int64_t end = m;
-        if (t + 1 < parts) {
-            const int64_t target = n * (t + 1) / parts;
-            end = start;
-            while (end < m && offsets[end] < target) end += LATENT_BLOCK;
-            end = end < m ? end : m;
-        }
-        p[t] = (gpart_t){table, x, w_dec, w_enc, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, m, start, end, 0};
-        start = end;
-    }
+    for (int t = 0; t < parts; ++t)
+        p[t] = (gpart_t){table, x, w_dec, w_enc, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, m, bounds[t],
+                         bounds[t + 1], 0};
     run_parallel(grads_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
@@ -1044,24 +1056,12 @@ int dmsae_latent_grads_bf16(const uint16_t *table, int64_t n_table, const uint16
                             const float *w_dec, const float *gate, int64_t d, int64_t m, float *dec_grad,
                             float *enc_grad, float *b_grad, int parts) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    const int64_t n = offsets[m];
-    for (int64_t e = 0; e < n; ++e)
-        if (bag[e] < 0 || bag[e] >= n_table || rows[e] < 0 || rows[e] >= n_x) return -1;
+    int64_t bounds[65];
+    if (latent_parts(offsets, m, bag, n_table, rows, n_x, &parts, bounds)) return -1;
     hpart_t p[64];
-    parts = clamp_parts(parts);
-    int64_t start = 0;
-    for (int t = 0; t < parts; ++t) { /* about n / parts entries a part, whole latent blocks */
-        int64_t end = m;
-        if (t + 1 < parts) {
-            const int64_t target = n * (t + 1) / parts;
-            end = start;
-            while (end < m && offsets[end] < target) end += LATENT_BLOCK;
-            end = end < m ? end : m;
-        }
+    for (int t = 0; t < parts; ++t)
         p[t] = (hpart_t){table, x, dec, w_dec, gate, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, ld_x, m,
-                         start, end, 0};
-        start = end;
-    }
+                         bounds[t], bounds[t + 1], 0};
     run_parallel(half_grads_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
