@@ -392,7 +392,7 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     enc_grad = ws.get("enc_grad", (d, m), x.dtype, dev)  # set_to_none drops it from .grad, never frees it
     dec_grad = ws.get("dec_grad", (m, d), x.dtype, dev)
     grad_b_enc = None
-    if table_low is not None:
+    if table_low is not None and dev.type == "cpu":
         # under autocast, where the CPU has a bfloat16 dot instruction: each entry's value gradient (its bag's
         # gradient row . its decoder row) in the same C pass by latent as the weight gradients, which reads the
         # bag's row anyway, all from the 16-bit rows with float32 sums. `gate` scales it: zero where BatchTopK
