@@ -384,7 +384,7 @@ def latent_grads_bf16(table: Tensor, x: Tensor, dec: Tensor, counts: Tensor, bag
     instruction) or the inputs are not such CPU tensors."""
     m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
     n = bag.numel()
-    ok = (_plain(table, torch.bfloat16, 2) and _plain(dec, torch.bfloat16, 2) and dec.shape == (m, d) and m > 0
+    ok = (_plain(table, torch.bfloat16, 2) and _plain(dec, torch.bfloat16, 2) and dec.shape == (m, d) and m > 0 < d
           and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
           and x.stride(0) >= d and table.shape[1] == x.shape[1] == d
           and _plain(dec_grad, torch.float32, 2) and _plain(enc_grad, torch.float32, 2) and enc_grad.shape == (d, m)
