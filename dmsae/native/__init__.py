@@ -347,6 +347,19 @@ def _starts(counts: Tensor, n: int) -> Tensor | None:
     return offsets if int(offsets[-1]) == n else None
 
 
+def _latent_inputs(counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor, w_enc: Tensor, dec_grad: Tensor,
+                   enc_grad: Tensor) -> bool:
+    """Whether the weight-gradient kernels can read these: `by_latent`'s counts [m] and entry arrays (int64 bag and
+    rows, float32 weights, one length) and float32 outputs dec_grad [m, d] and enc_grad [d, m], m > 0, all contiguous
+    CPU tensors."""
+    m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
+    return (m > 0 and _plain(dec_grad, torch.float32, 2) and _plain(enc_grad, torch.float32, 2)
+            and enc_grad.shape == (d, m) and _plain(counts, torch.int64) and counts.numel() == m
+            and all(_plain(t, torch.int64) for t in (bag, rows))
+            and all(_plain(t, torch.float32) for t in (w_dec, w_enc))
+            and bag.numel() == rows.numel() == w_dec.numel() == w_enc.numel())
+
+
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
                      w_enc: Tensor, dec_grad: Tensor, enc_grad: Tensor) -> Tensor | None:
     """The weight gradients from the entries grouped by latent (`by_latent`'s counts and arrays), written into
@@ -356,11 +369,8 @@ def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows
     or the inputs are not contiguous float32 / int64 CPU tensors of these shapes."""
     m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
     n = bag.numel()
-    ok = (all(_plain(t, torch.float32, 2) for t in (table, x, dec_grad, enc_grad)) and m > 0
-          and table.shape[1] == x.shape[1] == d and enc_grad.shape == (d, m)
-          and _plain(counts, torch.int64) and counts.numel() == m
-          and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, w_enc))
-          and rows.numel() == w_dec.numel() == w_enc.numel() == n)
+    ok = (_plain(table, torch.float32, 2) and _plain(x, torch.float32, 2) and table.shape[1] == x.shape[1] == d
+          and _latent_inputs(counts, bag, rows, w_dec, w_enc, dec_grad, enc_grad))
     lib = library() if ok else None
     offsets = None if lib is None else _starts(counts, n)
     if offsets is None:
@@ -384,13 +394,10 @@ def latent_grads_bf16(table: Tensor, x: Tensor, dec: Tensor, counts: Tensor, bag
     instruction) or the inputs are not such CPU tensors."""
     m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
     n = bag.numel()
-    ok = (_plain(table, torch.bfloat16, 2) and _plain(dec, torch.bfloat16, 2) and dec.shape == (m, d) and m > 0 < d
+    ok = (_plain(table, torch.bfloat16, 2) and _plain(dec, torch.bfloat16, 2) and dec.shape == (m, d) and d > 0
           and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 and x.stride(1) == 1
           and x.stride(0) >= d and table.shape[1] == x.shape[1] == d
-          and _plain(dec_grad, torch.float32, 2) and _plain(enc_grad, torch.float32, 2) and enc_grad.shape == (d, m)
-          and _plain(counts, torch.int64) and counts.numel() == m
-          and all(_plain(t, torch.int64) for t in (bag, rows)) and all(_plain(t, torch.float32) for t in (w_dec, gate))
-          and rows.numel() == w_dec.numel() == gate.numel() == n)
+          and _latent_inputs(counts, bag, rows, w_dec, gate, dec_grad, enc_grad))
     lib = library() if ok else None
     offsets = None if lib is None else _starts(counts, n)
     if offsets is None:
