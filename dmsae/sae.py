@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmsae import native
+
 
 def group_ends(n_noncore: int, fractions: list[float]) -> list[int]:
     """Cumulative ends of the Matryoshka groups over the non-core latents; the last group is the rest."""
@@ -270,7 +272,7 @@ class MatryoshkaSAE(nn.Module):
     def project_decoder_grads(self) -> None:
         """Remove the gradient component parallel to each unit-norm decoder row."""
         for i, w in enumerate(self.decoder_params()):
-            if w.grad is not None and w.numel():
+            if w.grad is not None and w.numel() and not native.project_rows(w.grad, w.detach()):
                 tmp = workspace(self).get(f"projection{i}", tuple(w.shape), w.dtype, w.device)
                 coef = torch.mul(w.grad, w, out=tmp).sum(dim=1, keepdim=True)
                 w.grad -= torch.mul(coef, w, out=tmp)  # the product (g . w) w, in a reused buffer: the same bits

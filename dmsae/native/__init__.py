@@ -59,7 +59,9 @@ def flag_sets() -> list[list[str]]:
     """The builds to try, best first: AVX2 or AVX-512 where the CPU has them (-march=native), parallel parts on the
     OpenMP threads of the libgomp torch has loaded (-fopenmp: the library asks for libgomp.so.1, which the loader
     finds already loaded), else on threads of the kernels' own; the plain loop where the flags fail."""
-    base = ["-O3", "-shared", "-fPIC", "-pthread"]
+    # no contraction of a product and a sum into one fused multiply-add where the C spells two operations (GCC's
+    # default for GNU C): the kernels that follow torch's arithmetic round as torch rounds
+    base = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
     best = base + (["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else [])
     with_openmp = [best + ["-fopenmp"]] if torch_uses_libgomp() else []
     return with_openmp + [best] + ([base] if best != base else [])
@@ -134,6 +136,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
     "dmsae_fired_minimum": [PTR, PTR, I64, I64, PTR, PTR],
+    "dmsae_project_rows_f32": [PTR, PTR, I64, I64, INT, INT],
     "dmsae_latent_grads_bf16": [PTR, I64, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
 }
 
@@ -459,3 +462,43 @@ def fired_minimum(cols: Tensor, vals: Tensor, m: int) -> tuple[Tensor, Tensor] |
     rc = kernel(lib, "dmsae_fired_minimum")(cols.data_ptr(), vals.data_ptr(), cols.numel(), m, smallest.data_ptr(),
                                             fired.data_ptr())
     return (fired, smallest) if rc == 0 else None
+
+
+_projection_lanes: dict[tuple[int, int], int | None] = {}
+
+
+def project_rows(grad: Tensor, weight: Tensor) -> bool:
+    """grad -= (grad * weight).sum(1, keepdim=True) * weight in place for float32 [rows, d] CPU matrices, bit for
+    bit as torch computes it, in one pass where torch took four. False (nothing written) where the kernel is not
+    available, the inputs are not such, or torch's row sums on this machine follow neither order the kernel knows
+    (checked once per shape on random rows: the order is torch's build's and CPU's, not a documented one)."""
+    if not (_plain(grad, torch.float32, 2) and _plain(weight, torch.float32, 2) and grad.shape == weight.shape):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    shape = (grad.shape[0], grad.shape[1])
+    if shape not in _projection_lanes:
+        _projection_lanes[shape] = _projection_order(lib, *shape)
+    lanes = _projection_lanes[shape]
+    return lanes is not None and _project(lib, grad, weight, lanes) == 0
+
+
+def _project(lib: ctypes.CDLL, grad: Tensor, weight: Tensor, lanes: int) -> int:
+    rows, d = grad.shape
+    return kernel(lib, "dmsae_project_rows_f32")(grad.data_ptr(), weight.data_ptr(), rows, d, lanes,
+                                                thread_parts(rows // 64))
+
+
+def _projection_order(lib: ctypes.CDLL, rows: int, d: int) -> int | None:
+    """The vector width (8 or 16 floats) with which the kernel's row sums equal torch's at this shape (at most 1024 of
+    its rows: torch splits a row's sum between threads, if ever, only for a few rows), or None."""
+    gen = torch.Generator().manual_seed(0)
+    grad, weight = (torch.randn(min(rows, 1024), d, generator=gen) for _ in range(2))
+    expected = grad - (grad * weight).sum(dim=1, keepdim=True) * weight
+    for lanes in (8, 16):
+        got = grad.clone()
+        if _project(lib, got, weight, lanes) == 0 and torch.equal(got.view(torch.int32), expected.view(torch.int32)):
+            return lanes
+    log.info("dmsae: torch's row sums at [%d, %d] follow no order the projection kernel knows; torch's runs", rows, d)
+    return None

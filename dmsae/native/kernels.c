@@ -1,6 +1,7 @@
-/* C kernels of the CPU training step (dmsae/native/__init__.py builds and loads them). All but the last do no float
-   arithmetic, or torch's own in torch's order, so they move no bit: each returns exactly what its pure-torch
-   reference returns. The last, for the bfloat16 step only, sums in an order of its own.
+/* C kernels of the CPU training step (dmsae/native/__init__.py builds and loads them). All but the two bfloat16 ones
+   do no float arithmetic, or torch's own in torch's order, so they move no bit: each returns exactly what its
+   pure-torch reference returns. dmsae_bag_dots_bf16 and dmsae_latent_grads_bf16, for the bf16 step only, sum in an
+   order of their own.
 
    dmsae_above_f32: the candidate search of BatchTopK in one read: the indices of the float32 entries above a
    threshold, in order, the same as (x > thr).nonzero() in torch, and their values (what x[idx] would gather again
@@ -21,13 +22,16 @@
    dmsae_latent_grads_f32: the float32 step's decoder, encoder and encoder-bias gradients from the entries grouped by
    latent in one pass, each sum the fused multiply-adds in entry order that torch's embedding_bag kernel (fbgemm)
    runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512).
-   dmsae_group_bag_sums_f32: the nested reconstructions' residuals from the entries in bags by (group, token), each
+   dmsae_group_bag_sums: the nested reconstructions' residuals from the entries in bags by (group, token), each
    group's weighted sums (the same fused multiply-adds) added to the group before it in one pass.
    dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
    last, in place (torch's adds in torch's order), and for the bf16 step their bfloat16 copy in the same pass.
    dmsae_bag_dots_bf16: the bf16 step's gradient of each entry's value, a dot product of two bfloat16 rows summed in
    float32 (by the CPU's bfloat16 dot instruction where it has one): torch's own 16-bit kernel rounds its output to
-   16 bits and ran slower than its float32 one here. */
+   16 bits and ran slower than its float32 one here.
+   dmsae_project_rows_f32: the decoder gradient's projection (each row's component along its unit-norm weight row
+   removed) in one pass over the rows, its row sums in the order of torch's sum kernel, which the caller checks
+   against torch at each shape before it uses the kernel (torch's order is its build's, not a documented one). */
 #include <stdint.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -1087,5 +1091,90 @@ int dmsae_fired_minimum(const int64_t *cols, const float *vals, int64_t n, int64
             if (v < smallest[cols[e]]) smallest[cols[e]] = v;
         }
     }
+    return 0;
+}
+
+/* The sum of p[0, n) in the order of torch's float32 sum over a contiguous last dimension (SumKernel.cpp's
+   vectorized_inner_sum, with vectors of `lanes` floats): the row read as vectors, vector i * 4 + k summed into
+   accumulator k in a cascade of four levels (a level passes its sum up after every 2^level_power vectors), the
+   vectors past the last whole four into accumulator 0, the four accumulators added in order, then the scalar tail
+   and the lanes in order onto zero. The caller checks the result against torch's before it relies on the order. */
+static inline __attribute__((always_inline)) float torch_row_sum(const float *p, int64_t n, int lanes) {
+    float acc[4][4][16] = {{{0}}}, part[4][16];
+    const int64_t n_vec = n / lanes, size = n_vec / 4;
+    int64_t power = 1, i = 0;
+    if (size > 2)
+        while (((int64_t)1 << power) < size) ++power; /* ceil(log2(size)) */
+    power = power / 4 > 4 ? power / 4 : 4;
+    const int64_t step = (int64_t)1 << power, mask = step - 1;
+    while (i + step <= size) {
+        for (int64_t j = 0; j < step; ++j, ++i)
+            for (int k = 0; k < 4; ++k)
+                for (int l = 0; l < lanes; ++l) acc[0][k][l] += p[(i * 4 + k) * lanes + l];
+        for (int level = 1; level < 4; ++level) {
+            for (int k = 0; k < 4; ++k)
+                for (int l = 0; l < lanes; ++l) acc[level][k][l] += acc[level - 1][k][l], acc[level - 1][k][l] = 0;
+            if (i & (mask << (level * power))) break;
+        }
+    }
+    for (; i < size; ++i)
+        for (int k = 0; k < 4; ++k)
+            for (int l = 0; l < lanes; ++l) acc[0][k][l] += p[(i * 4 + k) * lanes + l];
+    for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < lanes; ++l) {
+            float s = acc[0][k][l];
+            for (int level = 1; level < 4; ++level) s += acc[level][k][l];
+            part[k][l] = s;
+        }
+    for (int64_t v = size * 4; v < n_vec; ++v)
+        for (int l = 0; l < lanes; ++l) part[0][l] += p[v * lanes + l];
+    for (int k = 1; k < 4; ++k)
+        for (int l = 0; l < lanes; ++l) part[0][l] += part[k][l];
+    float total = 0;
+    for (int64_t j = n_vec * lanes; j < n; ++j) total += p[j];
+    for (int l = 0; l < lanes; ++l) total += part[0][l];
+    return total;
+}
+
+typedef struct {
+    float *grad;
+    const float *weight;
+    int64_t d, lo, hi;
+    int lanes, failed;
+} ppart_t;
+
+static void *project_part(void *arg) {
+    ppart_t *p = (ppart_t *)arg;
+    float *prod = (float *)malloc((size_t)(p->d > 0 ? p->d : 1) * sizeof(float));
+    if (!prod) {
+        p->failed = 1;
+        return 0;
+    }
+    for (int64_t r = p->lo; r < p->hi; ++r) {
+        float *g = p->grad + r * p->d;
+        const float *w = p->weight + r * p->d;
+        for (int64_t j = 0; j < p->d; ++j) prod[j] = g[j] * w[j];
+        /* lanes as a constant in each call: the compiler then runs each lane loop as one vector */
+        const float coef = p->lanes == 8 ? torch_row_sum(prod, p->d, 8) : torch_row_sum(prod, p->d, 16);
+        for (int64_t j = 0; j < p->d; ++j) g[j] -= coef * w[j]; /* the product rounded, then the difference */
+    }
+    free(prod);
+    return 0;
+}
+
+/* The decoder's gradient with each row's component along its (unit-norm) weight row removed, in place: grad row r -=
+   (sum of grad[r] * weight[r]) * weight[r], over rows [0, rows) of width d. The same float32 operations as torch's
+   mul, sum(dim=1) (in torch's order for vectors of `lanes` floats, 8 or 16), mul and sub, in one pass over the rows
+   where torch took four. Split over `parts` threads by row. Returns 0, -1 on lanes other than 8 or 16, -2 on no
+   memory. */
+int dmsae_project_rows_f32(float *grad, const float *weight, int64_t rows, int64_t d, int lanes, int parts) {
+    if (lanes != 8 && lanes != 16) return -1;
+    ppart_t p[64];
+    parts = clamp_parts(parts);
+    for (int t = 0; t < parts; ++t)
+        p[t] = (ppart_t){grad, weight, d, rows * t / parts, rows * (t + 1) / parts, lanes, 0};
+    run_parallel(project_part, p, sizeof p[0], parts);
+    for (int t = 0; t < parts; ++t)
+        if (p[t].failed) return -2;
     return 0;
 }

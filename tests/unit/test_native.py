@@ -3,6 +3,7 @@ built for real with the machine's C compiler into a fresh cache folder, and the 
 
 from __future__ import annotations
 
+import platform
 import stat
 
 import pytest
@@ -558,3 +559,33 @@ def test_fired_minimum_equals_torchs(built):
     assert got[0][50] and not got[0][51] and not got[0][-5:].any()
     assert native.fired_minimum(cols, vals, 40) is None
     assert native.fired_minimum(cols, vals.double(), m) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("rows,d", [(300, 576), (40, 1003), (20, 2304), (1, 576), (64, 64)])
+def test_project_rows_equals_torchs(built, rows, d):
+    """The decoder-gradient projection in one pass, bit for bit as torch's mul, sum(dim=1), mul and sub, at widths
+    whose row sums take each branch of torch's order (a cascade level passed up at 2304 and 1003, leftover vectors,
+    a scalar tail at 1003), with NaN and inf rows; on x86 the kernel must know torch's order (a decline there would
+    silently cost the speed)."""
+    g = torch.Generator().manual_seed(rows + d)
+    grad, weight = torch.randn(rows, d, generator=g) * 3, torch.randn(rows, d, generator=g)
+    weight = weight / weight.norm(dim=1, keepdim=True)
+    if rows > 2:
+        grad[1, 5], grad[2, 0] = float("nan"), float("inf")
+    want = grad - (grad * weight).sum(dim=1, keepdim=True) * weight
+    got = grad.clone()
+    done = native.project_rows(got, weight)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert done
+    assert torch.equal(got.view(torch.int32), (want if done else grad).view(torch.int32))
+
+
+@needs_cc
+def test_project_rows_declines_other_inputs(built):
+    grad, weight = torch.randn(8, 32), torch.randn(8, 32)
+    before = grad.clone()
+    assert not native.project_rows(grad.double(), weight.double())
+    assert not native.project_rows(grad, weight[:, :16])
+    assert not native.project_rows(grad.t(), weight.t())
+    assert torch.equal(grad, before)
