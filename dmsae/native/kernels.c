@@ -652,12 +652,30 @@ static int latent_parts(const int64_t *offsets, int64_t m, const int64_t *bag, i
 }
 
 typedef struct {
-    const float *table, *x, *w_dec, *w_enc;
+    const float *table, *x, *w_dec, *w_enc, *dec;
     const int64_t *offsets, *bag, *rows;
-    float *dec_grad, *enc_grad, *b_grad;
+    float *dec_grad, *enc_grad, *b_grad, *g;
     int64_t d, m, lo, hi;
     int failed;
 } gpart_t;
+
+#if defined(__AVX512F__)
+/* The dot product of a[0, d) and b[0, d), d a multiple of 64, in the order MKL's sdot runs it on an AVX-512 CPU (and
+   so torch's float32 dot and embedding_bag's value gradient): four accumulators of 16 lanes, each a fused
+   multiply-add per 64 columns, summed as (0 + 1) + (2 + 3), then the lanes folded at distances 8, 4, 1 and 2. MKL
+   documents no order: the caller checks this one against torch before it relies on it. */
+INLINE float mkl_order_dot(const float *a, const float *b, int64_t d) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < d; j += 64)
+        for (int k = 0; k < 4; ++k)
+            acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * k), _mm512_loadu_ps(b + j + 16 * k), acc[k]);
+    float v[16], w[16], x[4];
+    _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
+    return (x[0] + x[1]) + (x[2] + x[3]);
+}
+#endif
 
 /* latents [lo, hi) of dmsae_latent_grads_f32, LATENT_BLOCK at a time: their encoder rows are summed into a small
    buffer and written as columns of the [d, m] gradient, a block's 64 bytes to each of its rows */
@@ -673,10 +691,18 @@ static void *grads_part(void *arg) {
         int64_t n_block = p->hi - c0 < LATENT_BLOCK ? p->hi - c0 : LATENT_BLOCK;
         for (int64_t c = c0; c < c0 + n_block; ++c) {
             int64_t lo = p->offsets[c], hi = p->offsets[c + 1];
+            const float *w_enc = p->w_enc;
+#if defined(__AVX512F__)
+            if (p->dec) { /* the value gradients first: the rows they read stay in cache for the decoder's sum */
+                for (int64_t e = lo; e < hi; ++e)
+                    p->g[e] = mkl_order_dot(p->table + p->bag[e] * d, p->dec + c * d, d) * p->w_enc[e];
+                w_enc = p->g;
+            }
+#endif
             weighted_row_sum(p->table, 0, p->bag, p->w_dec, lo, hi, d, p->dec_grad + c * d);
-            weighted_row_sum(p->x, 0, p->rows, p->w_enc, lo, hi, d, block + (c - c0) * ld);
+            weighted_row_sum(p->x, 0, p->rows, w_enc, lo, hi, d, block + (c - c0) * ld);
             float sum = 0; /* index_add_'s sum: in entry order from +0 */
-            for (int64_t e = lo; e < hi; ++e) sum += p->w_enc[e];
+            for (int64_t e = lo; e < hi; ++e) sum += w_enc[e];
             p->b_grad[c] = sum;
         }
         write_columns(block, ld, n_block, d, m, p->enc_grad + c0);
@@ -786,26 +812,35 @@ int dmsae_group_bag_sums(const void *weight, int half, int64_t m, const int64_t 
    [offsets[c], offsets[c + 1])): dec_grad [m, d] row c = sum of w_dec[e] * table[bag[e]], enc_grad [d, m] column c =
    sum of w_enc[e] * x[rows[e]], b_grad [m] entry c = sum of w_enc[e]. The same bits as torch's embedding_bag (fused
    multiply-adds in entry order), the encoder's written transposed and index_add_ for the bias: one call where
-   torch wrote the encoder's [m, d] sums and read them again to transpose them. Split over `parts` threads by entry
+   torch wrote the encoder's [m, d] sums and read them again to transpose them. Where dec [m, d] (the decoder) is not
+   NULL, w_enc is a gate and each entry's value gradient is taken in the same pass, from the table row its decoder
+   sum reads anyway: g[e] = (table[bag[e]] . dec[c]) * w_enc[e] (the dot in MKL's order, see mkl_order_dot), and g
+   stands in w_enc's place above (AVX-512 and d a multiple of 64 only). Split over `parts` threads by entry
    count. Returns 0, -1 on an index outside [0, n_table) or [0, n_x), -2 on no memory, -3 where the build has no
-   fused multiply-add in vectors (AVX2 or AVX-512; the caller then runs torch's). */
+   fused multiply-add in vectors (AVX2 or AVX-512; with dec, AVX-512), -4 with dec and d not a multiple of 64 (the
+   caller then runs torch's). */
 int dmsae_latent_grads_f32(const float *table, int64_t n_table, const float *x, int64_t n_x, const int64_t *offsets,
-                           const int64_t *bag, const int64_t *rows, const float *w_dec, const float *w_enc, int64_t d,
-                           int64_t m, float *dec_grad, float *enc_grad, float *b_grad, int parts) {
+                           const int64_t *bag, const int64_t *rows, const float *w_dec, const float *w_enc,
+                           const float *dec, float *g, int64_t d, int64_t m, float *dec_grad, float *enc_grad,
+                           float *b_grad, int parts) {
 #if defined(LANES)
+#if !defined(__AVX512F__)
+    if (dec) return -3;
+#endif
+    if (dec && d % 64) return -4;
     int64_t bounds[65];
     if (latent_parts(offsets, m, bag, n_table, rows, n_x, &parts, bounds)) return -1;
     gpart_t p[64];
     for (int t = 0; t < parts; ++t)
-        p[t] = (gpart_t){table, x, w_dec, w_enc, offsets, bag, rows, dec_grad, enc_grad, b_grad, d, m, bounds[t],
-                         bounds[t + 1], 0};
+        p[t] = (gpart_t){table, x, w_dec, w_enc, dec, offsets, bag, rows, dec_grad, enc_grad, b_grad, g, d, m,
+                         bounds[t], bounds[t + 1], 0};
     run_parallel(grads_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
     return 0;
 #else
     (void)table, (void)n_table, (void)x, (void)n_x, (void)offsets, (void)bag, (void)rows, (void)w_dec, (void)w_enc;
-    (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
+    (void)dec, (void)g, (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
     return -3;
 #endif
 }

@@ -589,3 +589,63 @@ def test_project_rows_declines_other_inputs(built):
     assert not native.project_rows(grad, weight[:, :16])
     assert not native.project_rows(grad.t(), weight.t())
     assert torch.equal(grad, before)
+
+
+def intel_avx512() -> bool:
+    """An Intel CPU with AVX-512, where torch's MKL runs its AVX-512 dot: the order the fused value gradients copy."""
+    try:
+        intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    except OSError:
+        intel = False
+    return intel and "avx512f" in cpu_flags()
+
+
+@needs_cc
+@pytest.mark.parametrize("d", [64, 576, 768])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_latent_grads_with_value_grads_equal_torchs(built, d, parts, monkeypatch):
+    """With the decoder passed, each entry's value gradient is taken in the weight-gradient pass: the decoder, encoder
+    and bias gradients bit for bit as the step's torch path computes them (torch's value gradients scaled, zeroed
+    where the value was clamped, then the sums by latent), with clamped values, AuxK-like entries at their own scale
+    and a NaN. On an Intel CPU with AVX-512 the kernel must know torch's dot order (a decline there costs the speed
+    silently); elsewhere it may decline, and the step then takes the value gradients in a pass of their own."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    native._dot_order_known.pop(d, None)
+    g = torch.Generator().manual_seed(d + parts)
+    m, n, n_table, n_x, n_main = 40, 2500, 300, 120, 2000
+    cols = torch.randint(0, m - 2, (n,), generator=g)
+    bag, rows = torch.randint(0, n_table, (n,), generator=g), torch.randint(0, n_x, (n,), generator=g)
+    vals = torch.randn(n, generator=g).clamp_min(0)  # about half clamped to zero
+    vals[n_main:] = vals[n_main:].abs() + 0.1
+    table, x, dec = (torch.randn(k, d, generator=g) for k in (n_table, n_x, m))
+    table[bag[9], 3] = float("nan")
+    entry_scale = torch.full((n,), 2.0 / 4096)
+    entry_scale[n_main:] = 3e-3
+    if not native.value_grads_in_pass(table, dec):
+        assert not intel_avx512(), "the fused value gradients declined on an Intel CPU with AVX-512"
+        pytest.skip("torch's dot order on this CPU is not the kernel's")
+    want_g = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, dec, cols, torch.arange(n), bag, 0)
+    want_g *= entry_scale
+    want_g[:n_main] *= vals[:n_main] > 0
+    gate = entry_scale.clone()
+    gate[:n_main] *= vals[:n_main] > 0
+    counts, bag_by, rows_by, w_dec_by, gate_by = sparse_step.by_latent(cols, m, bag, rows, vals * entry_scale, gate)
+    *_, want_g_by = sparse_step.by_latent(cols, m, bag, rows, vals * entry_scale, want_g)
+    dec_grad, enc_grad = torch.full((m, d), 5.0), torch.full((d, m), 5.0)
+    b_grad = native.latent_grads_f32(table, x, counts, bag_by, rows_by, w_dec_by, gate_by, dec_grad, enc_grad, dec=dec)
+    assert b_grad is not None
+    offsets = counts.cumsum(0) - counts
+    want_dec = torch.nn.functional.embedding_bag(bag_by, table, offsets, mode="sum", per_sample_weights=w_dec_by)
+    want_enc = torch.nn.functional.embedding_bag(rows_by, x, offsets, mode="sum", per_sample_weights=want_g_by).T
+    want_b = torch.zeros(m).index_add_(0, cols, want_g)
+    for got, want in ((dec_grad, want_dec), (enc_grad, want_enc), (b_grad, want_b)):
+        assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
+    assert b_grad.isnan().any() and not enc_grad[:, -2:].any()
+
+
+@needs_cc
+def test_value_grads_in_pass_needs_aligned_whole_blocks(built):
+    table, dec = torch.randn(10, 576), torch.randn(10, 576)
+    assert not native.value_grads_in_pass(torch.randn(10, 96), torch.randn(10, 96))  # not a multiple of 64
+    assert not native.value_grads_in_pass(table.double(), dec.double())
+    assert not native.value_grads_in_pass(torch.randn(10 * 576 + 1)[1:].view(10, 576), dec)  # 4 bytes off
