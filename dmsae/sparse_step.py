@@ -249,17 +249,16 @@ def entry_and_weight_grads(sae: MatryoshkaSAE, table: Tensor, table_low: Tensor 
     entry's value gradient first (from `table`, the loss gradient at each bag's output), then the sums by latent.
     float32: in one C pass where it builds, the same bits as torch's calls that run elsewhere."""
     m, d = dec_grad.shape
-    dec32 = sae.dec.detach()
     # float32: each entry's value gradient in the same C pass as the weight gradients, from the table row that pass
     # reads anyway, where its dot's order is found to be torch's (MKL's); `gate` then stands in its place: the loss
-    # scale, times zero where BatchTopK clamped the value (scale * 0 then g: torch's (g * scale) * 0, the same bits
-    # while a scale <= 1 cannot overflow the product)
-    if low is None and native.value_grads_in_pass(table, dec32) and entry_scale.max() <= 1:
+    # scale, times zero where BatchTopK clamped the value (g * (scale * 0) is torch's (g * scale) * 0 while a scale
+    # <= 1 cannot overflow the product: the same bits)
+    if low is None and native.value_grads_in_pass(table, dec) and entry_scale.max() <= 1:
         gate = entry_scale.clone()
         gate[:n_main] *= vals[:n_main] > 0
         col_counts, bag_by, rows_by, w_dec_by, gate_by = by_latent(cols, m, bag, rows, vals * entry_scale, gate)
         grad_b_enc = native.latent_grads_f32(table, xc, col_counts, bag_by, rows_by, w_dec_by, gate_by, dec_grad,
-                                             enc_grad, dec=dec32)
+                                             enc_grad, dec=dec)
         if grad_b_enc is not None:
             return grad_b_enc
     # each entry's value gradient: under autocast from the 16-bit copies, products and sums in float32, in C where
