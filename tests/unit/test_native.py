@@ -214,6 +214,18 @@ def vector_fma() -> bool:
     return {"avx2", "fma"} <= flags or "avx512f" in flags
 
 
+def assert_latent_sums(got: tuple[torch.Tensor, ...], table, x, counts, bag_by, rows_by, w_dec_by, w_enc_by, cols,
+                       w_enc) -> None:
+    """(dec_grad, enc_grad, b_grad) bit for bit as torch's embedding_bag sums by latent (the encoder's transposed) and
+    index_add_ of w_enc (entry order) give them."""
+    offsets = counts.cumsum(0) - counts
+    want_dec = torch.nn.functional.embedding_bag(bag_by, table, offsets, mode="sum", per_sample_weights=w_dec_by)
+    want_enc = torch.nn.functional.embedding_bag(rows_by, x, offsets, mode="sum", per_sample_weights=w_enc_by).T
+    want_b = torch.zeros(counts.numel()).index_add_(0, cols, w_enc)
+    for grad, want in zip(got, (want_dec, want_enc, want_b), strict=True):
+        assert torch.equal(grad.view(torch.int32), want.contiguous().view(torch.int32))
+
+
 @needs_cc
 @pytest.mark.parametrize("d", [7, 37, 576])
 @pytest.mark.parametrize("parts", [1, 2, 3])
@@ -236,12 +248,8 @@ def test_latent_grads_equal_torchs(built, d, parts, monkeypatch):
     if b_grad is None:
         assert not vector_fma(), "the kernel declined on a CPU with vector FMA"
         pytest.skip("the kernel needs AVX2 and FMA, or AVX-512")
-    offsets = counts.cumsum(0) - counts
-    want_dec = torch.nn.functional.embedding_bag(bag_by, table, offsets, mode="sum", per_sample_weights=w_dec_by)
-    want_enc = torch.nn.functional.embedding_bag(rows_by, x, offsets, mode="sum", per_sample_weights=w_enc_by).T
-    want_b = torch.zeros(m).index_add_(0, cols, w_enc)
-    for got, want in ((dec_grad, want_dec), (enc_grad, want_enc), (b_grad, want_b)):
-        assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
+    assert_latent_sums((dec_grad, enc_grad, b_grad), table, x, counts, bag_by, rows_by, w_dec_by, w_enc_by, cols,
+                       w_enc)
     assert dec_grad.isnan().any() and not enc_grad[:, -3:].any()  # the NaN reached its latent; empty latents are 0
     bad = rows_by.clone()
     bad[-1] = n_x
@@ -634,12 +642,8 @@ def test_latent_grads_with_value_grads_equal_torchs(built, d, parts, monkeypatch
     dec_grad, enc_grad = torch.full((m, d), 5.0), torch.full((d, m), 5.0)
     b_grad = native.latent_grads_f32(table, x, counts, bag_by, rows_by, w_dec_by, gate_by, dec_grad, enc_grad, dec=dec)
     assert b_grad is not None
-    offsets = counts.cumsum(0) - counts
-    want_dec = torch.nn.functional.embedding_bag(bag_by, table, offsets, mode="sum", per_sample_weights=w_dec_by)
-    want_enc = torch.nn.functional.embedding_bag(rows_by, x, offsets, mode="sum", per_sample_weights=want_g_by).T
-    want_b = torch.zeros(m).index_add_(0, cols, want_g)
-    for got, want in ((dec_grad, want_dec), (enc_grad, want_enc), (b_grad, want_b)):
-        assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
+    assert_latent_sums((dec_grad, enc_grad, b_grad), table, x, counts, bag_by, rows_by, w_dec_by, want_g_by, cols,
+                       want_g)
     assert b_grad.isnan().any() and not enc_grad[:, -2:].any()
 
 
