@@ -505,7 +505,7 @@ def fired_minimum(cols: Tensor, vals: Tensor, m: int) -> tuple[Tensor, Tensor] |
     return (fired, smallest) if rc == 0 else None
 
 
-_projection_lanes: dict[tuple[int, int], int | None] = {}
+_projection_lanes: dict[tuple[int, int, int], int | None] = {}
 
 
 def project_rows(grad: Tensor, weight: Tensor) -> bool:
@@ -518,10 +518,11 @@ def project_rows(grad: Tensor, weight: Tensor) -> bool:
     lib = library()
     if lib is None:
         return False
-    shape = (grad.shape[0], grad.shape[1])
-    if shape not in _projection_lanes:
-        _projection_lanes[shape] = _projection_order(lib, *shape)
-    lanes = _projection_lanes[shape]
+    # torch could split a row's sum between its threads for a few rows: the thread count is part of the key
+    key = (grad.shape[0], grad.shape[1], torch.get_num_threads())
+    if key not in _projection_lanes:
+        _projection_lanes[key] = _projection_order(lib, *key[:2])
+    lanes = _projection_lanes[key]
     return lanes is not None and _project(lib, grad, weight, lanes) == 0
 
 
