@@ -21,7 +21,8 @@
    of them (the bf16 step's rule: 16-bit pre-activations tie often).
    dmsae_latent_grads_f32: the float32 step's decoder, encoder and encoder-bias gradients from the entries grouped by
    latent in one pass, each sum the fused multiply-adds in entry order that torch's embedding_bag kernel (fbgemm)
-   runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512).
+   runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512). On AVX-512 it can
+   also take each entry's value gradient in the same pass, the dot in MKL's order (which the caller checks first).
    dmsae_group_bag_sums: the nested reconstructions' residuals from the entries in bags by (group, token), each
    group's weighted sums (the same fused multiply-adds) added to the group before it in one pass.
    dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
@@ -669,7 +670,7 @@ INLINE float mkl_order_dot(const float *a, const float *b, int64_t d) {
     for (int64_t j = 0; j < d; j += 64)
         for (int k = 0; k < 4; ++k)
             acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * k), _mm512_loadu_ps(b + j + 16 * k), acc[k]);
-    float v[16], w[16], x[4];
+    float v[16], w[8], x[4];
     _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
     for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
