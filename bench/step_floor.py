@@ -41,7 +41,8 @@ def median_ms(fn: Callable[[], object], repeats: int = 31) -> float:
     return statistics.median(times) * 1000
 
 
-def read_rows(threads: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def read_rows(threads: int) -> Callable[[torch.Tensor, torch.Tensor], int]:
+    """The C reader of bench/step_floor.c: (table, idx) -> the wrapping sum of table's rows at idx."""
     errors = []
     for flags in native.flag_sets():
         try:
@@ -60,6 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
     torch.set_num_threads(args.threads)
     memory.keep_freed_heap()  # as train_sae runs the step (and the anchors time the matmul after it)
     gen = torch.Generator().manual_seed(0)
@@ -104,6 +107,7 @@ def main() -> None:
     print(f"\nA step at 3x its matmul leaves 2x the matmul ({2 * matmul:.1f} ms here) for all it does after it;"
           f" the floor of that is {rest:.1f} ms, {rest / matmul:.2f}x the matmul: the step's floor is"
           f" {1 + rest / matmul:.2f}x.")
+
 
 if __name__ == "__main__":
     main()
