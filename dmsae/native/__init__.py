@@ -134,7 +134,8 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
     "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, INT],
-    "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
+    "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, PTR, PTR, PTR,
+                               INT],
     "dmsae_fired_minimum": [PTR, PTR, I64, I64, PTR, PTR],
     "dmsae_project_rows_f32": [PTR, PTR, I64, I64, INT, INT],
     "dmsae_latent_grads_bf16": [PTR, I64, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, INT],
@@ -364,17 +365,23 @@ def _latent_inputs(counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor, w_e
 
 
 def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,
-                     w_enc: Tensor, dec_grad: Tensor, enc_grad: Tensor, dec: Tensor | None = None) -> Tensor | None:
+                     w_enc: Tensor, dec_grad: Tensor, enc_grad: Tensor, dec: Tensor | None = None,
+                     dot_lanes: int | None = None) -> Tensor | None:
     """The weight gradients from the entries grouped by latent (`by_latent`'s counts and arrays), written into
     dec_grad [m, d] (embedding_bag(bag, table, offsets, per_sample_weights=w_dec)) and enc_grad [d, m] (the same of
     rows, x and w_enc, transposed), bit for bit as torch computes them; returns the encoder bias's gradient [m]
     (w_enc summed by latent in entry order, as index_add_). With `dec` [m, d] (the decoder; only where
     `value_grads_in_pass(table, dec)`), w_enc is a gate and each entry's value gradient, torch's
     `_embedding_bag_per_sample_weights_backward` times the gate, is taken in the same pass and stands in w_enc's
-    place. None (nothing written) where the kernel is not available or the inputs are not contiguous float32 / int64
-    CPU tensors of these shapes."""
+    place, its dot in the order `dot_order(d)` found (or, for that check, in `dot_lanes`'s). None (nothing written)
+    where the kernel is not available or the inputs are not contiguous float32 / int64 CPU tensors of these
+    shapes."""
     m, d = dec_grad.shape if dec_grad.dim() == 2 else (0, 0)
     n = bag.numel()
+    if dec is not None and dot_lanes is None:
+        dot_lanes = dot_order(d)
+        if dot_lanes is None:
+            return None
     ok = (_plain(table, torch.float32, 2) and _plain(x, torch.float32, 2) and table.shape[1] == x.shape[1] == d
           and _latent_inputs(counts, bag, rows, w_dec, w_enc, dec_grad, enc_grad)
           and (dec is None or (_plain(dec, torch.float32, 2) and dec.shape == (m, d))))
@@ -388,43 +395,48 @@ def latent_grads_f32(table: Tensor, x: Tensor, counts: Tensor, bag: Tensor, rows
     rc = kernel(lib, "dmsae_latent_grads_f32")(
         table.data_ptr(), table.shape[0], x.data_ptr(), x.shape[0], offsets.data_ptr(), bag.data_ptr(), rows.data_ptr(),
         w_dec.data_ptr(), w_enc.data_ptr(), None if dec is None else dec.data_ptr(),
-        None if value_grads is None else value_grads.data_ptr(), d, m, dec_grad.data_ptr(), enc_grad.data_ptr(),
-        b_grad.data_ptr(), parts)
+        None if value_grads is None else value_grads.data_ptr(), dot_lanes or 0, d, m, dec_grad.data_ptr(),
+        enc_grad.data_ptr(), b_grad.data_ptr(), parts)
     return b_grad if rc == 0 else None
 
 
-_dot_order_known: dict[int, bool] = {}
+_dot_orders: dict[int, int | None] = {}
 
 
 def value_grads_in_pass(table: Tensor, dec: Tensor) -> bool:
     """Whether `latent_grads_f32` can take the value gradients (dot products of table's and dec's rows) in its pass
-    with torch's bits: float32 CPU rows of a width that is a multiple of 64 starting on 64-byte boundaries, and
-    the kernel's order of the dot's sums found equal to torch's (MKL's, per CPU and MKL build; checked once per
-    width on random rows)."""
+    with torch's bits: float32 CPU rows starting on 64-byte boundaries, of a width whose dot the kernel sums in
+    torch's order (`dot_order`)."""
     d = dec.shape[-1]
-    if not (_plain(table, torch.float32, 2) and _plain(dec, torch.float32, 2) and table.shape[1] == d and d % 64 == 0
-            and d > 0 and table.data_ptr() % 64 == 0 and dec.data_ptr() % 64 == 0):
-        return False
-    if d not in _dot_order_known:
-        _dot_order_known[d] = _dots_match(d)
-    return _dot_order_known[d]
+    return (_plain(table, torch.float32, 2) and _plain(dec, torch.float32, 2) and table.shape[1] == d and d > 0
+            and table.data_ptr() % 64 == 0 and dec.data_ptr() % 64 == 0 and dot_order(d) is not None)
 
 
-def _dots_match(d: int) -> bool:
-    """One latent per entry, gate 1: the encoder bias's gradient is then each entry's value gradient (+0 + g = g)."""
-    gen = torch.Generator().manual_seed(d)
-    n = 256
-    table, dec, x = (torch.randn(n, d, generator=gen) for _ in range(3))
-    bag = torch.randperm(n, generator=gen)
-    idx, ones = torch.arange(n), torch.ones(n)
-    want = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, dec, idx, idx, bag, 0)
-    got = latent_grads_f32(table, x, torch.ones(n, dtype=torch.int64), bag, idx, ones, ones, torch.empty(n, d),
-                           torch.empty(d, n), dec=dec)
-    match = got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32))
-    if not match:
-        log.info("dmsae: torch's float32 dot at width %d follows no order the gradient kernel knows; the value "
-                 "gradients take a pass of their own", d)
-    return match
+def dot_order(d: int) -> int | None:
+    """The vector width (16: MKL's AVX-512 order, 8: its AVX2 order) in which the kernel's dot products of width d
+    equal torch's float32 ones (MKL's, per CPU and MKL build), or None; found once per width on random rows. One
+    latent per entry and gate 1: the bias gradient is then each entry's value gradient (+0 + g = g)."""
+    if d in _dot_orders:
+        return _dot_orders[d]
+    found = None
+    if d > 0 and library() is not None:
+        gen = torch.Generator().manual_seed(d)
+        n = 256
+        table, dec, x = (torch.randn(n, d, generator=gen) for _ in range(3))
+        bag = torch.randperm(n, generator=gen)
+        idx, ones = torch.arange(n), torch.ones(n)
+        want = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, dec, idx, idx, bag, 0)
+        for lanes in (16, 8):
+            got = latent_grads_f32(table, x, torch.ones(n, dtype=torch.int64), bag, idx, ones, ones,
+                                   torch.empty(n, d), torch.empty(d, n), dec=dec, dot_lanes=lanes)
+            if got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                found = lanes
+                break
+        if found is None:
+            log.info("dmsae: torch's float32 dot at width %d follows no order the gradient kernel knows; the value "
+                     "gradients take a pass of their own", d)
+    _dot_orders[d] = found
+    return found
 
 
 def latent_grads_bf16(table: Tensor, x: Tensor, dec: Tensor, counts: Tensor, bag: Tensor, rows: Tensor, w_dec: Tensor,

@@ -21,7 +21,7 @@
    of them (the bf16 step's rule: 16-bit pre-activations tie often).
    dmsae_latent_grads_f32: the float32 step's decoder, encoder and encoder-bias gradients from the entries grouped by
    latent in one pass, each sum the fused multiply-adds in entry order that torch's embedding_bag kernel (fbgemm)
-   runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512). On AVX-512 it can
+   runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512). It can
    also take each entry's value gradient in the same pass, the dot in MKL's order (which the caller checks first).
    dmsae_group_bag_sums: the nested reconstructions' residuals from the entries in bags by (group, token), each
    group's weighted sums (the same fused multiply-adds) added to the group before it in one pass.
@@ -657,24 +657,36 @@ typedef struct {
     const int64_t *offsets, *bag, *rows;
     float *dec_grad, *enc_grad, *b_grad, *g;
     int64_t d, m, lo, hi;
-    int failed;
+    int dot_lanes, failed;
 } gpart_t;
 
+#if defined(LANES)
+/* The dot product of a[0, d) and b[0, d) in the order MKL's sdot runs it (and so torch's float32 dot and
+   embedding_bag's value gradient): four accumulators of `lanes` floats, each a fused multiply-add per 4 * lanes
+   columns (d a multiple of that), summed as (0 + 1) + (2 + 3), then the lanes folded: with AVX-512 (16 lanes) at
+   distances 8, 4, 1, 2, with AVX2 (8 lanes) at 1, 4, 2. MKL documents no order: the caller checks the one it asks
+   for against torch before it relies on it. */
+INLINE float mkl_order_dot(const float *a, const float *b, int64_t d, int lanes) {
 #if defined(__AVX512F__)
-/* The dot product of a[0, d) and b[0, d), d a multiple of 64, in the order MKL's sdot runs it on an AVX-512 CPU (and
-   so torch's float32 dot and embedding_bag's value gradient): four accumulators of 16 lanes, each a fused
-   multiply-add per 64 columns, summed as (0 + 1) + (2 + 3), then the lanes folded at distances 8, 4, 1 and 2. MKL
-   documents no order: the caller checks this one against torch before it relies on it. */
-INLINE float mkl_order_dot(const float *a, const float *b, int64_t d) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t j = 0; j < d; j += 64)
+    if (lanes == 16) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t j = 0; j < d; j += 64)
+            for (int k = 0; k < 4; ++k)
+                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * k), _mm512_loadu_ps(b + j + 16 * k), acc[k]);
+        float v[16], w[8], x[4];
+        _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
+        for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
+        return (x[0] + x[1]) + (x[2] + x[3]);
+    }
+#endif
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < d; j += 32)
         for (int k = 0; k < 4; ++k)
-            acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * k), _mm512_loadu_ps(b + j + 16 * k), acc[k]);
-    float v[16], w[8], x[4];
-    _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
-    for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
-    return (x[0] + x[1]) + (x[2] + x[3]);
+            acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8 * k), _mm256_loadu_ps(b + j + 8 * k), acc[k]);
+    float v[8];
+    _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    return ((v[0] + v[1]) + (v[4] + v[5])) + ((v[2] + v[3]) + (v[6] + v[7]));
 }
 #endif
 
@@ -693,13 +705,11 @@ static void *grads_part(void *arg) {
         for (int64_t c = c0; c < c0 + n_block; ++c) {
             int64_t lo = p->offsets[c], hi = p->offsets[c + 1];
             const float *w_enc = p->w_enc;
-#if defined(__AVX512F__)
             if (p->dec) { /* the value gradients first: the rows they read stay in cache for the decoder's sum */
                 for (int64_t e = lo; e < hi; ++e)
-                    p->g[e] = mkl_order_dot(p->table + p->bag[e] * d, p->dec + c * d, d) * p->w_enc[e];
+                    p->g[e] = mkl_order_dot(p->table + p->bag[e] * d, p->dec + c * d, d, p->dot_lanes) * p->w_enc[e];
                 w_enc = p->g;
             }
-#endif
             weighted_row_sum(p->table, 0, p->bag, p->w_dec, lo, hi, d, p->dec_grad + c * d);
             weighted_row_sum(p->x, 0, p->rows, w_enc, lo, hi, d, block + (c - c0) * ld);
             float sum = 0; /* index_add_'s sum: in entry order from +0 */
@@ -816,32 +826,33 @@ int dmsae_group_bag_sums(const void *weight, int half, int64_t m, const int64_t 
    torch wrote the encoder's [m, d] sums and read them again to transpose them. Where dec [m, d] (the decoder) is not
    NULL, w_enc is a gate and each entry's value gradient is taken in the same pass, from the table row its decoder
    sum reads anyway: g[e] = (table[bag[e]] . dec[c]) * w_enc[e] (the dot in MKL's order, see mkl_order_dot), and g
-   stands in w_enc's place above (AVX-512 and d a multiple of 64 only). Split over `parts` threads by entry
-   count. Returns 0, -1 on an index outside [0, n_table) or [0, n_x), -2 on no memory, -3 where the build has no
-   fused multiply-add in vectors (AVX2 or AVX-512; with dec, AVX-512), -4 with dec and d not a multiple of 64 (the
-   caller then runs torch's). */
+   stands in w_enc's place above (dot_lanes 16: MKL's AVX-512 order, d a multiple of 64; 8: its AVX2 order, d a
+   multiple of 32). Split over `parts` threads by entry count. Returns 0, -1 on an index outside [0, n_table) or
+   [0, n_x), -2 on no memory, -3 where the build has no fused multiply-add in vectors (AVX2 or AVX-512; with dec and
+   dot_lanes 16, AVX-512), -4 with dec and another dot_lanes or a d that is not such a multiple (the caller then runs
+   torch's). */
 int dmsae_latent_grads_f32(const float *table, int64_t n_table, const float *x, int64_t n_x, const int64_t *offsets,
                            const int64_t *bag, const int64_t *rows, const float *w_dec, const float *w_enc,
-                           const float *dec, float *g, int64_t d, int64_t m, float *dec_grad, float *enc_grad,
-                           float *b_grad, int parts) {
+                           const float *dec, float *g, int dot_lanes, int64_t d, int64_t m, float *dec_grad,
+                           float *enc_grad, float *b_grad, int parts) {
 #if defined(LANES)
 #if !defined(__AVX512F__)
-    if (dec) return -3;
+    if (dec && dot_lanes == 16) return -3;
 #endif
-    if (dec && d % 64) return -4;
+    if (dec && ((dot_lanes != 8 && dot_lanes != 16) || d % (4 * dot_lanes))) return -4;
     int64_t bounds[65];
     if (latent_parts(offsets, m, bag, n_table, rows, n_x, &parts, bounds)) return -1;
     gpart_t p[64];
     for (int t = 0; t < parts; ++t)
         p[t] = (gpart_t){table, x, w_dec, w_enc, dec, offsets, bag, rows, dec_grad, enc_grad, b_grad, g, d, m,
-                         bounds[t], bounds[t + 1], 0};
+                         bounds[t], bounds[t + 1], dot_lanes, 0};
     run_parallel(grads_part, p, sizeof p[0], parts);
     for (int t = 0; t < parts; ++t)
         if (p[t].failed) return -2;
     return 0;
 #else
     (void)table, (void)n_table, (void)x, (void)n_x, (void)offsets, (void)bag, (void)rows, (void)w_dec, (void)w_enc;
-    (void)dec, (void)g, (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
+    (void)dec, (void)g, (void)dot_lanes, (void)d, (void)m, (void)dec_grad, (void)enc_grad, (void)b_grad, (void)parts;
     return -3;
 #endif
 }

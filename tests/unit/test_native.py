@@ -618,7 +618,7 @@ def test_latent_grads_with_value_grads_equal_torchs(built, d, parts, monkeypatch
     and a NaN. On an Intel CPU with AVX-512 the kernel must know torch's dot order (a decline there costs the speed
     silently); elsewhere it may decline, and the step then takes the value gradients in a pass of their own."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
-    native._dot_order_known.pop(d, None)
+    native._dot_orders.pop(d, None)
     g = torch.Generator().manual_seed(d + parts)
     m, n, n_table, n_x, n_main = 40, 2500, 300, 120, 2000
     cols = torch.randint(0, m - 2, (n,), generator=g)
@@ -649,7 +649,8 @@ def test_latent_grads_with_value_grads_equal_torchs(built, d, parts, monkeypatch
 
 @needs_cc
 def test_value_grads_in_pass_needs_aligned_whole_blocks(built):
+    """Rows of a width the kernel's dot orders do not cover, of another type, or off a 64-byte boundary: declined."""
     table, dec = torch.randn(10, 576), torch.randn(10, 576)
-    assert not native.value_grads_in_pass(torch.randn(10, 96), torch.randn(10, 96))  # not a multiple of 64
+    assert not native.value_grads_in_pass(torch.randn(10, 100), torch.randn(10, 100))  # not a multiple of 32
     assert not native.value_grads_in_pass(table.double(), dec.double())
     assert not native.value_grads_in_pass(torch.randn(10 * 576 + 1)[1:].view(10, 576), dec)  # 4 bytes off
