@@ -363,7 +363,11 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     table_low = None if low is None else ws.get("table_low", (G + 1, B, d), low, dev)[:n_groups]
     squares = None if low is None else ws.get("squares", (G + 1, B), x.dtype, dev)[:n_groups]
     fused = low is not None and native.group_bag_sums(dec, cols, vals, offsets, out, (G, table_low, squares))
-    summed = fused or native.group_bag_sums(dec, cols, vals, offsets, out)
+    # float32, where the kernel's sum of squares is torch's dot (MKL's order and thread split, checked): the losses
+    # and the suffix sums in the same pass too, the same bits
+    group_dots = torch.empty(n_groups, dtype=x.dtype) if low is None and dev.type == "cpu" else None
+    fused_f32 = group_dots is not None and native.group_bag_sums(dec, cols, vals, offsets, out, (G, None, group_dots))
+    summed = fused or fused_f32 or native.group_bag_sums(dec, cols, vals, offsets, out)
     for g in range(0 if not summed else n_groups, n_groups):
         lo, hi = bounds[g], bounds[g + 1]
         part = weighted_bags(cols[lo:hi], dec, offsets[g * B:(g + 1) * B] - lo, vals[lo:hi], low)
@@ -375,6 +379,8 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
     resid = out[:G]  # when fused, already their suffix sums, but for the last (and AuxK's row after them)
     if fused:
         prefix_losses = squares[:G].sum(1) / B
+    elif fused_f32:
+        prefix_losses = group_dots[:G] / B
     else:
         prefix_losses = torch.stack([r.flatten().dot(r.flatten()) for r in resid]) / B
     loss = prefix_losses.mean()
@@ -384,13 +390,14 @@ def _train_step(sae: MatryoshkaSAE, x: Tensor, low: torch.dtype | None) -> tuple
         last = resid[G - 1]
         denom = (last - last.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         e = out[G]
-        aux_loss = (squares[G].sum() if fused else e.flatten().dot(e.flatten())) / B / denom
+        e_dot = squares[G].sum() if fused else group_dots[G] if fused_f32 else e.flatten().dot(e.flatten())
+        aux_loss = e_dot / B / denom
         loss = loss + sae.aux_alpha * aux_loss
         scale_aux = 2 * sae.aux_alpha / (B * float(denom))
     # gradient at group g's output: 2/(B G) * sum of resid[j] for j >= g (kept unscaled in place); under autocast
     # also its 16-bit copy for the decoder gradient's gather, in the same pass where the kernel builds (a reused
     # buffer: a fresh 28 MB one paid its page faults every step)
-    if not fused and not native.suffix_sums_f32(out, G, table_low):
+    if not fused and not fused_f32 and not native.suffix_sums_f32(out, G, table_low):
         for g in range(G - 2, -1, -1):
             resid[g] += resid[g + 1]
         if table_low is not None:

@@ -133,7 +133,7 @@ SIGNATURES = {  # each kernel's arguments; every one returns an int (0: done)
     "dmsae_by_latent": [PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR],
     "dmsae_suffix_sums_f32": [PTR, I64, I64, I64, PTR, INT],
     "dmsae_bag_dots_bf16": [PTR, I64, PTR, I64, PTR, PTR, I64, I64, PTR, INT],
-    "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, INT],
+    "dmsae_group_bag_sums": [PTR, INT, I64, PTR, PTR, PTR, I64, I64, I64, I64, PTR, I64, PTR, PTR, PTR, INT, INT],
     "dmsae_latent_grads_f32": [PTR, I64, PTR, I64, PTR, PTR, PTR, PTR, PTR, PTR, PTR, INT, I64, I64, PTR, PTR, PTR,
                                INT],
     "dmsae_fired_minimum": [PTR, PTR, I64, I64, PTR, PTR],
@@ -313,16 +313,19 @@ def by_latent(cols: Tensor, m: int, bag: Tensor, rows: Tensor, w_dec: Tensor, w_
 
 
 def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, out: Tensor,
-                   then: tuple[int, Tensor, Tensor] | None = None) -> bool:
+                   then: tuple[int, Tensor | None, Tensor] | None = None, dot_lanes: int | None = None) -> bool:
     """out [groups, batch, d], whose row (0, t) the caller set: row (g, t) becomes the weighted sum of weight's rows in
     bag g * batch + t (entries [starts[b], starts[b + 1]) of cols and vals, the last bag ending at their end) plus row
     (g - 1, t), row (0, t) plus its own sum: with a float32 weight, torch's embedding_bag per group and its adds, bit
     for bit; with a bfloat16 one (the bf16 step's copy), the same float32 sums of its rows widened (exactly).
     `then` = (suffix_groups, low, squares), in the same pass: squares [groups, batch] float32 = each row's sum of
     squares (in the kernel's order), then the first suffix_groups groups' rows replaced by their suffix sums (as
-    `suffix_sums_f32`) and low (bfloat16, out's shape) = out cast as torch casts. False (nothing written) where the
-    kernel is not available or the inputs are not contiguous CPU tensors of these shapes and types (vals and out
-    float32, cols and starts int64)."""
+    `suffix_sums_f32`) and low (bfloat16, out's shape) = out cast as torch casts. Or (suffix_groups, None, dots), for
+    a float32 weight where `flat_dot_order(batch, d)` found an order: dots [groups] = each group's residuals' dot
+    with themselves before the suffix sums, bit for bit as torch's float32 dot of the flattened group (`dot_lanes`:
+    the order to use, by default that one), then the suffix sums. False (nothing written) where the kernel is not
+    available or the inputs are not contiguous CPU tensors of these shapes and types (vals and out float32, cols
+    and starts int64)."""
     groups, batch, d = out.shape if out.dim() == 3 else (0, 0, 0)
     half = weight.dtype == torch.bfloat16
     ok = ((_plain(weight, torch.float32, 2) or _plain(weight, torch.bfloat16, 2)) and weight.shape[1] == d
@@ -330,7 +333,13 @@ def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, o
           and _plain(cols, torch.int64) and _plain(starts, torch.int64) and starts.numel() == groups * batch
           and _plain(vals, torch.float32) and vals.numel() == cols.numel())
     suffix_groups, low, squares = then if then is not None else (0, None, None)
-    if then is not None:
+    dots = None
+    if then is not None and low is None:  # the float32 tail: the groups' dots
+        dots, squares = squares, None
+        dot_lanes = dot_lanes or flat_dot_order(batch, d)
+        ok = (ok and not half and dot_lanes is not None and 1 <= suffix_groups <= groups
+              and _plain(dots, torch.float32) and dots.numel() == groups)
+    elif then is not None:
         ok = ok and (1 <= suffix_groups <= groups and low.dtype == torch.bfloat16 and low.shape == out.shape
                      and low.is_contiguous() and low.device.type == "cpu" and _plain(squares, torch.float32, 2)
                      and squares.shape == (groups, batch))
@@ -341,7 +350,34 @@ def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, o
     return kernel(lib, "dmsae_group_bag_sums")(
         weight.data_ptr(), int(half), weight.shape[0], cols.data_ptr(), vals.data_ptr(), starts.data_ptr(),
         cols.numel(), groups, batch, d, out.data_ptr(), suffix_groups, None if low is None else low.data_ptr(),
-        None if squares is None else squares.data_ptr(), parts) == 0
+        None if squares is None else squares.data_ptr(), None if dots is None else dots.data_ptr(),
+        dot_lanes if dots is not None else 0, parts) == 0
+
+
+_flat_dot_orders: dict[tuple[int, int, int], int | None] = {}
+
+
+def flat_dot_order(batch: int, d: int) -> int | None:
+    """The order (16 or 8 lanes, as `dot_order`) in which `group_bag_sums`'s float32 tail sums each group's [batch, d]
+    residuals' squares exactly as torch's float32 dot of the flattened group does (MKL's, split between its threads
+    where the kernel splits its parts), or None; found once per shape and thread count on random rows."""
+    key = (batch, d, torch.get_num_threads())
+    if key in _flat_dot_orders:
+        return _flat_dot_orders[key]
+    found = None
+    if batch > 0 and d > 0 and library() is not None:
+        rows = torch.randn(1, batch, d, generator=torch.Generator().manual_seed(batch + d))
+        want = rows.flatten().dot(rows.flatten())
+        no_entries = torch.zeros(0, dtype=torch.int64)
+        for lanes in (16, 8):
+            dots, out = torch.empty(1), rows.clone()
+            if (group_bag_sums(torch.zeros(1, d), no_entries, torch.zeros(0), torch.zeros(batch, dtype=torch.int64),
+                               out, (1, None, dots), dot_lanes=lanes)
+                    and torch.equal(dots.view(torch.int32), want.reshape(1).view(torch.int32))):
+                found = lanes
+                break
+    _flat_dot_orders[key] = found
+    return found
 
 
 def _starts(counts: Tensor, n: int) -> Tensor | None:

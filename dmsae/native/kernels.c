@@ -666,27 +666,58 @@ typedef struct {
    columns (d a multiple of that), summed as (0 + 1) + (2 + 3), then the lanes folded: with AVX-512 (16 lanes) at
    distances 8, 4, 1, 2, with AVX2 (8 lanes) at 1, 4, 2. MKL documents no order: the caller checks the one it asks
    for against torch before it relies on it. */
-INLINE float mkl_order_dot(const float *a, const float *b, int64_t d, int lanes) {
+#if defined(__AVX512F__)
+INLINE float mkl_fold16(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    float v[16], w[8], x[4];
+    _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
+    return (x[0] + x[1]) + (x[2] + x[3]);
+}
+#endif
+
+INLINE float mkl_fold8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    float v[8];
+    _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return ((v[0] + v[1]) + (v[4] + v[5])) + ((v[2] + v[3]) + (v[6] + v[7]));
+}
+
+/* acc [4 * lanes] (four accumulators) += the products of a[0, d) and b[0, d) in MKL's steps (see mkl_order_dot), or,
+   where fold is set, the accumulators' folded sum returned afterwards */
+INLINE float mkl_order_sum(float *acc, const float *a, const float *b, int64_t d, int lanes, int fold) {
 #if defined(__AVX512F__)
     if (lanes == 16) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t j = 0; j < d; j += 64)
-            for (int k = 0; k < 4; ++k)
-                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * k), _mm512_loadu_ps(b + j + 16 * k), acc[k]);
-        float v[16], w[8], x[4];
-        _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-        for (int i = 0; i < 8; ++i) w[i] = v[i] + v[i + 8];
-        for (int i = 0; i < 4; ++i) x[i] = w[i] + w[i + 4];
-        return (x[0] + x[1]) + (x[2] + x[3]);
+        __m512 r0 = _mm512_loadu_ps(acc), r1 = _mm512_loadu_ps(acc + 16), r2 = _mm512_loadu_ps(acc + 32),
+               r3 = _mm512_loadu_ps(acc + 48);
+        for (int64_t j = 0; j < d; j += 64) {
+            r0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), r0);
+            r1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), _mm512_loadu_ps(b + j + 16), r1);
+            r2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 32), _mm512_loadu_ps(b + j + 32), r2);
+            r3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 48), _mm512_loadu_ps(b + j + 48), r3);
+        }
+        if (fold) return mkl_fold16(r0, r1, r2, r3);
+        _mm512_storeu_ps(acc, r0), _mm512_storeu_ps(acc + 16, r1), _mm512_storeu_ps(acc + 32, r2);
+        _mm512_storeu_ps(acc + 48, r3);
+        return 0;
     }
 #endif
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t j = 0; j < d; j += 32)
-        for (int k = 0; k < 4; ++k)
-            acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8 * k), _mm256_loadu_ps(b + j + 8 * k), acc[k]);
-    float v[8];
-    _mm256_storeu_ps(v, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    return ((v[0] + v[1]) + (v[4] + v[5])) + ((v[2] + v[3]) + (v[6] + v[7]));
+    __m256 r0 = _mm256_loadu_ps(acc), r1 = _mm256_loadu_ps(acc + 8), r2 = _mm256_loadu_ps(acc + 16),
+           r3 = _mm256_loadu_ps(acc + 24);
+    for (int64_t j = 0; j < d; j += 32) {
+        r0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), r0);
+        r1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), r1);
+        r2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), r2);
+        r3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), r3);
+    }
+    if (fold) return mkl_fold8(r0, r1, r2, r3);
+    _mm256_storeu_ps(acc, r0), _mm256_storeu_ps(acc + 8, r1), _mm256_storeu_ps(acc + 16, r2);
+    _mm256_storeu_ps(acc + 24, r3);
+    return 0;
+}
+
+INLINE float mkl_order_dot(const float *a, const float *b, int64_t d, int lanes) {
+    float acc[64] = {0};
+    return mkl_order_sum(acc, a, b, d, lanes, 1);
 }
 #endif
 
@@ -726,10 +757,10 @@ typedef struct {
     const void *weight; /* float32, or bfloat16 where half */
     const float *vals;
     const int64_t *cols, *starts;
-    float *out, *squares;
+    float *out, *squares, *dots;
     uint16_t *low;
     int64_t n, n_groups, batch, d, suffix_groups, lo, hi;
-    int half, failed;
+    int half, dot_lanes, failed;
 } bpart_t;
 
 /* the sum of the squares of x[0, d), in float32: LANES sums, then theirs in a fixed order */
@@ -750,7 +781,10 @@ static void *bag_sums_part(void *arg) {
     bpart_t *p = (bpart_t *)arg;
     const int64_t d = p->d, n_bags = p->n_groups * p->batch;
     float *sum = (float *)malloc((size_t)(d > 0 ? d : 1) * sizeof(float));
-    if (!sum) {
+    /* float32 tail: each group's four running accumulators of MKL's dot over this part's rows (64 floats a group) */
+    float *acc = p->dots ? (float *)calloc((size_t)p->n_groups * 64, sizeof(float)) : 0;
+    if (!sum || (p->dots && !acc)) {
+        free(sum), free(acc);
         p->failed = 1;
         return 0;
     }
@@ -765,23 +799,32 @@ static void *bag_sums_part(void *arg) {
             float *row = p->out + b * d;
             for (int64_t j = 0; j < d; ++j) row[j] = sum[j] + before[j];
         }
-        if (!p->low) continue;
-        /* the token's rows are still in cache: their squares, then the first suffix_groups rows' suffix sums (row g
-           += row g + 1, from the last but one down) and every row's 16-bit copy */
-        for (int64_t g = 0; g < p->n_groups; ++g)
-            p->squares[g * p->batch + t] = sum_of_squares(p->out + (g * p->batch + t) * d, d);
+        if (!p->low && !p->dots) continue;
+        /* the token's rows are still in cache: their squares (bf16: each row's sum; float32: added to the group's
+           accumulators in MKL's order, the rows coming in the order of the group's flattened residuals), then the
+           first suffix_groups rows' suffix sums (row g += row g + 1, from the last but one down) and, for bf16,
+           every row's 16-bit copy */
+        for (int64_t g = 0; g < p->n_groups; ++g) {
+            const float *row = p->out + (g * p->batch + t) * d;
+            if (p->dots)
+                mkl_order_sum(acc + g * 64, row, row, d, p->dot_lanes, 0);
+            else
+                p->squares[g * p->batch + t] = sum_of_squares(row, d);
+        }
         for (int64_t g = p->suffix_groups - 2; g >= 0; --g) {
             float *row = p->out + (g * p->batch + t) * d;
             const float *next = row + p->batch * d;
             for (int64_t j = 0; j < d; ++j) row[j] += next[j];
         }
-        for (int64_t g = 0; g < p->n_groups; ++g) {
+        for (int64_t g = 0; p->low && g < p->n_groups; ++g) {
             const float *row = p->out + (g * p->batch + t) * d;
             uint16_t *copy = p->low + (g * p->batch + t) * d;
             for (int64_t j = 0; j < d; ++j) copy[j] = to_bf16(row[j]);
         }
     }
-    free(sum);
+    for (int64_t g = 0; p->dots && g < p->n_groups; ++g) /* the part's dot of each group: its accumulators folded */
+        p->dots[g] = mkl_order_sum(acc + g * 64, sum, sum, 0, p->dot_lanes, 1);
+    free(sum), free(acc);
     return 0;
 }
 #endif
@@ -795,26 +838,44 @@ static void *bag_sums_part(void *arg) {
    NULL, while each token's rows are in cache: squares [n_groups, batch] = each row's sum of squares (float32, in this
    function's order), then rows (g, t) for g < suffix_groups replaced by their suffix sums (dmsae_suffix_sums_f32's
    adds) and low [n_groups, batch, d] = every row cast to bfloat16 as torch casts: the bf16 step's losses and
-   gradient rows without two more passes over out. Split over `parts` threads by token.
-   Returns 0, -1 on a latent outside [0, m), -2 on no memory, -3 where the build has no vector FMA. */
+   gradient rows without two more passes over out. Where dots is not NULL instead (float32), the same suffix sums
+   and dots [n_groups] = each group's residuals' dot with themselves before them, as torch's float32 dot of the
+   flattened [batch * d] group computes it with MKL: each part's sum in MKL's order (dot_lanes 16 or 8, as
+   mkl_order_dot; d a multiple of 4 * dot_lanes), the parts' sums added in order, which is MKL's when it splits the
+   dot between as many threads at the same places (the caller checks that first). Split over `parts` threads by
+   token. Returns 0, -1 on a latent outside [0, m), -2 on no memory, -3 where the build has no vector FMA (or, with
+   dots and dot_lanes 16, no AVX-512), -4 with dots and another dot_lanes or a d that is not such a multiple. */
 int dmsae_group_bag_sums(const void *weight, int half, int64_t m, const int64_t *cols, const float *vals,
                          const int64_t *starts, int64_t n, int64_t n_groups, int64_t batch, int64_t d, float *out,
-                         int64_t suffix_groups, uint16_t *low, float *squares, int parts) {
+                         int64_t suffix_groups, uint16_t *low, float *squares, float *dots, int dot_lanes,
+                         int parts) {
 #if defined(LANES)
+#if !defined(__AVX512F__)
+    if (dots && dot_lanes == 16) return -3;
+#endif
+    if (dots && ((dot_lanes != 8 && dot_lanes != 16) || d % (4 * dot_lanes))) return -4;
     for (int64_t e = 0; e < n; ++e)
         if (cols[e] < 0 || cols[e] >= m) return -1;
     bpart_t p[64];
     parts = clamp_parts(parts);
+    float *part_dots = dots ? (float *)malloc((size_t)parts * (size_t)n_groups * sizeof(float)) : 0;
+    if (dots && !part_dots) return -2;
     for (int t = 0; t < parts; ++t)
-        p[t] = (bpart_t){weight, vals, cols, starts, out, squares, low, n, n_groups, batch, d, suffix_groups,
-                         batch * t / parts, batch * (t + 1) / parts, half, 0};
+        p[t] = (bpart_t){weight, vals, cols, starts, out, squares, dots ? part_dots + t * n_groups : 0, low, n,
+                         n_groups, batch, d, suffix_groups, batch * t / parts, batch * (t + 1) / parts, half,
+                         dot_lanes, 0};
     run_parallel(bag_sums_part, p, sizeof p[0], parts);
-    for (int t = 0; t < parts; ++t)
-        if (p[t].failed) return -2;
-    return 0;
+    int failed = 0;
+    for (int t = 0; t < parts; ++t) failed |= p[t].failed;
+    for (int64_t g = 0; dots && !failed && g < n_groups; ++g) {
+        dots[g] = part_dots[g];
+        for (int t = 1; t < parts; ++t) dots[g] += part_dots[t * n_groups + g];
+    }
+    free(part_dots);
+    return failed ? -2 : 0;
 #else
     (void)weight, (void)half, (void)m, (void)cols, (void)vals, (void)starts, (void)n, (void)n_groups, (void)batch;
-    (void)d, (void)out, (void)suffix_groups, (void)low, (void)squares, (void)parts;
+    (void)d, (void)out, (void)suffix_groups, (void)low, (void)squares, (void)dots, (void)dot_lanes, (void)parts;
     return -3;
 #endif
 }

@@ -654,3 +654,39 @@ def test_value_grads_in_pass_needs_aligned_whole_blocks(built):
     assert not native.value_grads_in_pass(torch.randn(10, 100), torch.randn(10, 100))  # not a multiple of 32
     assert not native.value_grads_in_pass(table.double(), dec.double())
     assert not native.value_grads_in_pass(torch.randn(10 * 576 + 1)[1:].view(10, 576), dec)  # 4 bytes off
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,d", [(256, 128), (300, 576)])
+def test_group_bag_sums_float32_tail_equals_torchs(built, threads, batch, d):
+    """The float32 tail of the residuals' pass: each group's dot with itself bit for bit as torch's float32 dot of the
+    flattened group (MKL's order and thread split, which the kernel's parts must meet), taken before the suffix sums,
+    and those bit for bit as `suffix_sums_f32`'s. On an Intel CPU with AVX-512 the order must be found."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native._flat_dot_orders.clear()
+        if native.flat_dot_order(batch, d) is None:
+            assert not intel_avx512(), "the float32 tail's dot order was not found on an Intel CPU with AVX-512"
+            pytest.skip("torch's dot order on this CPU is not the kernel's")
+        g = torch.Generator().manual_seed(batch + d + threads)
+        groups, m = 4, 50
+        bag = torch.randint(0, groups * batch, (3000,), generator=g).sort().values
+        cols, vals = torch.randint(0, m, (bag.numel(),), generator=g), torch.randn(bag.numel(), generator=g)
+        weight = torch.randn(m, d, generator=g)
+        counts = torch.bincount(bag, minlength=groups * batch)
+        starts = counts.cumsum(0) - counts
+        first = torch.randn(batch, d, generator=g)
+        want = torch.empty(groups, batch, d)
+        want[0] = first
+        assert native.group_bag_sums(weight, cols, vals, starts, want)
+        want_dots = torch.stack([r.flatten().dot(r.flatten()) for r in want])
+        assert native.suffix_sums_f32(want, groups - 1, None)  # the step's: all groups but the last (AuxK's) summed
+        got, dots = torch.empty(groups, batch, d), torch.empty(groups)
+        got[0] = first
+        assert native.group_bag_sums(weight, cols, vals, starts, got, (groups - 1, None, dots))
+        assert torch.equal(dots.view(torch.int32), want_dots.view(torch.int32))
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    finally:
+        torch.set_num_threads(before)
