@@ -24,7 +24,8 @@
    runs, the encoder's written transposed; only where the build has vector FMA (AVX2 or AVX-512). It can
    also take each entry's value gradient in the same pass, the dot in MKL's order (which the caller checks first).
    dmsae_group_bag_sums: the nested reconstructions' residuals from the entries in bags by (group, token), each
-   group's weighted sums (the same fused multiply-adds) added to the group before it in one pass.
+   group's weighted sums (the same fused multiply-adds) added to the group before it in one pass; in the same pass,
+   the losses (each group's dot with itself in MKL's order, checked first) and the suffix sums.
    dmsae_suffix_sums_f32: the gradient at each Matryoshka group's output, the residuals' sums from each group to the
    last, in place (torch's adds in torch's order), and for the bf16 step their bfloat16 copy in the same pass.
    dmsae_bag_dots_bf16: the bf16 step's gradient of each entry's value, a dot product of two bfloat16 rows summed in
