@@ -321,11 +321,11 @@ def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, o
     `then` = (suffix_groups, low, squares), in the same pass: squares [groups, batch] float32 = each row's sum of
     squares (in the kernel's order), then the first suffix_groups groups' rows replaced by their suffix sums (as
     `suffix_sums_f32`) and low (bfloat16, out's shape) = out cast as torch casts. Or (suffix_groups, None, dots), for
-    a float32 weight where `flat_dot_order(batch, d)` found an order: dots [groups] = each group's residuals' dot
-    with themselves before the suffix sums, bit for bit as torch's float32 dot of the flattened group (`dot_lanes`:
-    the order to use, by default that one), then the suffix sums. False (nothing written) where the kernel is not
-    available or the inputs are not contiguous CPU tensors of these shapes and types (vals and out float32, cols
-    and starts int64)."""
+    a float32 weight where `flat_dot_order(batch, d)` found an order and every group starts on a 64-byte boundary:
+    dots [groups] = each group's residuals' dot with themselves before the suffix sums, bit for bit as torch's
+    float32 dot of the flattened group (`dot_lanes`: the order to use, by default that one), then the suffix sums.
+    False (nothing written) where the kernel is not available or the inputs are not contiguous CPU tensors of these
+    shapes and types (vals and out float32, cols and starts int64)."""
     groups, batch, d = out.shape if out.dim() == 3 else (0, 0, 0)
     half = weight.dtype == torch.bfloat16
     ok = ((_plain(weight, torch.float32, 2) or _plain(weight, torch.bfloat16, 2)) and weight.shape[1] == d
@@ -337,7 +337,10 @@ def group_bag_sums(weight: Tensor, cols: Tensor, vals: Tensor, starts: Tensor, o
     if then is not None and low is None:  # the float32 tail: the groups' dots
         dots, squares = squares, None
         dot_lanes = dot_lanes or flat_dot_order(batch, d)
-        ok = (ok and not half and dot_lanes is not None and 1 <= suffix_groups <= groups
+        # out on a 64-byte boundary, as the group flat_dot_order checked (MKL may start an unaligned vector another
+        # way); the kernel takes d in multiples of 32 floats, so every group is then on one too
+        aligned = out.data_ptr() % 64 == 0
+        ok = (ok and aligned and not half and dot_lanes is not None and 1 <= suffix_groups <= groups
               and _plain(dots, torch.float32) and dots.numel() == groups)
     elif then is not None:
         ok = ok and (1 <= suffix_groups <= groups and low.dtype == torch.bfloat16 and low.shape == out.shape
