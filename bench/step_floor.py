@@ -10,7 +10,8 @@ per entry for the residuals and write the residuals (float32) and their 16-bit c
 one input row per entry for the weight gradients; read the gradients once for the clipping norm; and run Adam
 over the float32 master weights (torch's fused kernel, itself bound by its bytes). Reads of rows use a small C
 loop (bench/step_floor.c, built as dmsae/native builds its kernels); the rest are torch's own calls. Medians of
-31 after three warm-ups.
+31 after three warm-ups. A second table times the three sparse passes done instead as dense 16-bit products (the
+code stored dense), each the size of the encoder's.
 """
 
 from __future__ import annotations
@@ -107,6 +108,21 @@ def main() -> None:
     print(f"\nA step at 3x its matmul leaves 2x the matmul ({2 * matmul:.1f} ms here) for all it does after it;"
           f" the floor of that is {rest:.1f} ms, {rest / matmul:.2f}x the matmul: the step's floor is"
           f" {1 + rest / matmul:.2f}x.")
+    # The sparse passes as dense 16-bit products instead (the code [B, width] stored dense, 99 % zeros, and its
+    # transpose written as such: a transposed view as an operand took oneDNN 2-3x as long): each is a product of the
+    # encoder's size, so on a CPU whose matmul is this fast it costs more than the gathers do.
+    code, code_t = torch.zeros(B, WIDTH, dtype=torch.bfloat16), torch.zeros(WIDTH, B, dtype=torch.bfloat16)
+    grad_rows, x_t, w_dec = table[:B].view(torch.bfloat16), x.T.contiguous(), w.T.contiguous()
+    x_out, dec_out, enc_out = (torch.empty(*s, dtype=torch.bfloat16) for s in ((B, D), (WIDTH, D), (D, WIDTH)))
+    dense = [
+        ("the residuals: code @ W_dec", lambda: torch.mm(code, w_dec, out=x_out)),
+        ("the decoder gradient: code.T @ the output gradient", lambda: torch.mm(code_t, grad_rows, out=dec_out)),
+        ("the encoder gradient: x.T @ the pre-activations' gradient", lambda: torch.mm(x_t, code, out=enc_out)),
+    ]
+    print(f"\n| the sparse passes as dense 16-bit products, operands contiguous ({args.threads} threads) | ms |\n"
+          "|---|---:|")
+    for label, fn in dense:
+        print(f"| {label} | {median_ms(fn):.2f} |")
 
 
 if __name__ == "__main__":
