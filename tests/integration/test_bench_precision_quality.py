@@ -80,3 +80,24 @@ def test_emulation_computes_what_bf16_units_compute():
     done = subprocess.run([sys.executable, "-c", EMULATION_CHECK], cwd=repo, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_noise_floor_arm_changes_the_trainings_only(tmp_path):
+    """`--noise-floor`'s third run: the fp32 arm with its learning rate moved in the last bits, so every SAE training
+    (and what follows it) is computed again while the model, tokens, harvest and baseline are the fp32 arm's."""
+    from dmsae.config import load_config
+    from flows.pipeline import plan
+
+    runs = precision_quality.arms("sae", str(tmp_path / "s"), [])
+    nudged = precision_quality.nudged(runs["fp32"], "sae")
+    base, moved = (load_config(precision_quality.CONFIG, sets) for sets in (runs["fp32"], nudged))
+    assert moved.train.lr != base.train.lr
+    assert moved.train.lr == base.train.lr * precision_quality.NUDGE
+    assert moved.name != base.name
+    keys = [{n.label: (n.stage, n.key) for n in plan(cfg).nodes} for cfg in (base, moved)]
+    assert keys[0].keys() == keys[1].keys()
+    for label, (stage, key) in keys[0].items():
+        if stage in ("model", "tokens", "harvest", "baseline"):
+            assert keys[1][label][1] == key, label
+        elif stage in ("train", "reuse"):
+            assert keys[1][label][1] != key, label
