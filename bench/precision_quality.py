@@ -5,15 +5,16 @@ CE-loss score, dead fraction) and on the distillation (training FVU and the core
 overlap of the selected latents' ids); for `lm`, also the harvested activations themselves.
 
     .venv/bin/python -m bench.precision_quality [--field sae|lm] [--store DIR] [--out FILE] [--compare-only]
-                                                [--set KEY=VALUE ...] [--emulate] [--noise-floor]
+                                                [--set KEY=VALUE ...] [--emulate] [--noise-floor N]
 
 Targets (issue 25): |dFVU| <= 0.005, |dCE-loss score| <= 0.002, core overlap >= 0.9 Jaccard. Writes the table to
 docs/benchmarks-precision.md (`sae`) or docs/benchmarks-precision-lm.md (`lm`), generated, or to --out (one file
 per machine). Needs a CPU (or GPU) with native bfloat16: elsewhere the bf16 arm is refused, and this says so first;
 with `--field lm --emulate` the bf16 arm runs with bf16 units emulated in float32 (bench/bf16_emulation.py), which
-measures bf16's quality cost (not its speed) on any CPU. With `--noise-floor`, a third run: the fp32 arm with
-`train.lr` changed in its last bits (x (1 + 2^-20)), compared with the fp32 arm on the same measures: how far the
-pipeline's results move under a change far smaller than bf16's, the scale against which bf16's moves are read.
+measures bf16's quality cost (not its speed) on any CPU. With `--noise-floor N`, N more runs: the fp32 arm with
+`train.lr` changed in its last bits (x (1 + n 2^-20), n = 1..N), each compared with the fp32 arm on the same
+measures: how far the pipeline's results move under a change far smaller than bf16's, the scale against which
+bf16's moves are read.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
 OUT = {"sae": REPO / "docs" / "benchmarks-precision.md", "lm": REPO / "docs" / "benchmarks-precision-lm.md"}
 TARGETS = {"fvu": 0.005, "ce_loss_score": 0.002, "jaccard": 0.9}
-NUDGE = 1 + 2.0**-20  # the noise floor's learning-rate factor: every Adam step moves in its last bits
+NUDGE = 2.0**-20  # the noise floor's learning rates are lr x (1 + n NUDGE): every Adam step moves in its last bits
 
 
 def cpu_model() -> str:
@@ -61,12 +63,12 @@ def arms(field: str, store: str, extra: list[str]) -> dict[str, list[str]]:
     return {p: [*common, f"precision.{field}={p}", f"name=precision-{field}-{p}"] for p in ("fp32", "bf16")}
 
 
-def nudged(fp32: list[str], field: str) -> list[str]:
-    """The fp32 arm's overrides with its learning rate times NUDGE, under a name of its own."""
+def nudged(fp32: list[str], field: str, n: int = 1) -> list[str]:
+    """The fp32 arm's overrides with its learning rate times (1 + n NUDGE), under a name of its own."""
     from dmsae.config import load_config
 
-    lr = load_config(CONFIG, fp32).train.lr * NUDGE
-    return [*(s for s in fp32 if not s.startswith("name=")), f"train.lr={lr!r}", f"name=precision-{field}-nudged"]
+    lr = load_config(CONFIG, fp32).train.lr * (1 + n * NUDGE)
+    return [*(s for s in fp32 if not s.startswith("name=")), f"train.lr={lr!r}", f"name=precision-{field}-nudged-{n}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-only", action="store_true", help="run nothing: compare what the store holds")
     ap.add_argument("--emulate", action="store_true",
                     help="with --field lm on a CPU without bf16 units: emulate them (bench.bf16_emulation)")
-    ap.add_argument("--noise-floor", action="store_true",
-                    help="also run fp32 with train.lr x (1 + 2^-20) and compare it with fp32 the same way")
+    ap.add_argument("--noise-floor", type=int, default=0, metavar="N",
+                    help="also run fp32 N times with train.lr x (1 + n 2^-20) and compare each with fp32 the same way")
     args = ap.parse_args(argv)
+    if args.noise_floor < 0:
+        print(f"bench.precision_quality: --noise-floor takes a number of runs (0 or more), not {args.noise_floor}",
+              file=sys.stderr)
+        return 2
     from dmsae import precision
 
     device = next((s.split("=", 1)[1] for s in reversed(args.set) if s.startswith("device=")), "cpu")
@@ -100,20 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     runs = arms(args.field, args.store, args.set)
-    if args.noise_floor:
-        runs["fp32 nudged"] = nudged(runs["fp32"], args.field)
+    for n in range(1, args.noise_floor + 1):
+        runs[f"nudged {n}"] = nudged(runs["fp32"], args.field, n)
     try:
         wall = {} if args.compare_only else {name: run(sets, env, args.emulate and name == "bf16")
                                              for name, sets in runs.items()}
     except RunFailed as e:
         print(f"bench.precision_quality: {e}", file=sys.stderr)
         return 1
-    table, summary = compare(runs, activations_too=args.field == "lm", emulated=args.emulate)
-    floor = "" if not args.noise_floor else "\n".join([
-        "", "## The noise floor: fp32 against fp32 with train.lr x (1 + 2^-20)", "",
-        "The same measures between two fp32 runs whose every Adam step differs in its last bits: what any change of "
-        "the arithmetic moves, the scale for the bf16 arm's moves above.", "",
-        *compare(runs, other="fp32 nudged", with_speed=False)])
+    table, summary, worst = compare(runs, activations_too=args.field == "lm", emulated=args.emulate)
+    floor = "" if not args.noise_floor else noise_floor(runs, worst, args.noise_floor)
     text = "\n".join([
         "<!-- generated by `python -m bench.precision_quality`; do not edit -->",
         f"# precision.{args.field}: bf16 against fp32 on the quickstart ({cpu_model()}, {time.strftime('%Y-%m-%d')})",
@@ -136,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(arms: dict[str, list[str]], activations_too: bool = False, emulated: bool = False, other: str = "bf16",
-            with_speed: bool = True) -> tuple[str, str]:
-    """The fp32 arm against `other` (the bf16 arm, or the noise floor's): the table of every evaluated SAE and the
-    verdict lines."""
+            with_speed: bool = True) -> tuple[str, str, dict[str, Any]]:
+    """The fp32 arm against `other` (the bf16 arm, or a noise floor's run): the table of every evaluated SAE, the
+    verdict lines, and the worst moves (|dFVU|, |dCE| and its SAE, the cores' Jaccard per cycle)."""
     import pandas as pd
 
     from dmsae import readers
@@ -184,7 +186,32 @@ def compare(arms: dict[str, list[str]], activations_too: bool = False, emulated:
     if activations_too:
         verdict.append(activation_errors(harvests["fp32"], harvests["bf16"]))
         verdict.append(evaluation_only(arms))
-    return md_table(rows, floatfmt="{:.4f}"), "\n".join(verdict)
+    return md_table(rows, floatfmt="{:.4f}"), "\n".join(verdict), {
+        "fvu": worst_fvu, "ce": worst_ce, "ce_sae": str(rows.sae[rows.dCE.abs().idxmax()]), "jaccard": jaccard}
+
+
+def noise_floor(arms: dict[str, list[str]], bf16: dict[str, Any], runs: int) -> str:
+    """The noise floor's section: each nudged fp32 run against fp32 beside bf16 against fp32, then the first nudged
+    run's table."""
+    import pandas as pd
+
+    from dmsae.reports.tables import md_table
+
+    found = {"bf16": bf16}
+    first = ""
+    for n in range(1, runs + 1):
+        table, _, found[f"fp32, lr x (1 + {n} 2^-20)"] = compare(arms, other=f"nudged {n}", with_speed=False)
+        first = first or table
+    summary = pd.DataFrame([{
+        "against fp32": name, "largest |dFVU|": w["fvu"], "largest |dCE|": w["ce"], "its SAE": w["ce_sae"],
+        "core Jaccard per cycle": ", ".join(f"{j:.2f}" for j in w["jaccard"]),
+    } for name, w in found.items()])
+    return "\n".join([
+        "", "## The noise floor: fp32 against fp32 with its learning rate moved in the last bits", "",
+        f"{runs} more fp32 runs, each with `train.lr` x (1 + n 2^-20): every Adam step differs from the fp32 arm's in "
+        "its last bits, a change far smaller than bf16's. How far they move the same measures is the scale for "
+        "bf16's moves (targets: |dFVU| <= 0.005, |dCE| <= 0.002, Jaccard >= 0.9).", "",
+        md_table(summary, floatfmt="{:.4f}"), "", "The first of them, SAE by SAE:", "", first])
 
 
 def evaluation_only(arms: dict[str, list[str]]) -> str:

@@ -89,10 +89,10 @@ def test_the_noise_floor_arm_changes_the_trainings_only(tmp_path):
     from flows.pipeline import plan
 
     runs = precision_quality.arms("sae", str(tmp_path / "s"), [])
-    nudged = precision_quality.nudged(runs["fp32"], "sae")
+    nudged = precision_quality.nudged(runs["fp32"], "sae", 2)
     base, moved = (load_config(precision_quality.CONFIG, sets) for sets in (runs["fp32"], nudged))
     assert moved.train.lr != base.train.lr
-    assert moved.train.lr == base.train.lr * precision_quality.NUDGE
+    assert moved.train.lr == base.train.lr * (1 + 2 * precision_quality.NUDGE)
     assert moved.name != base.name
     keys = [{n.label: (n.stage, n.key) for n in plan(cfg).nodes} for cfg in (base, moved)]
     assert keys[0].keys() == keys[1].keys()
@@ -101,3 +101,10 @@ def test_the_noise_floor_arm_changes_the_trainings_only(tmp_path):
             assert keys[1][label][1] == key, label
         elif stage in ("train", "reuse"):
             assert keys[1][label][1] != key, label
+
+
+def test_a_negative_noise_floor_is_refused_in_one_line(tmp_path, capsys):
+    assert precision_quality.main(["--noise-floor", "-1", "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--noise-floor" in err
+    assert not (tmp_path / "s").exists()
