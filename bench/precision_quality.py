@@ -203,11 +203,11 @@ def noise_floor(arms: dict[str, list[str]], bf16: dict[str, Any], runs: int) -> 
         table, _, found[f"fp32, lr x (1 + {n} 2^-20)"] = compare(arms, other=f"nudged {n}", with_speed=False)
         first = first or table
     summary = pd.DataFrame([{
-        "against fp32": name, "largest |dFVU|": w["fvu"], "largest |dCE|": w["ce"], "its SAE": w["ce_sae"],
+        "against fp32": name, "largest \\|dFVU\\|": w["fvu"], "largest \\|dCE\\|": w["ce"], "its SAE": w["ce_sae"],
         "core Jaccard per cycle": ", ".join(f"{j:.2f}" for j in w["jaccard"]),
     } for name, w in found.items()])
     return "\n".join([
-        "", "## The noise floor: fp32 against fp32 with its learning rate moved in the last bits", "",
+        "", "", "## The noise floor: fp32 against fp32 with its learning rate moved in the last bits", "",
         f"{runs} more fp32 runs, each with `train.lr` x (1 + n 2^-20): every Adam step differs from the fp32 arm's in "
         "its last bits, a change far smaller than bf16's. How far they move the same measures is the scale for "
         "bf16's moves (targets: |dFVU| <= 0.005, |dCE| <= 0.002, Jaccard >= 0.9).", "",
