@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -370,17 +371,28 @@ def flat_dot_order(batch: int, d: int) -> int | None:
     found = None
     if batch > 0 and d > 0 and library() is not None:
         rows = torch.randn(1, batch, d, generator=torch.Generator().manual_seed(batch + d))
-        want = rows.flatten().dot(rows.flatten())
+        want = rows.flatten().dot(rows.flatten()).reshape(1)
         no_entries = torch.zeros(0, dtype=torch.int64)
-        for lanes in (16, 8):
-            dots, out = torch.empty(1), rows.clone()
-            if (group_bag_sums(torch.zeros(1, d), no_entries, torch.zeros(0), torch.zeros(batch, dtype=torch.int64),
-                               out, (1, None, dots), dot_lanes=lanes)
-                    and torch.equal(dots.view(torch.int32), want.reshape(1).view(torch.int32))):
-                found = lanes
-                break
+
+        def gives_torchs(lanes: int) -> bool:
+            dots = torch.empty(1)
+            return (group_bag_sums(torch.zeros(1, d), no_entries, torch.zeros(0), torch.zeros(batch, dtype=torch.int64),
+                                   rows.clone(), (1, None, dots), dot_lanes=lanes) and _same_bits(dots, want))
+
+        found = _first_lanes((16, 8), gives_torchs)
     _flat_dot_orders[key] = found
     return found
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two float32 tensors hold the same bits (a NaN equals itself, -0 differs from +0)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _first_lanes(lanes: tuple[int, ...], gives_torchs: Callable[[int], bool]) -> int | None:
+    """The first vector width in `lanes` with which a kernel's result is torch's bit for bit (`gives_torchs`), or
+    None: how the kernels that follow torch's order of sums find that order, which no library documents."""
+    return next((n for n in lanes if gives_torchs(n)), None)
 
 
 def _starts(counts: Tensor, n: int) -> Tensor | None:
@@ -465,12 +477,13 @@ def dot_order(d: int) -> int | None:
         bag = torch.randperm(n, generator=gen)
         idx, ones = torch.arange(n), torch.ones(n)
         want = torch.ops.aten._embedding_bag_per_sample_weights_backward(table, dec, idx, idx, bag, 0)
-        for lanes in (16, 8):
+
+        def gives_torchs(lanes: int) -> bool:
             got = latent_grads_f32(table, x, torch.ones(n, dtype=torch.int64), bag, idx, ones, ones,
                                    torch.empty(n, d), torch.empty(d, n), dec=dec, dot_lanes=lanes)
-            if got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                found = lanes
-                break
+            return got is not None and _same_bits(got, want)
+
+        found = _first_lanes((16, 8), gives_torchs)
         if found is None:
             log.info("dmsae: torch's float32 dot at width %d follows no order the gradient kernel knows; the value "
                      "gradients take a pass of their own", d)
@@ -589,9 +602,13 @@ def _projection_order(lib: ctypes.CDLL, rows: int, d: int) -> int | None:
     gen = torch.Generator().manual_seed(0)
     grad, weight = (torch.randn(min(rows, 1024), d, generator=gen) for _ in range(2))
     expected = grad - (grad * weight).sum(dim=1, keepdim=True) * weight
-    for lanes in (8, 16):
+
+    def gives_torchs(lanes: int) -> bool:
         got = grad.clone()
-        if _project(lib, got, weight, lanes) == 0 and torch.equal(got.view(torch.int32), expected.view(torch.int32)):
-            return lanes
-    log.info("dmsae: torch's row sums at [%d, %d] follow no order the projection kernel knows; torch's runs", rows, d)
-    return None
+        return _project(lib, got, weight, lanes) == 0 and _same_bits(got, expected)
+
+    found = _first_lanes((8, 16), gives_torchs)
+    if found is None:
+        log.info("dmsae: torch's row sums at [%d, %d] follow no order the projection kernel knows; torch's runs", rows,
+                 d)
+    return found
